@@ -1,0 +1,13 @@
+"""fastce: fast, numerically stable cross-entropy kernels (Numba CPU and CUDA).
+
+The public functions take NumPy arrays (CPU kernels) or CUDA arrays (anything with
+``__cuda_array_interface__``: the CUDA kernels) and follow ``torch.nn.functional``'s
+semantics value for value.
+"""
+from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
+                   cross_entropy_with_grad, log_softmax, logsumexp, softmax)
+
+__version__ = "0.1.0"
+
+__all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
+           "binary_cross_entropy", "binary_cross_entropy_with_logits"]

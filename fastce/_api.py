@@ -1,0 +1,571 @@
+"""The public functions: validate once, bring the data into the kernels' canonical layout,
+dispatch (NumPy arrays to the CPU kernels, ``__cuda_array_interface__`` arrays to
+``fastce.cuda``), and apply torch's reductions.
+"""
+import numba
+import numpy as np
+
+from . import _config
+from ._cpu import bce as _bce
+from ._cpu import cross_entropy as _ce
+from ._cpu import softmax as _sm
+from ._cpu.stats import split_row_stats
+from ._validate import (bce_problem, broadcastable, check_axis, check_reduction,
+                        compute_dtype, cross_entropy_problem, split_at_axis)
+
+__all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
+           "binary_cross_entropy", "binary_cross_entropy_with_logits"]
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
+          np.dtype(np.float64): np.empty(0, np.float64)}
+_EMPTY_2D = {k: v.reshape(0, 0) for k, v in _EMPTY.items()}
+
+
+def _is_cuda(a):
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def _cuda():
+    from . import cuda
+    return cuda
+
+
+def _as_array(a, name):
+    """``a`` as an ndarray; anything NumPy accepts is accepted, object arrays are not."""
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be array-like, got {type(a).__name__}: {exc}") from None
+    if a.dtype.kind in "OSUVMmc":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    return a
+
+
+def _float_array(a, name, dtype=None):
+    """C-contiguous copy-free-when-possible ``a`` in its compute dtype."""
+    a = _as_array(a, name)
+    dt = compute_dtype(a.dtype, name) if dtype is None else dtype
+    if a.dtype.kind == "b":
+        raise TypeError(f"{name} must be a floating-point array, got dtype bool")
+    return np.ascontiguousarray(a, dtype=dt)
+
+
+def _parallel(n_elements):
+    return n_elements >= _config.PARALLEL_MIN_ELEMENTS
+
+
+def _row_chunks(N, C):
+    """How many chunks to cut each row into so that few, long rows still use every thread."""
+    if C < 2 * _config.SPLIT_MIN_CHUNK:
+        return 1
+    threads = numba.get_num_threads()
+    if threads < 2 or N >= threads * _config.SPLIT_ROWS_PER_THREAD:
+        return 1
+    want = -(-threads * _config.SPLIT_ROWS_PER_THREAD // max(N, 1))
+    return max(1, min(want, C // _config.SPLIT_MIN_CHUNK))
+
+
+def _split_stats(x2, n_chunks):
+    m = np.empty(x2.shape[0], x2.dtype)
+    s = np.empty(x2.shape[0], x2.dtype)
+    if n_chunks > 1:
+        split_row_stats(x2, n_chunks, m, s)
+    return m, s
+
+
+def _result(out, dtype):
+    """Cast back to the caller's dtype (float16 etc. are computed in float32); 0-d -> scalar."""
+    if out.dtype != dtype:
+        out = out.astype(dtype)
+    return out[()] if out.ndim == 0 else out
+
+
+def _drop(shape, axis):
+    return shape[:axis] + shape[axis + 1:]
+
+
+def _canonical_3d(x, axis):
+    """``x`` viewed as a C-contiguous (outer, C, inner) array -- without a copy when ``x`` is
+    C- or Fortran-contiguous -- and a function taking an output of that layout (with the class
+    axis kept, or reduced away) back to ``x``'s axes."""
+    if x.ndim > 1 and not x.flags.c_contiguous and x.flags.f_contiguous:
+        # A Fortran array is the C-contiguous transpose: work on the mirrored axis.
+        xt = x.T
+        ax = x.ndim - 1 - axis
+        x3 = xt.reshape(split_at_axis(xt.shape, ax))
+
+        def back(o, keep):
+            return o.reshape(xt.shape if keep else _drop(xt.shape, ax)).T
+        return x3, back
+    x = np.ascontiguousarray(x)
+    x3 = x.reshape(split_at_axis(x.shape, axis))
+
+    def back(o, keep):
+        return o.reshape(x.shape if keep else _drop(x.shape, axis))
+    return x3, back
+
+
+def _softmax_family(x, axis, mode):
+    x = _as_array(x, "x")
+    if x.dtype.kind == "b":
+        raise TypeError("x must be a floating-point array (float32 or float64), got dtype bool")
+    dtype = compute_dtype(x.dtype, "x")
+    axis = check_axis(axis, x.ndim)
+    in_dtype = x.dtype
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    x3, back = _canonical_3d(x, axis)
+    outer, C, inner = x3.shape
+    lse = mode == _sm.MODE_LOGSUMEXP
+    out3 = np.empty((outer, 1 if lse else C, inner), dtype)
+    if lse and C == 0:
+        out3.fill(-np.inf)
+    elif out3.size:
+        par = _parallel(x3.size)
+        if inner == 1:
+            x2 = x3.reshape(outer, C)
+            n_chunks = _row_chunks(outer, C) if par else 1
+            m, s = _split_stats(x2, n_chunks)
+            kern = _sm.softmax_rows if par else _sm.softmax_rows_serial
+            kern(x2, out3.reshape(outer, out3.shape[1]), mode, n_chunks, m, s)
+        else:
+            kern = _sm.softmax_spatial if par else _sm.softmax_spatial_serial
+            kern(x3, out3, mode)
+    return _result(back(out3, not lse), in_dtype)
+
+
+def logsumexp(x, axis=-1):
+    """Log of the sum of exponentials along an axis, computed stably.
+
+    Parameters
+    ----------
+    x : array_like or CUDA array
+        Floating-point input (float32 and float64 are computed in their own precision, other
+        floating dtypes in float32).
+    axis : int, optional
+        The axis to reduce.  Default: the last.
+
+    Returns
+    -------
+    ndarray or scalar
+        ``log(sum(exp(x), axis))`` with ``axis`` removed, in ``x``'s dtype; a NumPy scalar for
+        1-D input.
+
+    Notes
+    -----
+    Each row is reduced in one pass over memory as a running pair (max m, sum of exp(x - m)),
+    block by block, with a vectorized polynomial exp (<= 2 ulp).  A row of all ``-inf`` gives
+    ``-inf``; a ``+inf`` gives ``+inf``; a NaN gives NaN.  An empty axis gives ``-inf``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> float(fastce.logsumexp(np.array([1000.0, 1000.0])))  # no overflow
+    1000.6931471805599
+    """
+    if _is_cuda(x):
+        return _cuda().logsumexp(x, axis=axis)
+    return _softmax_family(x, axis, _sm.MODE_LOGSUMEXP)
+
+
+def log_softmax(x, axis=-1):
+    """Logarithm of the softmax along an axis: ``x - logsumexp(x, axis)``.
+
+    Parameters
+    ----------
+    x : array_like or CUDA array
+        Floating-point input.
+    axis : int, optional
+        The class axis.  Default: the last (``torch.log_softmax`` needs ``dim``; this is the
+        same as ``dim=-1``).
+
+    Returns
+    -------
+    ndarray
+        Same shape and dtype as ``x``.
+
+    Notes
+    -----
+    One read of ``x`` from memory for the row statistics; the output row is written while the
+    row is still in cache.  A row of all ``-inf`` gives NaN, as in torch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> np.round(fastce.log_softmax(np.array([0.0, 0.0])), 4)
+    array([-0.6931, -0.6931])
+    """
+    if _is_cuda(x):
+        return _cuda().log_softmax(x, axis=axis)
+    return _softmax_family(x, axis, _sm.MODE_LOG_SOFTMAX)
+
+
+def softmax(x, axis=-1):
+    """Softmax along an axis: ``exp(x - logsumexp(x, axis))``.
+
+    Parameters
+    ----------
+    x : array_like or CUDA array
+        Floating-point input.
+    axis : int, optional
+        The class axis.  Default: the last.
+
+    Returns
+    -------
+    ndarray
+        Same shape and dtype as ``x``; each slice along ``axis`` sums to 1.
+
+    Notes
+    -----
+    Probabilities below the dtype's smallest normal number may flush to 0.  A row of all
+    ``-inf`` gives NaN, as in torch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> fastce.softmax(np.array([[1.0, 1.0]]))
+    array([[0.5, 0.5]])
+    """
+    if _is_cuda(x):
+        return _cuda().softmax(x, axis=axis)
+    return _softmax_family(x, axis, _sm.MODE_SOFTMAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+
+
+def _ce_prepare(logits, target, weight, ignore_index, reduction, label_smoothing):
+    logits = _as_array(logits, "logits")
+    if logits.dtype.kind == "b":
+        raise TypeError("logits must be a floating-point array (float32 or float64), got dtype bool")
+    target = _as_array(target, "target")
+    if weight is not None:
+        weight = _as_array(weight, "weight")
+    prob = cross_entropy_problem(logits.shape, logits.dtype, target.shape, target.dtype,
+                                 None if weight is None else weight.shape,
+                                 ignore_index, reduction, label_smoothing)
+    return logits, target, weight, prob
+
+
+def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, grad_output,
+            want_grad):
+    logits, target, weight, prob = _ce_prepare(logits, target, weight, ignore_index,
+                                               reduction, label_smoothing)
+    N, C, S = prob.N, prob.C, prob.S
+    dt = prob.dtype
+    eps = float(label_smoothing)
+    x = np.ascontiguousarray(logits, dtype=dt)
+    x3 = x.reshape(N, C, S)
+    w = _EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
+    w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
+    par = _parallel(x3.size)
+
+    if prob.probs:
+        t3 = np.ascontiguousarray(target, dtype=dt).reshape(N, C, S)
+        denom = float(N * S)
+    else:
+        t_flat = np.ascontiguousarray(target).reshape(-1)
+        if t_flat.dtype != np.int64:
+            if t_flat.dtype.kind == "u" and t_flat.size and t_flat.max() > np.iinfo(np.int64).max:
+                t_flat = np.where(t_flat > C, C, t_flat)  # out of range either way; keep it so
+            t_flat = t_flat.astype(np.int64)
+        bad, denom = _ce.check_index_target(t_flat, C, ignore_index, w)
+        if bad >= 0:
+            pos = np.unravel_index(bad, target.shape) if target.ndim else ()
+            raise IndexError(
+                f"target holds class index {target[pos]!r} at position {tuple(int(p) for p in pos)}; "
+                f"class indices must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
+
+    # Upstream gradient per loss element.
+    if want_grad:
+        if reduction == "none":
+            if grad_output is None:
+                gscale = np.ones(1, dt)
+            else:
+                go = _as_array(grad_output, "grad_output")
+                if go.shape != prob.loss_shape:
+                    raise ValueError(f"grad_output must have the loss's shape {prob.loss_shape} "
+                                     f"for reduction='none', got {go.shape}")
+                gscale = np.ascontiguousarray(go, dtype=dt).reshape(-1)
+                if gscale.size == 1:
+                    gscale = gscale.copy()
+        else:
+            g0 = 1.0
+            if grad_output is not None:
+                go = _as_array(grad_output, "grad_output")
+                if go.size != 1:
+                    raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                                     f"got shape {go.shape}")
+                g0 = float(go.reshape(()))
+            scale = g0 / denom if (reduction == "mean" and denom != 0) else (0.0 if reduction == "mean" else g0)
+            gscale = np.array([scale], dt)
+        grad = np.empty((N, C, S), dt)
+    else:
+        gscale = _EMPTY[dt]
+        grad = None
+
+    if S == 1:
+        x2 = x3.reshape(N, C)
+        g2 = grad.reshape(N, C) if want_grad else _EMPTY_2D[dt]
+        if prob.probs:
+            loss = np.empty(N, dt)
+            (_ce.ce_prob_rows if par else _ce.ce_prob_rows_serial)(
+                x2, t3.reshape(N, C), w, eps, gscale, g2, loss)
+        else:
+            n_chunks = _row_chunks(N, C) if par else 1
+            m, s = _split_stats(x2, n_chunks)
+            part = np.empty((N, n_chunks), dt)
+            (_ce.ce_index_rows if par else _ce.ce_index_rows_serial)(
+                x2, t_flat, ignore_index, w, dt.type(w_total), eps, gscale, g2, part,
+                n_chunks, m, s)
+            loss = part[:, 0] if n_chunks == 1 else part.sum(axis=1)
+    else:
+        g3 = grad if want_grad else _EMPTY_2D[dt].reshape(0, 0, 0)
+        loss = np.empty((N, S), dt)
+        if prob.probs:
+            (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
+                x3, t3, w, eps, gscale, g3, loss)
+        else:
+            (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
+                x3, t_flat.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3,
+                loss)
+
+    in_dtype = logits.dtype
+    if reduction == "none":
+        out = _result(loss.reshape(prob.loss_shape), in_dtype)
+    else:
+        total = loss.sum(dtype=dt)
+        if reduction == "mean":
+            total = dt.type(total / denom) if denom != 0 else dt.type(np.nan)
+        out = in_dtype.type(total)
+    if not want_grad:
+        return out
+    return out, _result(grad.reshape(logits.shape), in_dtype)
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0):
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    logits : array_like or CUDA array
+        Unnormalized scores of shape (C,), (N, C) or (N, C, d1, ..., dk): the class axis is 1
+        for 2-D and up, as in torch.  float32 and float64 are computed in their own precision.
+    target : array_like
+        Integer class indices of shape (), (N,) or (N, d1, ..., dk), or class probabilities
+        with the logits' shape and dtype.
+    weight : array_like, optional
+        Per-class weight of shape (C,).
+    ignore_index : int, optional
+        Class-index target value that contributes neither loss nor gradient (default -100).
+        Not used with probability targets.
+    reduction : {'mean', 'sum', 'none'}, optional
+        'mean' divides by the summed weights of the non-ignored targets (their count without
+        ``weight``); with probability targets by the number of loss elements.
+    label_smoothing : float, optional
+        In [0, 1]: the target is mixed with the uniform distribution, exactly as torch does.
+
+    Returns
+    -------
+    numpy scalar or ndarray
+        A scalar of the logits' dtype for 'mean'/'sum'; the per-element loss (the target's
+        shape) for 'none'.
+
+    Raises
+    ------
+    IndexError
+        A class index outside [0, C) that is not ``ignore_index`` (its position is named).
+    ValueError, TypeError
+        Shapes, dtypes or options that do not fit (see the README).
+
+    Notes
+    -----
+    One read of the logits: per row the running (max, sum-exp) pair gives
+    ``lse = max + log(sum)``, and the loss is ``w[t] * (lse - x[t])`` plus the smoothing term
+    ``eps / C * sum_c w[c] * (lse - x[c])``.  No (N, C) temporary is allocated.  A target on
+    a ``-inf`` logit costs ``+inf``.  With every target ignored, 'mean' is NaN (0/0), as in
+    torch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> x = np.array([[0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.8, 0.1, 0.1]], np.float32)
+    >>> round(float(fastce.cross_entropy(x, np.array([1, 0, 2]))), 4)
+    1.2037
+    """
+    if _is_cuda(logits):
+        return _cuda().cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=label_smoothing)
+    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, None, False)
+
+
+def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, grad_output=None):
+    """Cross-entropy and its gradient with respect to the logits, in one fused call.
+
+    Parameters
+    ----------
+    logits, target, weight, ignore_index, reduction, label_smoothing
+        As in :func:`cross_entropy`.
+    grad_output : array_like or float, optional
+        The upstream gradient: the loss's shape for ``reduction='none'``, a scalar otherwise.
+        Default: ones.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`cross_entropy` returns it.
+    grad_logits : ndarray
+        d(sum(grad_output * loss)) / d(logits), the logits' shape and dtype: what
+        ``loss.backward(grad_output)`` leaves in ``logits.grad`` in torch.
+
+    Notes
+    -----
+    Each row is read once from memory for its statistics and the gradient row
+    ``g * (A * softmax(x) - eps / C * w - (1 - eps) * w[t] * onehot(t))`` is written while the
+    row is still in cache: one read and one write of N x C values.  Ignored rows get a zero
+    gradient.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]))
+    >>> g
+    array([[-0.5,  0.5]])
+    """
+    if _is_cuda(logits):
+        return _cuda().cross_entropy_with_grad(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, grad_output=grad_output)
+    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing,
+                   grad_output, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary cross-entropy
+
+
+def _broadcast_flat(a, shape, dt, name):
+    a = _as_array(a, name)
+    broadcastable(a.shape, shape, name)
+    return np.ascontiguousarray(np.broadcast_to(a.astype(dt, copy=False), shape)).reshape(-1)
+
+
+def _reduce_elementwise(out, shape, reduction, in_dtype):
+    if reduction == "none":
+        return _result(out.reshape(shape), in_dtype)
+    total = out.sum(dtype=out.dtype)
+    if reduction == "mean":
+        total = out.dtype.type(total / out.size) if out.size else out.dtype.type(np.nan)
+    return in_dtype.type(total)
+
+
+def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
+    """Binary cross-entropy between probabilities and targets, as
+    ``torch.nn.functional.binary_cross_entropy``.
+
+    Parameters
+    ----------
+    input : array_like or CUDA array
+        Probabilities in [0, 1], any shape.
+    target : array_like
+        Floating targets of the input's shape.
+    weight : array_like, optional
+        Rescaling weight, broadcastable to the input's shape.
+    reduction : {'mean', 'sum', 'none'}, optional
+
+    Returns
+    -------
+    numpy scalar or ndarray
+
+    Raises
+    ------
+    ValueError
+        An input outside [0, 1] (or NaN), naming its position and value; shape mismatches.
+
+    Notes
+    -----
+    Each log is clamped at -100, as torch does, so ``p = 0`` or ``1`` gives a finite loss.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> p = np.array([0.8, 0.2, 0.6], np.float32)
+    >>> round(float(fastce.binary_cross_entropy(p, np.array([1.0, 0.0, 1.0], np.float32))), 4)
+    0.319
+    """
+    if _is_cuda(input):
+        return _cuda().binary_cross_entropy(input, target, weight=weight, reduction=reduction)
+    input = _as_array(input, "input")
+    target = _as_array(target, "target")
+    dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
+    p = np.ascontiguousarray(input, dtype=dt).reshape(-1)
+    y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
+    bad = _bce.first_outside_unit_interval(p)
+    if bad >= 0:
+        pos = tuple(int(i) for i in np.unravel_index(bad, input.shape)) if input.ndim else ()
+        raise ValueError(f"input must hold probabilities in [0, 1]; found {input[pos]!r} at "
+                         f"position {pos}")
+    w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")
+    out = np.empty(p.shape, dt)
+    (_bce.bce if _parallel(p.size) else _bce.bce_serial)(p, y, w, out)
+    return _reduce_elementwise(out, input.shape, reduction, input.dtype)
+
+
+def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=None,
+                                     reduction="mean"):
+    """Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    Parameters
+    ----------
+    input : array_like or CUDA array
+        Logits, any shape.
+    target : array_like
+        Floating targets of the input's shape.
+    weight : array_like, optional
+        Rescaling weight, broadcastable to the input's shape.
+    pos_weight : array_like, optional
+        Weight of the positive class, broadcast against the input (usually of the last axis'
+        length).
+    reduction : {'mean', 'sum', 'none'}, optional
+
+    Returns
+    -------
+    numpy scalar or ndarray
+
+    Notes
+    -----
+    The stable form ``(1 - y) x + lw (log1p(exp(-|x|)) + max(-x, 0))`` with
+    ``lw = 1 + (pos_weight - 1) y``: no overflow for any finite logit.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> round(float(fastce.binary_cross_entropy_with_logits(np.array([0.0]), np.array([1.0]))), 4)
+    0.6931
+    """
+    if _is_cuda(input):
+        return _cuda().binary_cross_entropy_with_logits(
+            input, target, weight=weight, pos_weight=pos_weight, reduction=reduction)
+    input = _as_array(input, "input")
+    target = _as_array(target, "target")
+    dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
+    x = np.ascontiguousarray(input, dtype=dt).reshape(-1)
+    y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
+    w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")
+    if pos_weight is None:
+        pw = _EMPTY[dt]
+    else:
+        pw = _as_array(pos_weight, "pos_weight")
+        last = input.shape[-1] if input.ndim else 1
+        if pw.ndim <= 1 and pw.size in (1, last) and x.size:
+            broadcastable(pw.shape, input.shape, "pos_weight")
+            pw = np.ascontiguousarray(pw, dtype=dt).reshape(-1)
+        else:
+            pw = _broadcast_flat(pw, input.shape, dt, "pos_weight")
+    out = np.empty(x.shape, dt)
+    (_bce.bce_with_logits if _parallel(x.size) else _bce.bce_with_logits_serial)(x, y, w, pw, out)
+    return _reduce_elementwise(out, input.shape, reduction, input.dtype)

@@ -1,0 +1,31 @@
+"""Tuning knobs shared by the kernels: fastmath flags, block sizes, thresholds, launch sizes.
+
+Every value here was chosen by measurement on the project's 2-vCPU znver4 machines; see
+``docs/performance.md`` for the figures.
+"""
+
+# LLVM fast-math flags for every CPU kernel.  Deliberately NOT ``fastmath=True``: that implies
+# ``nnan``/``ninf``, which lets LLVM fold away the ``-inf``/NaN guards that masked logits rely on.
+# ``reassoc`` is what lets the sum reductions vectorize; ``contract`` allows FMA.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+# Rows are processed in blocks of this many classes: the block max is found first (vectorized),
+# then the block's exp-sum is taken against the running max while the block is still in L1.
+CLASS_BLOCK = 1024
+
+# Below this many logits a call runs the serial kernel: waking the thread pool costs more than
+# the work (~5 us to ~8 ms on the project's machines).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+# With fewer rows than this many per thread, rows are split into chunks that run on different
+# threads and their (max, sum-exp) partials are merged.
+SPLIT_ROWS_PER_THREAD = 2
+# Smallest chunk of one row worth handing to a thread.
+SPLIT_MIN_CHUNK = 1 << 14
+
+# K-dim inputs (N, C, S): spatial positions processed together per class (vectorized across S).
+SPATIAL_BLOCK = 256
+
+# CUDA launch configuration.
+CUDA_THREADS_PER_BLOCK = 256
+CUDA_SMALL_C = 64

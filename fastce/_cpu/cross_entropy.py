@@ -1,0 +1,258 @@
+"""CPU kernels for cross-entropy with class-index or class-probability targets, forward and
+fused forward + gradient.
+
+Per row the kernels keep the partials explicit: (max, sum-exp) -> lse, the target logit, and
+for label smoothing the weighted sum of (lse - x_c).  The loss of row i is
+
+    (1 - eps) * w[t] * (lse - x[t]) + eps / C * sum_c w[c] * (lse - x[c])
+
+and its gradient, scaled by the upstream factor g_i (1/denominator for "mean"),
+
+    g_i * (A * p_c - eps / C * w[c] - (1 - eps) * w[t] * [c == t]),
+    A = (1 - eps) * w[t] + eps / C * sum_c w[c].
+
+Rows are unnormalized here; ``fastce._api`` applies the reduction.  Gradient rows are written
+right after the row's statistics, while the row is still in L2: one read of the logits from
+memory and one write.  Targets arrive validated (in range or ``ignore_index``).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .._config import FASTMATH, SPATIAL_BLOCK
+from .primitives import exp, kernel_twins, lse_from_max_sumexp, row_max_sumexp, safe_shift
+from .stats import spatial_max_sumexp
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def check_index_target(target, n_classes, ignore_index, weight):
+    """One pass over the class-index targets: the first invalid position (-1 if none) and the
+    denominator of torch's "mean" (sum of the weights of the non-ignored targets).
+
+    The denominator is summed in float64 whatever the logits' dtype: it is a count or a sum of
+    up to N weights, and rounding it would bias every row's gradient alike.
+    """
+    has_w = weight.shape[0] > 0
+    denom = 0.0
+    for i in range(target.shape[0]):
+        t = target[i]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= n_classes:
+            return i, denom
+        denom += weight[t] if has_w else 1.0
+    return -1, denom
+
+
+@njit(fastmath=FASTMATH)
+def _upstream(gscale, i):
+    return gscale[i] if gscale.shape[0] > 1 else gscale[0]
+
+
+def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
+                   loss_part, n_chunks, stat_m, stat_s):
+    """Rows layout (N, C).  ``weight`` empty means unweighted; ``grad`` with 0 rows means
+    forward only.  ``loss_part[i, k]`` receives chunk k's share of row i's loss."""
+    N, C = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    one = x.dtype.type(1)
+    eps_c = x.dtype.type(eps / C)
+    keep = x.dtype.type(1 - eps)
+    chunk = (C + n_chunks - 1) // n_chunks
+    for u in prange(N * n_chunks):
+        i = u // n_chunks
+        k = u - i * n_chunks
+        lo = k * chunk
+        hi = min(lo + chunk, C)
+        row = x[i]
+        t = target[i]
+        if t == ignore_index:
+            loss_part[i, k] = 0
+            if want_grad:
+                for c in range(lo, hi):
+                    grad[i, c] = 0
+            continue
+        if n_chunks == 1:
+            m, s = row_max_sumexp(row, 0, C)
+        else:
+            m, s = stat_m[i], stat_s[i]
+        lse = lse_from_max_sumexp(m, s)
+        w_t = weight[t] if has_w else one
+        part = x.dtype.type(0)
+        if k == 0:
+            # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
+            part = keep * w_t * (lse - row[t]) if row[t] != -np.inf else x.dtype.type(np.inf)
+        if eps > 0:
+            acc = x.dtype.type(0)
+            if has_w:
+                for c in range(lo, hi):
+                    acc += weight[c] * (lse - row[c])
+            else:
+                for c in range(lo, hi):
+                    acc += lse - row[c]
+            part += eps_c * acc
+        loss_part[i, k] = part
+        if want_grad:
+            g = _upstream(gscale, i)
+            sh = safe_shift(m)
+            inv = 1 / s
+            ga = g * (keep * w_t + eps_c * w_total)
+            if has_w:
+                ge = g * eps_c
+                for c in range(lo, hi):
+                    grad[i, c] = ga * (exp(row[c] - sh) * inv) - ge * weight[c]
+            else:
+                gb = g * eps_c
+                for c in range(lo, hi):
+                    grad[i, c] = ga * (exp(row[c] - sh) * inv) - gb
+            if lo <= t < hi:
+                grad[i, t] -= g * keep * w_t
+
+
+def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss):
+    """(N, C, S) layout; ``target`` and ``loss`` are (N, S), ``gscale`` (N*S,) or (1,)."""
+    N, C, S = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    one = x.dtype.type(1)
+    eps_c = x.dtype.type(eps / C)
+    keep = x.dtype.type(1 - eps)
+    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
+    for u in prange(N * n_blocks):
+        n = u // n_blocks
+        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
+        s1 = min(s0 + SPATIAL_BLOCK, S)
+        B = s1 - s0
+        m = np.empty(B, dtype=x.dtype)
+        s = np.empty(B, dtype=x.dtype)
+        sh = np.empty(B, dtype=x.dtype)
+        lse = np.empty(B, dtype=x.dtype)
+        acc = np.zeros(B, dtype=x.dtype)
+        xn = x[n]
+        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        for j in range(B):
+            lse[j] = lse_from_max_sumexp(m[j], s[j])
+        if eps > 0:
+            for c in range(C):
+                wc = weight[c] if has_w else one
+                for j in range(B):
+                    acc[j] += wc * (lse[j] - xn[c, s0 + j])
+        for j in range(B):
+            t = target[n, s0 + j]
+            if t == ignore_index:
+                loss[n, s0 + j] = 0
+                continue
+            w_t = weight[t] if has_w else one
+            xt = xn[t, s0 + j]
+            nll = keep * w_t * (lse[j] - xt) if xt != -np.inf else x.dtype.type(np.inf)
+            loss[n, s0 + j] = nll + eps_c * acc[j]
+        if want_grad:
+            # Per position: acc <- g*A (0 where ignored), s <- 1/s.
+            for j in range(B):
+                t = target[n, s0 + j]
+                g = _upstream(gscale, n * S + s0 + j)
+                if t == ignore_index:
+                    acc[j] = 0
+                    lse[j] = 0
+                else:
+                    w_t = weight[t] if has_w else one
+                    acc[j] = g * (keep * w_t + eps_c * w_total)
+                    lse[j] = g * eps_c
+                s[j] = 1 / s[j]
+            gn = grad[n]
+            for c in range(C):
+                wc = weight[c] if has_w else one
+                for j in range(B):
+                    gn[c, s0 + j] = acc[j] * (exp(xn[c, s0 + j] - sh[j]) * s[j]) - lse[j] * wc
+            for j in range(B):
+                t = target[n, s0 + j]
+                if t != ignore_index:
+                    w_t = weight[t] if has_w else one
+                    gn[t, s0 + j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
+
+
+def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
+    """Rows layout with a probability target of the logits' shape.  The smoothed target is
+    t' = (1 - eps) * t + eps / C; loss_i = sum_c w_c t'_c (lse - x_c), where a term with
+    t'_c = 0 is 0 even if x_c = -inf (torch gives NaN there)."""
+    N, C = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    eps_c = x.dtype.type(eps / C)
+    keep = x.dtype.type(1 - eps)
+    for i in prange(N):
+        row = x[i]
+        trow = target[i]
+        m, s = row_max_sumexp(row, 0, C)
+        lse = lse_from_max_sumexp(m, s)
+        acc_wt = x.dtype.type(0)
+        acc = x.dtype.type(0)
+        for c in range(C):
+            wt = keep * trow[c] + eps_c
+            if has_w:
+                wt *= weight[c]
+            acc_wt += wt
+            acc += wt * (lse - row[c]) if wt != 0 else x.dtype.type(0)
+        loss[i] = acc
+        if want_grad:
+            g = _upstream(gscale, i)
+            sh = safe_shift(m)
+            inv = 1 / s
+            ga = g * acc_wt
+            for c in range(C):
+                wt = keep * trow[c] + eps_c
+                if has_w:
+                    wt *= weight[c]
+                grad[i, c] = ga * (exp(row[c] - sh) * inv) - g * wt
+
+
+def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
+    """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` is (N, S)."""
+    N, C, S = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    one = x.dtype.type(1)
+    eps_c = x.dtype.type(eps / C)
+    keep = x.dtype.type(1 - eps)
+    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
+    for u in prange(N * n_blocks):
+        n = u // n_blocks
+        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
+        s1 = min(s0 + SPATIAL_BLOCK, S)
+        B = s1 - s0
+        m = np.empty(B, dtype=x.dtype)
+        s = np.empty(B, dtype=x.dtype)
+        sh = np.empty(B, dtype=x.dtype)
+        acc = np.zeros(B, dtype=x.dtype)
+        acc_wt = np.zeros(B, dtype=x.dtype)
+        xn = x[n]
+        tn = target[n]
+        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        for j in range(B):
+            m[j] = lse_from_max_sumexp(m[j], s[j])
+        for c in range(C):
+            wc = weight[c] if has_w else one
+            for j in range(B):
+                wt = (keep * tn[c, s0 + j] + eps_c) * wc
+                acc_wt[j] += wt
+                acc[j] += wt * (m[j] - xn[c, s0 + j]) if wt != 0 else x.dtype.type(0)
+        for j in range(B):
+            loss[n, s0 + j] = acc[j]
+        if want_grad:
+            for j in range(B):
+                g = _upstream(gscale, n * S + s0 + j)
+                acc_wt[j] *= g
+                acc[j] = g
+                s[j] = 1 / s[j]
+            gn = grad[n]
+            for c in range(C):
+                wc = weight[c] if has_w else one
+                for j in range(B):
+                    wt = (keep * tn[c, s0 + j] + eps_c) * wc
+                    gn[c, s0 + j] = acc_wt[j] * (exp(xn[c, s0 + j] - sh[j]) * s[j]) - acc[j] * wt
+
+
+ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)
+ce_index_spatial, ce_index_spatial_serial = kernel_twins(_ce_index_spatial)
+ce_prob_rows, ce_prob_rows_serial = kernel_twins(_ce_prob_rows)
+ce_prob_spatial, ce_prob_spatial_serial = kernel_twins(_ce_prob_spatial)

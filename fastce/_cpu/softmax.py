@@ -1,0 +1,83 @@
+"""CPU kernels for logsumexp, log_softmax and softmax.
+
+Inputs arrive in the canonical layout of ``fastce._validate``: C-contiguous (N, C) rows when
+the reduced axis is the last one, or a C-contiguous (N, C, S) block when it is not (the class
+axis is then strided and the kernels vectorize across S instead).  Each kernel reads a row's
+logits once from memory for its statistics and, for the elementwise outputs, writes them while
+the row is still in cache.
+"""
+import numpy as np
+from numba import prange
+
+from .._config import SPATIAL_BLOCK
+from .primitives import exp, kernel_twins, lse_from_max_sumexp, row_max_sumexp, safe_shift
+from .stats import spatial_max_sumexp
+
+MODE_LOGSUMEXP = 0
+MODE_LOG_SOFTMAX = 1
+MODE_SOFTMAX = 2
+
+
+def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
+    """Rows layout.  ``out`` is (N, 1) for logsumexp, (N, C) otherwise.  With ``n_chunks > 1``
+    the row statistics come precomputed in ``stat_m``/``stat_s`` (see ``split_row_stats``) and
+    each row's output is written by ``n_chunks`` parallel units."""
+    N, C = x.shape
+    chunk = (C + n_chunks - 1) // n_chunks
+    for u in prange(N * n_chunks):
+        i = u // n_chunks
+        lo = (u - i * n_chunks) * chunk
+        hi = min(lo + chunk, C)
+        row = x[i]
+        orow = out[i]
+        if n_chunks == 1:
+            m, s = row_max_sumexp(row, 0, C)
+        else:
+            m, s = stat_m[i], stat_s[i]
+        if mode == MODE_LOGSUMEXP:
+            orow[0] = lse_from_max_sumexp(m, s)
+        elif mode == MODE_LOG_SOFTMAX:
+            lse = lse_from_max_sumexp(m, s)
+            for c in range(lo, hi):
+                orow[c] = row[c] - lse
+        else:
+            sh = safe_shift(m)
+            inv = 1 / s
+            for c in range(lo, hi):
+                orow[c] = exp(row[c] - sh) * inv
+
+
+def _softmax_spatial(x, out, mode):
+    """(N, C, S) layout; ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise."""
+    N, C, S = x.shape
+    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
+    for u in prange(N * n_blocks):
+        n = u // n_blocks
+        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
+        s1 = min(s0 + SPATIAL_BLOCK, S)
+        B = s1 - s0
+        m = np.empty(B, dtype=x.dtype)
+        s = np.empty(B, dtype=x.dtype)
+        sh = np.empty(B, dtype=x.dtype)
+        xn = x[n]
+        on = out[n]
+        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        if mode == MODE_LOGSUMEXP:
+            for j in range(B):
+                on[0, s0 + j] = lse_from_max_sumexp(m[j], s[j])
+        elif mode == MODE_LOG_SOFTMAX:
+            for j in range(B):
+                m[j] = lse_from_max_sumexp(m[j], s[j])
+            for c in range(C):
+                for j in range(B):
+                    on[c, s0 + j] = xn[c, s0 + j] - m[j]
+        else:
+            for j in range(B):
+                s[j] = 1 / s[j]
+            for c in range(C):
+                for j in range(B):
+                    on[c, s0 + j] = exp(xn[c, s0 + j] - sh[j]) * s[j]
+
+
+softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)
+softmax_spatial, softmax_spatial_serial = kernel_twins(_softmax_spatial)

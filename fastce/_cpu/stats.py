@@ -1,0 +1,53 @@
+"""Per-row (max, sum-exp) statistics, the partials every kernel is built from.
+
+``split_row_stats`` is for few rows with a huge class count: each row is cut into chunks that
+run on different threads, and the chunks' partials are merged with the ``-inf``-safe rule.
+``spatial_max_sumexp`` is for the K-dim layout (N, C, S), vectorized across S.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .._config import FASTMATH
+from .primitives import exp, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift
+
+
+@njit(fastmath=FASTMATH, parallel=True, cache=True, nogil=True)
+def split_row_stats(x, n_chunks, out_m, out_s):
+    """(max, sum-exp) of each row of the C-contiguous (N, C) ``x``, each row cut into
+    ``n_chunks`` chunks that are reduced in parallel and then merged."""
+    N, C = x.shape
+    chunk = (C + n_chunks - 1) // n_chunks
+    part_m = np.empty(N * n_chunks, dtype=x.dtype)
+    part_s = np.empty(N * n_chunks, dtype=x.dtype)
+    for u in prange(N * n_chunks):
+        i = u // n_chunks
+        lo = (u - i * n_chunks) * chunk
+        part_m[u], part_s[u] = row_max_sumexp(x[i], lo, min(lo + chunk, C))
+    for i in range(N):
+        m, s = part_m[i * n_chunks], part_s[i * n_chunks]
+        for k in range(1, n_chunks):
+            m, s = merge_max_sumexp(m, s, part_m[i * n_chunks + k], part_s[i * n_chunks + k])
+        out_m[i] = m
+        out_s[i] = s
+
+
+@njit(fastmath=FASTMATH)
+def spatial_max_sumexp(xn, s0, s1, m, s, shift):
+    """(max, sum-exp) over the class axis of ``xn[:, s0:s1]`` (``xn`` is one sample's (C, S)
+    slab), for all positions at once: the inner loops run along the contiguous S axis.
+
+    Writes ``m[j]``, ``s[j]`` and the safe shift ``shift[j]`` for position ``s0 + j``.
+    """
+    C = xn.shape[0]
+    B = s1 - s0
+    for j in range(B):
+        m[j] = -np.inf
+        s[j] = 0
+    for c in range(C):
+        for j in range(B):
+            m[j] = nan_max(m[j], xn[c, s0 + j])
+    for j in range(B):
+        shift[j] = safe_shift(m[j])
+    for c in range(C):
+        for j in range(B):
+            s[j] += exp(xn[c, s0 + j] - shift[j])

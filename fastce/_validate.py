@@ -1,0 +1,145 @@
+"""Argument checks shared by the CPU and CUDA front ends.
+
+Everything here looks only at shapes, dtypes and scalar options, never at array data, so the
+same checks (and the same error messages) serve NumPy arrays and device arrays alike.  Data
+checks (class indices in range, probabilities in [0, 1]) happen inside the kernels' first pass.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum")
+
+_COMPUTE = {np.dtype(np.float32): np.dtype(np.float32), np.dtype(np.float64): np.dtype(np.float64)}
+
+
+def compute_dtype(dtype, name):
+    """The dtype a floating input is computed in: float32/float64 as they are, any other
+    floating dtype (float16, longdouble) in float32.  Non-floating dtypes raise TypeError."""
+    dtype = np.dtype(dtype)
+    found = _COMPUTE.get(dtype)
+    if found is not None:
+        return found
+    if dtype.kind == "f":
+        return np.dtype(np.float32)
+    raise TypeError(f"{name} must be a floating-point array (float32 or float64), "
+                    f"got dtype {dtype}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+
+
+def check_axis(axis, ndim, name="x"):
+    """Normalized axis; ``np.exceptions.AxisError`` (a ValueError and an IndexError)."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+    if not -ndim <= axis < ndim:
+        raise np.exceptions.AxisError(
+            f"axis {axis} is out of bounds for {name} with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def split_at_axis(shape, axis):
+    """(outer, classes, inner) sizes of ``shape`` around ``axis``."""
+    outer = 1
+    for d in shape[:axis]:
+        outer *= d
+    inner = 1
+    for d in shape[axis + 1:]:
+        inner *= d
+    return outer, shape[axis], inner
+
+
+class CrossEntropyProblem(NamedTuple):
+    """A validated cross-entropy call, in the canonical (N, C, S) view of the logits."""
+    N: int
+    C: int
+    S: int
+    probs: bool            # probability target (else class indices)
+    dtype: np.dtype        # compute dtype
+    loss_shape: tuple      # shape of the unreduced loss (the target's shape for indices)
+
+
+def cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtype,
+                          weight_shape, ignore_index, reduction, label_smoothing):
+    dtype = compute_dtype(logits_dtype, "logits")
+    nd = len(logits_shape)
+    if nd == 0:
+        raise ValueError("logits must have at least 1 dimension (C,), (N, C) or "
+                         "(N, C, d1, ..., dk), got a 0-d array")
+    if nd == 1:
+        N, C, S = 1, logits_shape[0], 1
+        index_shape = ()
+    else:
+        N, C = logits_shape[0], logits_shape[1]
+        S = 1
+        for d in logits_shape[2:]:
+            S *= d
+        index_shape = (logits_shape[0],) + tuple(logits_shape[2:])
+    if C == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits_shape)} "
+                         f"with 0 classes on axis {0 if nd == 1 else 1}")
+    tkind = np.dtype(target_dtype).kind
+    if tkind in "iu":
+        probs = False
+        if tuple(target_shape) != index_shape:
+            raise ValueError(
+                f"target of class indices must have shape {index_shape} for logits of shape "
+                f"{tuple(logits_shape)}, got {tuple(target_shape)}")
+    elif tkind == "f":
+        probs = True
+        if tuple(target_shape) != tuple(logits_shape):
+            raise ValueError(
+                f"target of class probabilities must have the logits' shape "
+                f"{tuple(logits_shape)}, got {tuple(target_shape)} (for class indices use an "
+                f"integer target of shape {index_shape})")
+        if compute_dtype(target_dtype, "target") != dtype or np.dtype(target_dtype) != np.dtype(logits_dtype):
+            raise TypeError(f"target of class probabilities must have the logits' dtype "
+                            f"{np.dtype(logits_dtype)}, got {np.dtype(target_dtype)}")
+    else:
+        raise TypeError(f"target must hold integer class indices or floating class "
+                        f"probabilities, got dtype {np.dtype(target_dtype)}")
+    if weight_shape is not None and tuple(weight_shape) != (C,):
+        raise ValueError(f"weight must be a 1-D array of length C={C} (one weight per class), "
+                         f"got shape {tuple(weight_shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    return CrossEntropyProblem(N, C, S, probs, dtype, tuple(target_shape) if not probs else index_shape)
+
+
+def check_label_smoothing(label_smoothing):
+    try:
+        ok = 0.0 <= float(label_smoothing) <= 1.0
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}") from None
+    if not ok:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
+def bce_problem(input_shape, input_dtype, target_shape, target_dtype, reduction,
+                input_name="input"):
+    dtype = compute_dtype(input_dtype, input_name)
+    if np.dtype(target_dtype).kind != "f":
+        raise TypeError(f"target must be a floating-point array of the {input_name}'s shape, "
+                        f"got dtype {np.dtype(target_dtype)}")
+    if tuple(target_shape) != tuple(input_shape):
+        raise ValueError(f"target must have the {input_name}'s shape {tuple(input_shape)}, "
+                         f"got {tuple(target_shape)}")
+    check_reduction(reduction)
+    return dtype
+
+
+def broadcastable(shape, to, name):
+    try:
+        np.broadcast_shapes(tuple(shape), tuple(to))
+        if np.broadcast_shapes(tuple(shape), tuple(to)) != tuple(to):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name} of shape {tuple(shape)} cannot be broadcast to the input's "
+                         f"shape {tuple(to)}") from None
