@@ -416,8 +416,6 @@ class OpBenchmark:
             return arrays, call
 
         self.arrays, self.call = memoize((type(self).__name__, impl, *rest), build)
-        # peakmem_ counts from here: imports + inputs + what the call adds
-        reset_peak_rss()
 
 
 class OpMemoryBenchmark(OpBenchmark):
@@ -435,6 +433,9 @@ class OpMemoryBenchmark(OpBenchmark):
     def setup(self, *params):
         _fix_malloc_threshold()  # here only: it would slow the timings
         super().setup(*params)
+        # peakmem_ counts from here: imports + inputs + what the call adds,
+        # not data generation's temporaries
+        reset_peak_rss()
 
     def extra_memory(self):
         base = reset_peak_rss()
