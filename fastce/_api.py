@@ -75,7 +75,10 @@ def _split_stats(x2, n_chunks):
 
 
 def _result(out, dtype):
-    """Cast back to the caller's dtype (float16 etc. are computed in float32); 0-d -> scalar."""
+    """Cast back to the caller's dtype (float16 etc. are computed in float32) in native byte
+    order; 0-d -> scalar."""
+    if not dtype.isnative:
+        dtype = dtype.newbyteorder("=")
     if out.dtype != dtype:
         out = out.astype(dtype)
     return out[()] if out.ndim == 0 else out
@@ -275,7 +278,8 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         if bad >= 0:
             pos = np.unravel_index(bad, target.shape) if target.ndim else ()
             raise IndexError(
-                f"target holds class index {target[pos]!r} at position {tuple(int(p) for p in pos)}; "
+                f"target holds class index {int(target[pos])} at position "
+                f"{tuple(int(p) for p in pos)}; "
                 f"class indices must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
 
     # Upstream gradient per loss element.

@@ -20,6 +20,9 @@ def compute_dtype(dtype, name):
     found = _COMPUTE.get(dtype)
     if found is not None:
         return found
+    if dtype.kind == "f" and not dtype.isnative:
+        # Big-endian (non-native) floats are computed in their native twin: >f8 in float64.
+        return compute_dtype(dtype.newbyteorder("="), name)
     if dtype.kind == "f":
         return np.dtype(np.float32)
     raise TypeError(f"{name} must be a floating-point array (float32 or float64), "
@@ -97,7 +100,7 @@ def cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtype
                 f"target of class probabilities must have the logits' shape "
                 f"{tuple(logits_shape)}, got {tuple(target_shape)} (for class indices use an "
                 f"integer target of shape {index_shape})")
-        if compute_dtype(target_dtype, "target") != dtype or np.dtype(target_dtype) != np.dtype(logits_dtype):
+        if np.dtype(target_dtype).newbyteorder("=") != np.dtype(logits_dtype).newbyteorder("="):
             raise TypeError(f"target of class probabilities must have the logits' dtype "
                             f"{np.dtype(logits_dtype)}, got {np.dtype(target_dtype)}")
     else:
