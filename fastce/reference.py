@@ -463,9 +463,9 @@ def _tensor(a):
     # from_numpy shares the buffer: no copy, so the timing is torch's own
     torch = _torch()
     a = np.asarray(a)
-    if not a.flags.writeable:
-        a = a.copy()
-    return torch.from_numpy(np.ascontiguousarray(a))
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = a.copy()  # (np.ascontiguousarray would turn 0-d into 1-d)
+    return torch.from_numpy(a)
 
 
 def _out(t):
