@@ -19,7 +19,8 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
-from .primitives import exp, kernel_twins, lse_from_max_sumexp, row_max_sumexp, safe_shift
+from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
+                         safe_shift)
 from .stats import spatial_max_sumexp
 
 
@@ -56,6 +57,7 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     one = x.dtype.type(1)
+    zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
     chunk = (C + n_chunks - 1) // n_chunks
@@ -64,47 +66,50 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         k = u - i * n_chunks
         lo = k * chunk
         hi = min(lo + chunk, C)
-        row = x[i]
+        row = x[i, lo:hi]
+        wrow = weight[lo:hi]
         t = target[i]
         if t == ignore_index:
             loss_part[i, k] = 0
             if want_grad:
-                for c in range(lo, hi):
-                    grad[i, c] = 0
+                grow = grad[i, lo:hi]
+                for c in range(grow.shape[0]):
+                    grow[c] = 0
             continue
         if n_chunks == 1:
-            m, s = row_max_sumexp(row, 0, C)
+            m, s = row_max_sumexp(x[i])
         else:
             m, s = stat_m[i], stat_s[i]
         lse = lse_from_max_sumexp(m, s)
         w_t = weight[t] if has_w else one
-        part = x.dtype.type(0)
+        part = zero
         if k == 0:
             # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
-            part = keep * w_t * (lse - row[t]) if row[t] != -np.inf else x.dtype.type(np.inf)
+            xt = x[i, t]
+            part = keep * w_t * (lse - xt) if xt != -np.inf else x.dtype.type(np.inf)
         if eps > 0:
-            acc = x.dtype.type(0)
+            acc = zero
             if has_w:
-                for c in range(lo, hi):
-                    acc += weight[c] * (lse - row[c])
+                for c in range(row.shape[0]):
+                    acc += wrow[c] * (lse - row[c])
             else:
-                for c in range(lo, hi):
+                for c in range(row.shape[0]):
                     acc += lse - row[c]
             part += eps_c * acc
         loss_part[i, k] = part
         if want_grad:
+            grow = grad[i, lo:hi]
             g = _upstream(gscale, i)
             sh = safe_shift(m)
-            inv = 1 / s
+            inv = inv_sum(m, s)
             ga = g * (keep * w_t + eps_c * w_total)
+            gb = g * eps_c
             if has_w:
-                ge = g * eps_c
-                for c in range(lo, hi):
-                    grad[i, c] = ga * (exp(row[c] - sh) * inv) - ge * weight[c]
+                for c in range(row.shape[0]):
+                    grow[c] = ga * (exp_term(row[c] - sh) * inv) - gb * wrow[c]
             else:
-                gb = g * eps_c
-                for c in range(lo, hi):
-                    grad[i, c] = ga * (exp(row[c] - sh) * inv) - gb
+                for c in range(row.shape[0]):
+                    grow[c] = ga * (exp_term(row[c] - sh) * inv) - gb
             if lo <= t < hi:
                 grad[i, t] -= g * keep * w_t
 
@@ -128,28 +133,30 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
         sh = np.empty(B, dtype=x.dtype)
         lse = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
-        xn = x[n]
-        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        xn = x[n, :, s0:s1]
+        tn = target[n, s0:s1]
+        spatial_max_sumexp(xn, m, s, sh)
         for j in range(B):
             lse[j] = lse_from_max_sumexp(m[j], s[j])
         if eps > 0:
             for c in range(C):
                 wc = weight[c] if has_w else one
+                xc = xn[c]
                 for j in range(B):
-                    acc[j] += wc * (lse[j] - xn[c, s0 + j])
+                    acc[j] += wc * (lse[j] - xc[j])
         for j in range(B):
-            t = target[n, s0 + j]
+            t = tn[j]
             if t == ignore_index:
                 loss[n, s0 + j] = 0
                 continue
             w_t = weight[t] if has_w else one
-            xt = xn[t, s0 + j]
+            xt = xn[t, j]
             nll = keep * w_t * (lse[j] - xt) if xt != -np.inf else x.dtype.type(np.inf)
             loss[n, s0 + j] = nll + eps_c * acc[j]
         if want_grad:
-            # Per position: acc <- g*A (0 where ignored), s <- 1/s.
+            # Per position: acc <- g*A and lse <- g*eps/C (both 0 where ignored), s <- 1/s.
             for j in range(B):
-                t = target[n, s0 + j]
+                t = tn[j]
                 g = _upstream(gscale, n * S + s0 + j)
                 if t == ignore_index:
                     acc[j] = 0
@@ -158,17 +165,24 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     w_t = weight[t] if has_w else one
                     acc[j] = g * (keep * w_t + eps_c * w_total)
                     lse[j] = g * eps_c
-                s[j] = 1 / s[j]
-            gn = grad[n]
+                s[j] = inv_sum(m[j], s[j])
+            gn = grad[n, :, s0:s1]
             for c in range(C):
                 wc = weight[c] if has_w else one
+                xc = xn[c]
+                gc = gn[c]
                 for j in range(B):
-                    gn[c, s0 + j] = acc[j] * (exp(xn[c, s0 + j] - sh[j]) * s[j]) - lse[j] * wc
+                    gc[j] = acc[j] * (exp_term(xc[j] - sh[j]) * s[j]) - lse[j] * wc
             for j in range(B):
-                t = target[n, s0 + j]
-                if t != ignore_index:
+                t = tn[j]
+                if t == ignore_index:
+                    # Exactly 0, also where the logits hold NaN or -inf (acc = 0 alone would
+                    # leave 0 * NaN).
+                    for c in range(C):
+                        gn[c, j] = 0
+                else:
                     w_t = weight[t] if has_w else one
-                    gn[t, s0 + j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
+                    gn[t, j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
@@ -178,32 +192,31 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
     N, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
+    one = x.dtype.type(1)
+    zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
     for i in prange(N):
         row = x[i]
         trow = target[i]
-        m, s = row_max_sumexp(row, 0, C)
+        m, s = row_max_sumexp(row)
         lse = lse_from_max_sumexp(m, s)
-        acc_wt = x.dtype.type(0)
-        acc = x.dtype.type(0)
+        acc_wt = zero
+        acc = zero
         for c in range(C):
-            wt = keep * trow[c] + eps_c
-            if has_w:
-                wt *= weight[c]
+            wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
             acc_wt += wt
-            acc += wt * (lse - row[c]) if wt != 0 else x.dtype.type(0)
+            acc += wt * (lse - row[c]) if wt != 0 else zero
         loss[i] = acc
         if want_grad:
+            grow = grad[i]
             g = _upstream(gscale, i)
             sh = safe_shift(m)
-            inv = 1 / s
+            inv = inv_sum(m, s)
             ga = g * acc_wt
             for c in range(C):
-                wt = keep * trow[c] + eps_c
-                if has_w:
-                    wt *= weight[c]
-                grad[i, c] = ga * (exp(row[c] - sh) * inv) - g * wt
+                wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
+                grow[c] = ga * (exp_term(row[c] - sh) * inv) - g * wt
 
 
 def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
@@ -212,6 +225,7 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     one = x.dtype.type(1)
+    zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
     n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
@@ -225,17 +239,19 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
         sh = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
         acc_wt = np.zeros(B, dtype=x.dtype)
-        xn = x[n]
-        tn = target[n]
-        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        xn = x[n, :, s0:s1]
+        tn = target[n, :, s0:s1]
+        spatial_max_sumexp(xn, m, s, sh)
         for j in range(B):
             m[j] = lse_from_max_sumexp(m[j], s[j])
         for c in range(C):
             wc = weight[c] if has_w else one
+            xc = xn[c]
+            tc = tn[c]
             for j in range(B):
-                wt = (keep * tn[c, s0 + j] + eps_c) * wc
+                wt = (keep * tc[j] + eps_c) * wc
                 acc_wt[j] += wt
-                acc[j] += wt * (m[j] - xn[c, s0 + j]) if wt != 0 else x.dtype.type(0)
+                acc[j] += wt * (m[j] - xc[j]) if wt != 0 else zero
         for j in range(B):
             loss[n, s0 + j] = acc[j]
         if want_grad:
@@ -243,13 +259,16 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
                 g = _upstream(gscale, n * S + s0 + j)
                 acc_wt[j] *= g
                 acc[j] = g
-                s[j] = 1 / s[j]
-            gn = grad[n]
+                s[j] = inv_sum(m[j], s[j])  # m holds lse: finite exactly when the max is
+            gn = grad[n, :, s0:s1]
             for c in range(C):
                 wc = weight[c] if has_w else one
+                xc = xn[c]
+                tc = tn[c]
+                gc = gn[c]
                 for j in range(B):
-                    wt = (keep * tn[c, s0 + j] + eps_c) * wc
-                    gn[c, s0 + j] = acc_wt[j] * (exp(xn[c, s0 + j] - sh[j]) * s[j]) - acc[j] * wt
+                    wt = (keep * tc[j] + eps_c) * wc
+                    gc[j] = acc_wt[j] * (exp_term(xc[j] - sh[j]) * s[j]) - acc[j] * wt
 
 
 ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)

@@ -20,7 +20,8 @@ from numba.extending import intrinsic, overload
 
 from .._config import CLASS_BLOCK, FASTMATH
 
-__all__ = ["kernel_twins", "nan_max", "exp", "safe_shift", "lse_from_max_sumexp", "merge_max_sumexp", "row_max_sumexp"]
+__all__ = ["kernel_twins", "nan_max", "exp", "exp_term", "safe_shift", "inv_sum",
+           "lse_from_max_sumexp", "merge_max_sumexp", "row_max_sumexp"]
 
 
 @intrinsic
@@ -38,34 +39,44 @@ def nan_max(typingctx, a, b):
     return a(a, b), codegen
 
 
-@intrinsic
-def _scale_by_pow2(typingctx, p, n):
-    """``p * 2**n`` for an integral-valued float ``n``, with the power built directly in the
+def _pow2_scaler(steps):
+    """Intrinsic ``p * 2**n`` for an integral-valued float ``n``, the power built directly in the
     exponent bits (integer add + shift + bitcast: vectorizes, unlike ``ldexp``).
 
-    ``2**n`` is applied as ``2**(n//2) * 2**(n - n//2)`` so that both factors stay normal
-    numbers over the whole range the callers clamp ``n`` to; the product then underflows to
-    denormals and exactly 0, or overflows to inf, the way the true exp does.
+    With ``steps=2``, ``2**n`` is applied as ``2**(n//2) * 2**(n - n//2)`` so both factors stay
+    normal numbers over the whole clamped range: the product then underflows to denormals and
+    exactly 0, or overflows to inf, the way the true exp does.  ``steps=1`` is valid for ``n``
+    in the normal exponent range only and saves three instructions.
     """
-    if not (isinstance(p, types.Float) and p == n):
-        return None
+    @intrinsic
+    def scale(typingctx, p, n):
+        if not (isinstance(p, types.Float) and p == n):
+            return None
 
-    def codegen(context, builder, sig, args):
-        pv, nv = args
-        width = p.bitwidth
-        ity = ir.IntType(width)
-        mant = 23 if width == 32 else 52
-        bias = 127 if width == 32 else 1023
-        ni = builder.fptosi(nv, ity)
-        n1 = builder.ashr(ni, ity(1))
-        n2 = builder.sub(ni, n1)
-        out = pv
-        for part in (n1, n2):
-            bits = builder.shl(builder.add(part, ity(bias)), ity(mant))
-            out = builder.fmul(out, builder.bitcast(bits, pv.type), flags=("contract",))
-        return out
+        def codegen(context, builder, sig, args):
+            pv, nv = args
+            width = p.bitwidth
+            ity = ir.IntType(width)
+            mant = 23 if width == 32 else 52
+            bias = 127 if width == 32 else 1023
+            ni = builder.fptosi(nv, ity)
+            parts = (ni,)
+            if steps == 2:
+                half = builder.ashr(ni, ity(1))
+                parts = (half, builder.sub(ni, half))
+            out = pv
+            for part in parts:
+                bits = builder.shl(builder.add(part, ity(bias)), ity(mant))
+                out = builder.fmul(out, builder.bitcast(bits, pv.type), flags=("contract",))
+            return out
 
-    return p(p, n), codegen
+        return p(p, n), codegen
+
+    return scale
+
+
+_scale_by_pow2 = _pow2_scaler(2)
+_scale_by_pow2_normal = _pow2_scaler(1)
 
 
 # Cody-Waite reduction: x = n*ln2 + r with |r| <= ln2/2; ln2 split so n*LN2_HI is exact.
@@ -75,11 +86,18 @@ _F32 = dict(
     ln2_lo=np.float32(-2.12194440e-4),
     lo=np.float32(-110.0),   # exp(x) rounds to exactly 0 below this
     hi=np.float32(89.0),     # ... and to inf above this
-    # Relative-error-weighted least-squares fit of (e^r - 1)/r, degree 5: max rel. error of the
-    # polynomial 2.2e-9 on [-ln2/2, ln2/2], far below float32's 6e-8 rounding.
+    # Relative-error-weighted least-squares fits of (e^r - 1)/r on [-ln2/2, ln2/2].  Degree 5
+    # (e^r to degree 6): max rel. error 2.2e-9, far below float32's 6e-8 rounding.
     c=tuple(np.float32(v) for v in (
         1.0000000360921264, 0.4999999535099431, 0.16666420945132046,
         0.0416677243209173, 0.008374763974941822, 0.0013859291077513098)),
+    # Degree 4 for sum terms: max rel. error 1.0e-7 (under 2 ulp), one FMA less.
+    c_term=tuple(np.float32(v) for v in (
+        0.9999995316748532, 0.49999141033239475, 0.16668114265113723,
+        0.041898732028905504, 0.008261531003481955)),
+    # Sum/probability terms clamp here: rint(lo_term * log2 e) = -127, whose one-step scale
+    # 2**-127 has all exponent bits 0, i.e. is exactly 0.0 (denormal results flush to 0).
+    lo_term=np.float32(-88.0),
 )
 _F64 = dict(
     ln2_hi=np.float64(6.93147180369123816490e-01),
@@ -88,12 +106,16 @@ _F64 = dict(
     hi=np.float64(710.0),
     # Taylor coefficients 1/(k+1)! for (e^r - 1)/r up to r^11: truncation error 1.7e-16.
     c=tuple(np.float64(1.0 / math.factorial(k + 1)) for k in range(12)),
+    c_term=tuple(np.float64(1.0 / math.factorial(k + 1)) for k in range(12)),
+    lo_term=np.float64(-709.0),  # rint(-709 log2 e) = -1023: the scale is exactly 0.0
 )
 
 
-def _make_exp(K, dtype):
-    ln2_hi, ln2_lo, lo, hi = K["ln2_hi"], K["ln2_lo"], K["lo"], K["hi"]
-    c = K["c"]
+def _make_exp(dtype, c, lo, hi, scale):
+    """A vectorizable exp: clamp to [lo, hi], Cody-Waite reduction x = n ln2 + r, polynomial
+    e^r = 1 + r q(r), then ``scale`` multiplies by 2**n through the exponent bits."""
+    K = _F32 if dtype is np.float32 else _F64
+    ln2_hi, ln2_lo = K["ln2_hi"], K["ln2_lo"]
     log2e = dtype(_LOG2E)
     one = dtype(1.0)
     deg = len(c)
@@ -103,20 +125,43 @@ def _make_exp(K, dtype):
     # split (x - n*hi) - n*lo back into x - n*(hi + lo) and lose ~7 bits in float64.
     @njit(fastmath={"contract"})
     def _exp(x):
-        # Clamp so n stays in range; NaN passes the comparisons untouched and flows into r.
+        # NaN passes both comparisons untouched and flows into r (LLVM folds x > +inf away).
         xc = lo if x < lo else (hi if x > hi else x)
         n = np.rint(xc * log2e)
         r = (xc - n * ln2_hi) - n * ln2_lo
         q = c[deg - 1]
         for k in range(deg - 2, -1, -1):
             q = q * r + c[k]
-        return _scale_by_pow2(one + r * q, n)
+        return scale(one + r * q, n)
 
     return _exp
 
 
-_exp_f32 = _make_exp(_F32, np.float32)
-_exp_f64 = _make_exp(_F64, np.float64)
+_exp_f32 = _make_exp(np.float32, _F32["c"], _F32["lo"], _F32["hi"], _scale_by_pow2)
+_exp_f64 = _make_exp(np.float64, _F64["c"], _F64["lo"], _F64["hi"], _scale_by_pow2)
+# Sum and probability terms: no upper clamp (x <= 0 plus the caller's bounded headroom),
+# one-step scaling, results below the smallest normal number flushed to 0.
+_exp_term_f32 = _make_exp(np.float32, _F32["c_term"], _F32["lo_term"], np.float32(np.inf),
+                          _scale_by_pow2_normal)
+_exp_term_f64 = _make_exp(np.float64, _F64["c_term"], _F64["lo_term"], np.float64(np.inf),
+                          _scale_by_pow2_normal)
+
+
+def exp_term(x):
+    """``e**x`` for ``x <= 88`` (float32) / ``709`` (float64), e.g. a term of a max-shifted
+    sum: three instructions cheaper than :func:`exp`.  Results below the smallest normal
+    number are flushed to 0 (``-inf`` gives exactly 0); NaN may come out as 0, so callers
+    take NaN from the NaN-propagating max.  Callable from jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.exp_term is for jitted code")
+
+
+@overload(exp_term, jit_options={"fastmath": {"contract"}})
+def _exp_term_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_term_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_term_f64(x)
+    return None
 
 
 def exp(x):
@@ -174,33 +219,87 @@ def merge_max_sumexp(m1, s1, m2, s2):
     return m, a + b
 
 
-@njit(fastmath=FASTMATH)
-def row_max_sumexp(row, lo, hi):
-    """(max, sum-exp) of the contiguous ``row[lo:hi]`` in one pass over memory.
+# How far above the sum's shift a logit may lie before exp(x - shift) risks overflowing the
+# block sum (e^64 * 1e6 terms stays far below float32's 3.4e38).
+_HEADROOM_F32 = np.float32(64.0)
+_HEADROOM_F64 = np.float64(512.0)
 
-    The row is walked in blocks of ``CLASS_BLOCK``: the block max first (vectorized through
-    :func:`nan_max`), then the block's exp-sum against the running max while the block is still
-    in L1.  When the max grows, the running sum is rescaled once per block, not per element.
+
+# Loops below run over 0-based slices: an index that numba can prove non-negative needs no
+# wrap-around select, and only then does LLVM emit plain vector loads instead of gathers.
+
+@njit(fastmath=FASTMATH)
+def _block_max(blk):
+    bm = blk.dtype.type(-np.inf)
+    for i in range(blk.shape[0]):
+        bm = nan_max(bm, blk[i])
+    return bm
+
+
+@njit(fastmath=FASTMATH)
+def _block_sumexp(blk, sh):
+    acc = blk.dtype.type(0)
+    for i in range(blk.shape[0]):
+        acc += exp_term(blk[i] - sh)
+    return acc
+
+
+@njit(fastmath=FASTMATH)
+def row_max_sumexp(row):
+    """(max, sum-exp) of the contiguous 1-D ``row``, reading memory once.
+
+    Returns ``(m, s)`` with ``s = sum(exp(x - safe_shift(m)))``.  The row is walked in blocks
+    of ``CLASS_BLOCK``; each block's max and its exp-sum against the current shift are taken
+    in the SAME loop (the exp dominates; a separate max pass would double the loads).  The
+    shift is the max of the blocks before, so a block may exceed it: by up to a headroom of
+    e^64 (float32) the sum cannot overflow and is kept; beyond it, or while no finite max is
+    known, the block is summed again against its own max (rare: a few times per row).
     """
+    headroom = _HEADROOM_F32 if row.dtype.type is np.float32 else _HEADROOM_F64
     m = row.dtype.type(-np.inf)
     s = row.dtype.type(0)
-    for b in range(lo, hi, CLASS_BLOCK):
-        e = min(b + CLASS_BLOCK, hi)
-        bm = row.dtype.type(-np.inf)
-        for i in range(b, e):
-            bm = nan_max(bm, row[i])
+    sh = row.dtype.type(0)
+    n = row.shape[0]
+    for b in range(0, n, CLASS_BLOCK):
+        blk = row[b:min(b + CLASS_BLOCK, n)]
+        if m > -np.inf and m < np.inf:
+            # Fused pass: block max and exp-sum against the current shift.
+            bm = blk.dtype.type(-np.inf)
+            acc = blk.dtype.type(0)
+            for i in range(blk.shape[0]):
+                v = blk[i]
+                bm = nan_max(bm, v)
+                acc += exp_term(v - sh)
+            if not (bm > sh + headroom):
+                s += acc
+                m = nan_max(m, bm)
+                continue
+        else:
+            bm = _block_max(blk)
+        # The shift moves up to this block's max (or nothing is finite yet).
         mn = nan_max(m, bm)
-        if mn != m:
-            # Rescale the old sum to the new shift; when the old max was -inf the sum is 0.
-            if m != -np.inf:
-                s = s * exp(safe_shift(m) - safe_shift(mn))
-            m = mn
-        sh = safe_shift(m)
-        acc = row.dtype.type(0)
-        for i in range(b, e):
-            acc += exp(row[i] - sh)
-        s += acc
+        nsh = safe_shift(mn)
+        if m != -np.inf:
+            s = s * exp(sh - nsh)
+        s += _block_sumexp(blk, nsh)
+        m = mn
+        sh = nsh
+    # Express the sum against the row's own safe shift.
+    fsh = safe_shift(m)
+    if fsh != sh and m == m:
+        s = s * exp(sh - fsh)
     return m, s
+
+
+@njit(fastmath=FASTMATH)
+def inv_sum(m, s):
+    """1/s for turning exp(x - shift) into probabilities; NaN when the max is not finite, so
+    that rows with a NaN, a +inf or only -inf logits give NaN probabilities (as torch does)
+    even though the write loops use the cheaper :func:`exp_term`."""
+    # float32 constants unify with s's own type: float32 stays float32.
+    if m > -np.inf and m < np.inf:
+        return np.float32(1) / s
+    return np.float32(np.nan)
 
 
 def kernel_twins(py_func):

@@ -1,16 +1,17 @@
 """CPU kernels for logsumexp, log_softmax and softmax.
 
-Inputs arrive in the canonical layout of ``fastce._validate``: C-contiguous (N, C) rows when
-the reduced axis is the last one, or a C-contiguous (N, C, S) block when it is not (the class
-axis is then strided and the kernels vectorize across S instead).  Each kernel reads a row's
-logits once from memory for its statistics and, for the elementwise outputs, writes them while
-the row is still in cache.
+Inputs arrive in the canonical layout of ``fastce._api``: C-contiguous (N, C) rows when the
+reduced axis is the last one, or a C-contiguous (N, C, S) block when it is not (the class axis
+is then strided and the kernels vectorize across S instead).  Each kernel reads a row's logits
+once from memory for its statistics and, for the elementwise outputs, writes them while the
+row is still in cache.
 """
 import numpy as np
 from numba import prange
 
 from .._config import SPATIAL_BLOCK
-from .primitives import exp, kernel_twins, lse_from_max_sumexp, row_max_sumexp, safe_shift
+from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
+                         safe_shift)
 from .stats import spatial_max_sumexp
 
 MODE_LOGSUMEXP = 0
@@ -28,23 +29,24 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         i = u // n_chunks
         lo = (u - i * n_chunks) * chunk
         hi = min(lo + chunk, C)
-        row = x[i]
-        orow = out[i]
         if n_chunks == 1:
-            m, s = row_max_sumexp(row, 0, C)
+            m, s = row_max_sumexp(x[i])
         else:
             m, s = stat_m[i], stat_s[i]
         if mode == MODE_LOGSUMEXP:
-            orow[0] = lse_from_max_sumexp(m, s)
-        elif mode == MODE_LOG_SOFTMAX:
+            out[i, 0] = lse_from_max_sumexp(m, s)
+            continue
+        row = x[i, lo:hi]
+        orow = out[i, lo:hi]
+        if mode == MODE_LOG_SOFTMAX:
             lse = lse_from_max_sumexp(m, s)
-            for c in range(lo, hi):
+            for c in range(row.shape[0]):
                 orow[c] = row[c] - lse
         else:
             sh = safe_shift(m)
-            inv = 1 / s
-            for c in range(lo, hi):
-                orow[c] = exp(row[c] - sh) * inv
+            inv = inv_sum(m, s)
+            for c in range(row.shape[0]):
+                orow[c] = exp_term(row[c] - sh) * inv
 
 
 def _softmax_spatial(x, out, mode):
@@ -59,24 +61,28 @@ def _softmax_spatial(x, out, mode):
         m = np.empty(B, dtype=x.dtype)
         s = np.empty(B, dtype=x.dtype)
         sh = np.empty(B, dtype=x.dtype)
-        xn = x[n]
-        on = out[n]
-        spatial_max_sumexp(xn, s0, s1, m, s, sh)
+        xn = x[n, :, s0:s1]
+        on = out[n, :, s0:s1]
+        spatial_max_sumexp(xn, m, s, sh)
         if mode == MODE_LOGSUMEXP:
             for j in range(B):
-                on[0, s0 + j] = lse_from_max_sumexp(m[j], s[j])
+                on[0, j] = lse_from_max_sumexp(m[j], s[j])
         elif mode == MODE_LOG_SOFTMAX:
             for j in range(B):
                 m[j] = lse_from_max_sumexp(m[j], s[j])
             for c in range(C):
+                xc = xn[c]
+                oc = on[c]
                 for j in range(B):
-                    on[c, s0 + j] = xn[c, s0 + j] - m[j]
+                    oc[j] = xc[j] - m[j]
         else:
             for j in range(B):
-                s[j] = 1 / s[j]
+                s[j] = inv_sum(m[j], s[j])
             for c in range(C):
+                xc = xn[c]
+                oc = on[c]
                 for j in range(B):
-                    on[c, s0 + j] = exp(xn[c, s0 + j] - sh[j]) * s[j]
+                    oc[j] = exp_term(xc[j] - sh[j]) * s[j]
 
 
 softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)

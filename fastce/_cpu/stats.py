@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH
-from .primitives import exp, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift
+from .primitives import exp_term, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift
 
 
 @njit(fastmath=FASTMATH, parallel=True, cache=True, nogil=True)
@@ -22,7 +22,7 @@ def split_row_stats(x, n_chunks, out_m, out_s):
     for u in prange(N * n_chunks):
         i = u // n_chunks
         lo = (u - i * n_chunks) * chunk
-        part_m[u], part_s[u] = row_max_sumexp(x[i], lo, min(lo + chunk, C))
+        part_m[u], part_s[u] = row_max_sumexp(x[i, lo:min(lo + chunk, C)])
     for i in range(N):
         m, s = part_m[i * n_chunks], part_s[i * n_chunks]
         for k in range(1, n_chunks):
@@ -32,22 +32,22 @@ def split_row_stats(x, n_chunks, out_m, out_s):
 
 
 @njit(fastmath=FASTMATH)
-def spatial_max_sumexp(xn, s0, s1, m, s, shift):
-    """(max, sum-exp) over the class axis of ``xn[:, s0:s1]`` (``xn`` is one sample's (C, S)
-    slab), for all positions at once: the inner loops run along the contiguous S axis.
-
-    Writes ``m[j]``, ``s[j]`` and the safe shift ``shift[j]`` for position ``s0 + j``.
+def spatial_max_sumexp(xn, m, s, shift):
+    """(max, sum-exp) over the class axis of the (C, B) slab ``xn`` for all B positions at
+    once: the inner loops run along the contiguous position axis.  Writes ``m[j]``, ``s[j]``
+    and the safe shift ``shift[j]``.  Two passes over the slab, which is sized to stay in L1/L2.
     """
-    C = xn.shape[0]
-    B = s1 - s0
+    C, B = xn.shape
     for j in range(B):
         m[j] = -np.inf
         s[j] = 0
     for c in range(C):
+        xc = xn[c]
         for j in range(B):
-            m[j] = nan_max(m[j], xn[c, s0 + j])
+            m[j] = nan_max(m[j], xc[j])
     for j in range(B):
         shift[j] = safe_shift(m[j])
     for c in range(C):
+        xc = xn[c]
         for j in range(B):
-            s[j] += exp(xn[c, s0 + j] - shift[j])
+            s[j] += exp_term(xc[j] - shift[j])
