@@ -480,8 +480,8 @@ def make_plots(run, out_dir, line_batch=512):
                         else:
                             labels[i][j] = s
                 lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
-                cmap = plt.get_cmap("RdBu").copy()
-                cmap.set_bad("0.85")  # skipped / failed cells: grey, labelled
+                # skipped / failed cells: grey, labelled
+                cmap = plt.get_cmap("RdBu").with_extremes(bad="0.85")
                 im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap,
                                norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto")
                 for i in range(len(batches)):
