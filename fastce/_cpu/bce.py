@@ -6,7 +6,7 @@ the input's size, ``pos_weight`` is empty or has the length of the input's last 
 import numpy as np
 from numba import njit, prange
 
-from .primitives import exp, kernel_twins
+from .primitives import exp, kernel_twins, wide_vectors
 
 
 @njit(cache=True, nogil=True)
@@ -21,6 +21,7 @@ def first_outside_unit_interval(p):
 
 def _bce(p, y, weight, out):
     """out = -w * (y * max(log p, -100) + (1 - y) * max(log(1 - p), -100)), torch's clamp."""
+    wide_vectors()
     has_w = weight.shape[0] > 0
     floor = p.dtype.type(-100)
     one = p.dtype.type(1)
@@ -34,6 +35,7 @@ def _bce(p, y, weight, out):
 def _bce_with_logits(x, y, weight, pos_weight, out):
     """The stable form: (1 - y) * x + lw * (log1p(exp(-|x|)) + max(-x, 0)), with
     lw = 1 + (pos_weight - 1) * y (lw = 1 without pos_weight)."""
+    wide_vectors()
     has_w = weight.shape[0] > 0
     n_pw = pos_weight.shape[0]
     one = x.dtype.type(1)

@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
 from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
-                         safe_shift)
+                         safe_shift, wide_vectors)
 from .stats import spatial_max_sumexp
 
 
@@ -53,6 +53,7 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                    loss_part, n_chunks, stat_m, stat_s):
     """Rows layout (N, C).  ``weight`` empty means unweighted; ``grad`` with 0 rows means
     forward only.  ``loss_part[i, k]`` receives chunk k's share of row i's loss."""
+    wide_vectors()
     N, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
@@ -116,6 +117,7 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
 
 def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss):
     """(N, C, S) layout; ``target`` and ``loss`` are (N, S), ``gscale`` (N*S,) or (1,)."""
+    wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
@@ -189,6 +191,7 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
     """Rows layout with a probability target of the logits' shape.  The smoothed target is
     t' = (1 - eps) * t + eps / C; loss_i = sum_c w_c t'_c (lse - x_c), where a term with
     t'_c = 0 is 0 even if x_c = -inf (torch gives NaN there)."""
+    wide_vectors()
     N, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
@@ -221,6 +224,7 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
 
 def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
     """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` is (N, S)."""
+    wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0

@@ -11,7 +11,7 @@ from numba import prange
 
 from .._config import SPATIAL_BLOCK
 from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
-                         safe_shift)
+                         safe_shift, wide_vectors)
 from .stats import spatial_max_sumexp
 
 MODE_LOGSUMEXP = 0
@@ -23,6 +23,7 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
     """Rows layout.  ``out`` is (N, 1) for logsumexp, (N, C) otherwise.  With ``n_chunks > 1``
     the row statistics come precomputed in ``stat_m``/``stat_s`` (see ``split_row_stats``) and
     each row's output is written by ``n_chunks`` parallel units."""
+    wide_vectors()
     N, C = x.shape
     chunk = (C + n_chunks - 1) // n_chunks
     for u in prange(N * n_chunks):
@@ -51,6 +52,7 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
 
 def _softmax_spatial(x, out, mode):
     """(N, C, S) layout; ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise."""
+    wide_vectors()
     N, C, S = x.shape
     n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
     for u in prange(N * n_blocks):

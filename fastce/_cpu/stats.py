@@ -8,13 +8,15 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH
-from .primitives import exp_term, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift
+from .primitives import (exp_term, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift,
+                         wide_vectors)
 
 
 @njit(fastmath=FASTMATH, parallel=True, cache=True, nogil=True)
 def split_row_stats(x, n_chunks, out_m, out_s):
     """(max, sum-exp) of each row of the C-contiguous (N, C) ``x``, each row cut into
     ``n_chunks`` chunks that are reduced in parallel and then merged."""
+    wide_vectors()
     N, C = x.shape
     chunk = (C + n_chunks - 1) // n_chunks
     part_m = np.empty(N * n_chunks, dtype=x.dtype)
@@ -37,6 +39,7 @@ def spatial_max_sumexp(xn, m, s, shift):
     once: the inner loops run along the contiguous position axis.  Writes ``m[j]``, ``s[j]``
     and the safe shift ``shift[j]``.  Two passes over the slab, which is sized to stay in L1/L2.
     """
+    wide_vectors()
     C, B = xn.shape
     for j in range(B):
         m[j] = -np.inf

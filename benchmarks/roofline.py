@@ -1,0 +1,158 @@
+"""fastce vs PyTorch vs the memory-bandwidth roof, measured side by side in one process.
+
+Usage::
+
+    python benchmarks/roofline.py [--rounds 7] [--dtype float32|float64|both] [--quick]
+
+For every case of the CPU-speed targets (docs/performance.md) it prints fastce's median time,
+torch's median time, the speedup, and fastce's fraction of the roof: a numba one-pass parallel
+read of the same logits (forward) or a read + write pass into a preallocated array
+(forward + gradient, softmax, log_softmax).  The implementations are timed in interleaved
+rounds (A, B, roof, A, B, roof, ...) so that machine noise hits them alike; each entry is the
+median over rounds.  Compilation and torch warm-up happen before timing.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastce  # noqa: E402
+from fastce._config import FASTMATH  # noqa: E402
+from numba import get_num_threads, njit, prange  # noqa: E402
+
+
+@njit(fastmath=FASTMATH, parallel=True, cache=True)
+def _read_roof(x2, out):
+    for i in prange(x2.shape[0]):
+        row = x2[i]
+        acc = row.dtype.type(0)
+        for j in range(row.shape[0]):
+            acc += row[j]
+        out[i] = acc
+
+
+@njit(fastmath=FASTMATH, parallel=True, cache=True)
+def _read_write_roof(x2, y2):
+    for i in prange(x2.shape[0]):
+        row = x2[i]
+        orow = y2[i]
+        for j in range(row.shape[0]):
+            orow[j] = row[j] * row.dtype.type(0.5)
+
+
+def _timeit(fn, min_time):
+    """Seconds per call of ``fn``: enough calls to last ``min_time``, then the mean."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= 1 << 20:
+            return dt / n
+        n *= 4 if dt < min_time / 8 else 2
+
+
+def measure(fns, rounds, min_time):
+    """Median seconds per call for each entry of ``fns`` over interleaved rounds."""
+    for fn in fns.values():  # warm-up: compile, load caches, torch's first-call costs
+        fn()
+        fn()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(_timeit(fn, min_time))
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def _fmt_time(t):
+    if t < 1e-3:
+        return f"{t * 1e6:8.2f} us"
+    return f"{t * 1e3:8.2f} ms"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="smaller big cases (1024 x 32000)")
+    args = ap.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(get_num_threads())
+
+    rng = np.random.default_rng(0)
+    big_n = 1024 if args.quick else 4096
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    rows = []
+
+    def case(name, dtype, shape, kind, min_time=0.05):
+        dt = np.dtype(dtype)
+        x = rng.standard_normal(shape).astype(dt)
+        nd = len(shape)
+        C = shape[1] if nd > 1 else shape[0]
+        tshape = (shape[0],) + tuple(shape[2:]) if nd > 1 else ()
+        t = rng.integers(0, C, size=tshape)
+        xt = torch.from_numpy(x)
+        tt = torch.from_numpy(np.asarray(t))
+        x2 = np.ascontiguousarray(x).reshape(-1, C if nd <= 2 else int(np.prod(shape[1:])))
+        red = np.empty(x2.shape[0], dt)
+        y2 = np.empty_like(x2)
+        if kind == "fwd":
+            f = lambda: fastce.cross_entropy(x, t)
+            g = lambda: F.cross_entropy(xt, tt)
+            roof = lambda: _read_roof(x2, red)
+        elif kind == "grad":
+            def f():
+                return fastce.cross_entropy_with_grad(x, t)
+
+            def g():
+                xg = xt.detach().requires_grad_(True)
+                F.cross_entropy(xg, tt).backward()
+                return xg.grad
+            roof = lambda: _read_write_roof(x2, y2)
+        else:
+            fn, tfn = {"logsumexp": (fastce.logsumexp, torch.logsumexp),
+                       "log_softmax": (fastce.log_softmax, torch.log_softmax),
+                       "softmax": (fastce.softmax, torch.softmax)}[kind]
+            f = lambda: fn(x, axis=-1)
+            g = lambda: tfn(xt, -1)
+            roof = (lambda: _read_roof(x2, red)) if kind == "logsumexp" else \
+                (lambda: _read_write_roof(x2, y2))
+        res = measure({"fastce": f, "torch": g, "roof": roof}, args.rounds, min_time)
+        gbs = x.nbytes / res["fastce"] / 1e9
+        rows.append((name, dtype, "x".join(map(str, shape)), res["fastce"], res["torch"],
+                     res["torch"] / res["fastce"], res["roof"] / res["fastce"], gbs))
+        r = rows[-1]
+        print(f"{r[0]:<22} {r[1]:<8} {r[2]:>14} {_fmt_time(r[3])} {_fmt_time(r[4])} "
+              f"{r[5]:7.2f}x {r[6]:6.2f} {r[7]:7.2f}", flush=True)
+
+    print(f"numba threads: {get_num_threads()}, torch threads: {torch.get_num_threads()}, "
+          f"rounds: {args.rounds} (median)")
+    print(f"{'case':<22} {'dtype':<8} {'shape':>14} {'fastce':>11} {'torch':>11} "
+          f"{'speedup':>8} {'roof':>6} {'GB/s':>7}")
+    for dtype in dtypes:
+        case("forward", dtype, (big_n, 32000), "fwd")
+        case("forward+grad", dtype, (big_n, 32000), "grad")
+        for op in ("logsumexp", "log_softmax", "softmax"):
+            case(op, dtype, (big_n, 32000), op)
+        case("tiny forward", dtype, (1, 10), "fwd", 0.02)
+        case("tiny forward", dtype, (32, 10), "fwd", 0.02)
+        case("tiny forward+grad", dtype, (1, 10), "grad", 0.02)
+        case("tiny forward+grad", dtype, (32, 10), "grad", 0.02)
+        case("few rows, huge C", dtype, (1, 256000), "fwd")
+        case("few rows, huge C", dtype, (2, 128000), "fwd")
+        case("K-dim forward", dtype, (8, 21, 128, 128), "fwd")
+        case("K-dim forward+grad", dtype, (8, 21, 128, 128), "grad")
+    print("speedup = torch time / fastce time; roof = roof time / fastce time (1.0 = at the "
+          "roof: a parallel read for forward/logsumexp, a parallel read+write into a "
+          "preallocated array otherwise); GB/s = logits bytes / fastce time.")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
