@@ -1,0 +1,627 @@
+"""Host side of the CUDA kernels: bring the caller's arrays onto the device in the kernels'
+canonical layout, choose the launch shape, queue the kernels on the caller's stream, and hand
+back device arrays.
+
+Imported only by ``fastce.cuda``'s functions, after they checked that numba-cuda and a GPU (or
+the simulator) are there.
+
+Layout.  Kernels see the logits as an (N, C, S) strided view (class axis in the middle),
+built without a copy whenever the dimensions before and after the class axis merge; any other
+input (negative or unmergeable strides, float16) is first copied into a contiguous buffer of
+the compute dtype by one strided-copy kernel.
+
+Launch shape (see :func:`plan`).  ``G`` threads share a row: the whole block when C is large,
+a warp or sub-warp for C <= ``CUDA_SMALL_C``, one thread per row when the rows are strided
+positions of a K-dim input (consecutive threads read consecutive positions, so loads
+coalesce).  With few rows and a huge C each row is split over several blocks whose (max,
+sum-exp) partials are merged.
+
+Synchronization.  Calls return without waiting for the GPU, except where the host must look
+at data: class-index targets and BCE probabilities are checked on the device, and the 8-byte
+error flag is copied back after all of the call's kernels are queued (one wait per call, the
+same point at which the CPU path would raise).
+"""
+import contextlib
+import functools
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from numba import config, cuda
+
+from .. import _config
+from .._api import _as_array
+from .._validate import (bce_problem, broadcastable, check_axis, compute_dtype,
+                         cross_entropy_problem, split_at_axis)
+from .kernels.bce import build_bce
+from .kernels.cross_entropy import build_cross_entropy
+from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
+from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
+from .kernels.softmax import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX, build_softmax
+
+SIM = bool(config.ENABLE_CUDASIM)
+_REDUCE_ITEMS_PER_THREAD = 8
+_REDUCE_MAX_BLOCKS = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(dtype):
+    """Every kernel of one compute dtype (built once per process; numba compiles each on its
+    first launch with a given signature)."""
+    P = build_primitives(np.dtype(dtype))
+    soft = build_softmax(P)
+    ns = SimpleNamespace(P=P)
+    for part in (soft, build_cross_entropy(P, soft), build_bce(P), build_reduce(P)):
+        ns.__dict__.update(vars(part))
+    return ns
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+
+def _threads():
+    tpb = int(_config.CUDA_THREADS_PER_BLOCK)
+    if tpb % 32 or not 32 <= tpb <= SHARED_MAX_THREADS:
+        raise ValueError(f"fastce._config.CUDA_THREADS_PER_BLOCK must be a multiple of 32 in "
+                         f"[32, {SHARED_MAX_THREADS}], got {tpb}")
+    return tpb
+
+
+def plan(rows, C, S, allow_split=True):
+    """Launch shape for ``rows`` rows of C classes (rows are strided by S).
+
+    Returns
+    -------
+    (G, n_split, blocks, threads)
+        Threads per row (1, a power of two <= 32, or the block), chunks per row, grid and
+        block size.
+    """
+    tpb = _threads()
+    small = int(_config.CUDA_SMALL_C)
+    if S >= 32 or (S > 1 and C <= small):
+        G = 1
+    elif C <= small:
+        G = min(32, 1 << max(0, int(C - 1).bit_length()))
+    else:
+        G = tpb
+    n_split = 1
+    if allow_split and G == tpb:
+        min_chunk = int(getattr(_config, "CUDA_SPLIT_MIN_CHUNK", 4096))
+        target = int(getattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 264))
+        if rows < target and C >= 2 * min_chunk:
+            n_split = max(1, min(-(-target // rows), C // min_chunk))
+    per_block = tpb // G
+    blocks = -(-rows * n_split // per_block)
+    return G, n_split, blocks, tpb
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+
+
+def is_device_array(a):
+    """Anything with ``__cuda_array_interface__``, or a Numba device array (the simulator's
+    have no interface: numba #7505)."""
+    if isinstance(a, np.ndarray):
+        return False
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def _is_torch(a):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def _is_cupy(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def _as_numba(a):
+    """A Numba device array viewing ``a``'s memory (no copy)."""
+    if getattr(a, "__cuda_ndarray__", False):
+        return a
+    if _is_torch(a):
+        a = a.detach()  # tensors with requires_grad refuse to export their interface
+    # sync=False: the kernels run on the array's own stream (see Call.stream) instead of the
+    # host waiting for it.
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _strided_view(a, shape, strides):
+    """A view of ``a``'s buffer, starting at its first element, with the given shape and byte
+    strides (all >= 0)."""
+    shape = tuple(int(d) for d in shape)
+    strides = tuple(int(s) for s in strides)
+    if SIM:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        base = a._ary
+        return FakeCUDAArray(np.lib.stride_tricks.as_strided(base, shape, strides),
+                             stream=a.stream)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(shape, strides, a.dtype, stream=a.stream, gpu_data=a.gpu_data)
+
+
+def _c_strides(shape, itemsize):
+    strides = []
+    acc = itemsize
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(d), 1)
+    return tuple(reversed(strides))
+
+
+def _merge(shape, strides):
+    """(size, byte stride) of the dims ``shape`` merged in C order, or None when they do not
+    merge into one strided dimension; the stride is None for a group of size <= 1."""
+    size = 1
+    for d in shape:
+        size *= int(d)
+    dims = [(int(d), int(s)) for d, s in zip(shape, strides) if d != 1]
+    if size <= 1 or not dims:
+        return size, None
+    for (d0, s0), (d1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * d1:
+            return None
+    if any(s < 0 for _, s in dims):
+        return None
+    return size, dims[-1][1]
+
+
+def _grouped_view(a, cuts):
+    """``a`` viewed with its dims merged into groups ``dims[cuts[i]:cuts[i+1]]``, or None
+    when some group does not merge.  Strides of size-1 groups are filled in so that a
+    C-contiguous ``a`` gives a C-contiguous view."""
+    shape, strides = tuple(a.shape), tuple(a.strides)
+    sizes, strs = [], []
+    for lo, hi in zip(cuts, cuts[1:]):
+        m = _merge(shape[lo:hi], strides[lo:hi])
+        if m is None:
+            return None
+        sizes.append(m[0])
+        strs.append(m[1])
+    acc = a.dtype.itemsize
+    for i in range(len(sizes) - 1, -1, -1):
+        if strs[i] is None:
+            strs[i] = acc
+        acc = strs[i] * max(sizes[i], 1)
+    return _strided_view(a, sizes, strs)
+
+
+def _compress(shape, strides):
+    """Shape and strides with size-1 dims dropped and mergeable neighbours merged."""
+    dims = [(int(d), int(s)) for d, s in zip(shape, strides) if d != 1]
+    out = []
+    for d, s in dims:
+        if out and out[-1][1] == s * d:
+            out[-1] = (out[-1][0] * d, s)
+        else:
+            out.append((d, s))
+    return [d for d, _ in out], [s for _, s in out]
+
+
+class Call:
+    """One public call: the device, stream and array type of its primary input, and the
+    helpers that allocate, convert and return arrays on that stream."""
+
+    def __init__(self, primary):
+        self.like = primary
+        self.torch = _is_torch(primary)
+        self.cupy = _is_cupy(primary)
+        self._ctx = contextlib.ExitStack()
+        if is_device_array(primary):
+            self.x = _as_numba(primary)
+            self.stream = self._stream(primary)
+        else:
+            # fastce.cuda's functions also take host arrays: copied to the device.
+            self.stream = 0
+            self.x = self.to_device(_as_array(primary, "input"))
+
+    def __enter__(self):
+        if self.torch and not SIM:
+            self._ctx.enter_context(cuda.gpus[self.like.device.index or 0])
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.close()
+        return False
+
+    def _stream(self, a):
+        if self.torch:
+            import torch
+            return cuda.external_stream(torch.cuda.current_stream(a.device).cuda_stream)
+        if getattr(a, "__cuda_ndarray__", False):
+            return a.stream
+        st = a.__cuda_array_interface__.get("stream")
+        if st is None:
+            return 0
+        if st == 1:
+            return cuda.legacy_default_stream()
+        if st == 2:
+            return cuda.per_thread_default_stream()
+        return cuda.external_stream(st)
+
+    # -- arrays in -----------------------------------------------------------------------------
+
+    def meta(self, a, name):
+        """(array, is_device): a Numba device view of a device array, else an ndarray (with
+        the CPU path's TypeError for what NumPy cannot take)."""
+        if is_device_array(a):
+            return _as_numba(a), True
+        return _as_array(a, name), False
+
+    def to_device(self, a, dtype=None):
+        """A device copy of the host array ``a`` (C-contiguous, optionally converted)."""
+        a = np.ascontiguousarray(a, dtype=dtype)
+        return cuda.to_device(a, stream=self.stream)
+
+    def empty(self, shape, dtype):
+        shape = tuple(int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        if self.torch and not SIM:
+            import torch
+            t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.like.device)
+            return cuda.as_cuda_array(t, sync=False)
+        return cuda.device_array(shape, dtype, stream=self.stream)
+
+    def contiguous(self, a, dtype):
+        """A new C-contiguous array of ``dtype`` with ``a``'s values (one strided copy)."""
+        out = self.empty(a.shape, dtype)
+        if out.size == 0:
+            return out
+        shape, strides = _compress(a.shape, a.strides)
+        if len(shape) > COPY_NDIM:
+            raise NotImplementedError(
+                f"fastce.cuda copies non-contiguous arrays of up to {COPY_NDIM} non-mergeable "
+                f"dimensions; got shape {tuple(a.shape)} with strides {tuple(a.strides)}")
+        pad = COPY_NDIM - len(shape)
+        shape6 = [1] * pad + list(shape)
+        src = _strided_view(a, shape6, [0] * pad + list(strides))
+        dst = _strided_view(out, shape6, _c_strides(shape6, out.dtype.itemsize))
+        tpb = _threads()
+        blocks = min(-(-out.size // tpb), 65535)
+        copy_kernel[blocks, tpb, self.stream](src, dst)
+        return out
+
+    def compute(self, a, dtype):
+        """``a`` in the compute dtype: itself, or a contiguous converted copy."""
+        return a if a.dtype == dtype else self.contiguous(a, dtype)
+
+    def grouped(self, a, cuts, dtype):
+        """``a`` in ``dtype`` viewed with its dims merged at ``cuts`` (copying only when the
+        dims do not merge)."""
+        a = self.compute(a, dtype)
+        v = _grouped_view(a, cuts)
+        if v is None:
+            v = _grouped_view(self.contiguous(a, dtype), cuts)
+        return v
+
+    def flat(self, a, dtype):
+        """``a`` as a flat contiguous array of ``dtype``."""
+        if a.dtype != dtype or not _is_c_contig(a):
+            a = self.contiguous(a, dtype)
+        return self.reshape(a, (a.size,))
+
+    def broadcast(self, a, shape, dtype):
+        """``a`` (device) broadcast to ``shape`` and materialized flat in ``dtype``."""
+        shape = tuple(shape)
+        pad = len(shape) - len(a.shape)
+        src_shape = (1,) * pad + tuple(a.shape)
+        src_strides = (0,) * pad + tuple(a.strides)
+        strides = [0 if (sd == 1 and d != 1) else st
+                   for sd, st, d in zip(src_shape, src_strides, shape)]
+        n = int(np.prod(shape, dtype=np.int64))
+        if n == 0:
+            return self.empty((0,), dtype)
+        v = _strided_view(a, shape, strides)
+        return self.reshape(self.contiguous(v, dtype), (n,))
+
+    def reshape(self, a, shape):
+        """A C-contiguous ``a`` with another shape (a view)."""
+        shape = tuple(int(d) for d in shape)
+        if a.size == 0:
+            return cuda.device_array(shape, a.dtype, stream=self.stream)
+        return _strided_view(a, shape, _c_strides(shape, a.dtype.itemsize))
+
+    # -- arrays out ----------------------------------------------------------------------------
+
+    def result(self, a, shape, dtype):
+        """``a`` (contiguous) reshaped and converted to the caller's dtype, as the caller's
+        array type where that costs no copy (torch tensor, CuPy array), else a Numba device
+        array."""
+        a = self.reshape(a, shape)
+        if a.dtype != dtype:
+            a = self.reshape(self.contiguous(a, dtype), shape)
+        if SIM:
+            return a
+        if self.torch:
+            import torch
+            return torch.as_tensor(a, device=self.like.device)
+        if self.cupy:
+            import cupy
+            return cupy.asarray(a)
+        return a
+
+    def read(self, a, index):
+        """One element of a device array, on the host (a NumPy scalar)."""
+        sl = tuple(slice(int(i), int(i) + 1) for i in index)
+        h = a[sl].copy_to_host(stream=self.stream)
+        if self.stream:
+            self.stream.synchronize()
+        return h.reshape(-1)[0]
+
+    def flag(self, sentinel):
+        return self.to_device(np.array([sentinel], np.int64))
+
+    def first_error(self, flag, sentinel):
+        """The position recorded in a device error flag, or None (waits for the stream)."""
+        h = flag.copy_to_host(stream=self.stream)
+        if self.stream:
+            self.stream.synchronize()
+        return None if int(h[0]) >= sentinel else int(h[0])
+
+
+def _is_c_contig(a):
+    return a.size <= 1 or tuple(a.strides) == _c_strides(a.shape, a.dtype.itemsize)
+
+
+_EMPTY = {}
+
+
+def _empty(dtype, ndim=1):
+    key = (np.dtype(dtype), ndim)
+    if key not in _EMPTY:
+        _EMPTY[key] = cuda.device_array((0,) * ndim, np.dtype(dtype))
+    return _EMPTY[key]
+
+
+def _sum(call, K, vals, reduction, stats, denom):
+    """Sum (or mean) of the flat device array ``vals`` into a 1-element device array, on the
+    device: one block, or per-block partials and one more block for large inputs."""
+    dt = K.P.dtype
+    tpb = _threads()
+    out = call.empty((1,), dt)
+    mode = SUM_MEAN if reduction == "mean" else SUM_TOTAL
+    n = vals.shape[0]
+    nb = min(-(-n // (tpb * _REDUCE_ITEMS_PER_THREAD)), _REDUCE_MAX_BLOCKS)
+    stats = _empty(dt) if stats is None else stats
+    denom = dt.type(denom)
+    if nb > 1:
+        parts = call.empty((nb,), dt)
+        K.sum_kernel[nb, tpb, call.stream](vals, parts, SUM_PARTIAL, stats, denom)
+        vals = parts
+    K.sum_kernel[1, tpb, call.stream](vals, out, mode, stats, denom)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax family
+
+_MODES = {"logsumexp": MODE_LOGSUMEXP, "log_softmax": MODE_LOG_SOFTMAX, "softmax": MODE_SOFTMAX}
+
+
+def softmax_family(x, axis, which):
+    mode = _MODES[which]
+    with Call(x) as call:
+        xd = call.x
+        dt = compute_dtype(xd.dtype, "x")
+        axis = check_axis(axis, len(xd.shape))
+        shape = tuple(xd.shape)
+        N, C, S = split_at_axis(shape, axis)
+        lse = mode == MODE_LOGSUMEXP
+        out_shape = shape[:axis] + shape[axis + 1:] if lse else shape
+        out = call.empty((N, 1 if lse else C, S), dt)
+        if lse and C == 0 and N * S:
+            out = call.to_device(np.full((N, 1, S), -np.inf, dt))
+        elif N * S and C:
+            K = kernels(dt)
+            x3 = call.grouped(xd, (0, axis, axis + 1, len(shape)), dt)
+            G, n_split, blocks, tpb = plan(N * S, C, S)
+            pm, ps = _stats_partials(call, K, x3, G, n_split, blocks, tpb)
+            K.softmax_kernel[blocks, tpb, call.stream](x3, out, mode, G, n_split, pm, ps)
+        return call.result(out, out_shape, xd.dtype)
+
+
+def _stats_partials(call, K, x3, G, n_split, blocks, tpb):
+    """Per-chunk (max, sum-exp) partials for split rows (empty arrays when not split)."""
+    dt = K.P.dtype
+    if n_split == 1:
+        return _empty(dt), _empty(dt)
+    N, C, S = x3.shape
+    pm = call.empty((N * S * n_split,), dt)
+    ps = call.empty((N * S * n_split,), dt)
+    K.stats_kernel[blocks, tpb, call.stream](x3, G, n_split, pm, ps)
+    return pm, ps
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+
+
+def _grad_output(call, grad_output, reduction, loss_shape, dt):
+    """(g0, gout): the host scalar and the device array the kernels read the upstream
+    gradient from (see ``cross_entropy.upstream``), with the CPU path's checks."""
+    one = dt.type(1)
+    if grad_output is None:
+        return one, _empty(dt)
+    go, on_dev = call.meta(grad_output, "grad_output")
+    shape = tuple(go.shape)
+    size = int(np.prod(shape, dtype=np.int64))
+    if reduction == "none":
+        if shape != tuple(loss_shape):
+            raise ValueError(f"grad_output must have the loss's shape {tuple(loss_shape)} "
+                             f"for reduction='none', got {shape}")
+        if size == 0:
+            return one, _empty(dt)
+        return one, (call.flat(go, dt) if on_dev else call.to_device(go.reshape(-1), dt))
+    if size != 1:
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                         f"got shape {shape}")
+    if on_dev:
+        return one, call.flat(go, dt)
+    return dt.type(float(go.reshape(()))), _empty(dt)
+
+
+def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                  grad_output, want_grad):
+    with Call(logits) as call:
+        x = call.x
+        tgt, t_dev = call.meta(target, "target")
+        w = None
+        if weight is not None:
+            w, w_dev = call.meta(weight, "weight")
+        prob = cross_entropy_problem(tuple(x.shape), x.dtype, tuple(tgt.shape), tgt.dtype,
+                                     None if w is None else tuple(w.shape),
+                                     ignore_index, reduction, label_smoothing)
+        N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
+        K = kernels(dt)
+        rows = N * S
+        eps = float(label_smoothing)
+        keep, eps_c = dt.type(1 - eps), dt.type(eps / C)
+        mean = reduction == "mean"
+        g0, gout = _grad_output(call, grad_output, reduction, prob.loss_shape, dt) \
+            if want_grad else (dt.type(1), _empty(dt))
+        if w is None:
+            wd = _empty(dt)
+        else:
+            wd = call.flat(w, dt) if w_dev else call.to_device(w, dt)
+        nd = len(x.shape)
+        cuts = (0, 0, 1, 1) if nd == 1 else (0, 1, 2, nd)
+        x3 = call.grouped(x, cuts, dt) if rows else None
+        grad = call.empty((N, C, S), dt) if want_grad else None
+        grad3 = grad if want_grad else _empty(dt, 3)
+        if not t_dev and rows:
+            tgt = call.to_device(tgt)
+
+        if prob.probs:
+            loss = call.empty((rows,), dt)
+            if rows:
+                t3 = call.grouped(tgt, cuts, dt)
+                G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
+                K.prob_kernel[blocks, tpb, call.stream](
+                    x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G)
+            stats, denom, flag = None, rows, None
+        else:
+            tpb = _threads()
+            stats = call.empty((2,), dt)
+            flag = call.flag(rows)
+            if rows:
+                t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
+                nbp = min(-(-rows // (tpb * _REDUCE_ITEMS_PER_THREAD)), _REDUCE_MAX_BLOCKS)
+                partials = call.empty((nbp,), dt)
+                K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag,
+                                                         partials)
+                K.sum_kernel[1, tpb, call.stream](partials, stats[0:1], SUM_TOTAL,
+                                                  _empty(dt), dt.type(0))
+            else:
+                K.sum_kernel[1, tpb, call.stream](_empty(dt), stats[0:1], SUM_TOTAL,
+                                                  _empty(dt), dt.type(0))
+            if w is not None:
+                K.sum_kernel[1, tpb, call.stream](wd, stats[1:2], SUM_TOTAL, _empty(dt),
+                                                  dt.type(0))
+            if rows:
+                G, n_split, blocks, tpb = plan(rows, C, S)
+                pm, ps = _stats_partials(call, K, x3, G, n_split, blocks, tpb)
+                parts = call.empty((rows, n_split), dt)
+                K.index_kernel[blocks, tpb, call.stream](
+                    x3, t2, int(ignore_index), wd, stats, keep, eps_c, mean, g0, gout, grad3,
+                    parts, G, n_split, pm, ps)
+                if n_split == 1 or reduction != "none":
+                    loss = call.reshape(parts, (rows * n_split,))
+                else:
+                    loss = call.empty((rows,), dt)
+                    K.rowsum_kernel[-(-rows // tpb), tpb, call.stream](parts, loss)
+            else:
+                loss = call.empty((0,), dt)
+            denom = 0
+
+        if reduction == "none":
+            out = call.result(loss, prob.loss_shape, x.dtype)
+        else:
+            out = call.result(_sum(call, K, loss, reduction, stats, denom), (), x.dtype)
+
+        if flag is not None:
+            bad = call.first_error(flag, rows)
+            if bad is not None:
+                tshape = tuple(tgt.shape)
+                pos = tuple(int(p) for p in np.unravel_index(bad, tshape)) if tshape else ()
+                value = call.read(t2, divmod(bad, S))
+                raise IndexError(
+                    f"target holds class index {value!r} at position {pos}; class indices "
+                    f"must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
+        if not want_grad:
+            return out
+        return out, call.result(grad, tuple(x.shape), x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary cross-entropy
+
+
+def _bce_inputs(call, target, weight, reduction):
+    x = call.x
+    t, t_dev = call.meta(target, "target")
+    dt = bce_problem(tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, reduction)
+    shape = tuple(x.shape)
+    xf = call.flat(x, dt)
+    yf = call.flat(t, dt) if t_dev else call.to_device(t.reshape(-1), dt)
+    if weight is None:
+        wf = _empty(dt)
+    else:
+        w, w_dev = call.meta(weight, "weight")
+        broadcastable(tuple(w.shape), shape, "weight")
+        wf = call.broadcast(w if w_dev else call.to_device(w, dt), shape, dt)
+    return dt, shape, xf, yf, wf
+
+
+def _reduce_elementwise(call, K, out, shape, reduction, in_dtype):
+    if reduction == "none":
+        return call.result(out, shape, in_dtype)
+    return call.result(_sum(call, K, out, reduction, None, out.shape[0]), (), in_dtype)
+
+
+def binary_cross_entropy(input, target, weight, reduction):
+    with Call(input) as call:
+        dt, shape, p, y, w = _bce_inputs(call, target, weight, reduction)
+        K = kernels(dt)
+        n = p.shape[0]
+        out = call.empty((n,), dt)
+        flag = call.flag(n)
+        if n:
+            tpb = _threads()
+            K.bce_kernel[min(-(-n // tpb), 65535), tpb, call.stream](p, y, w, out, flag)
+        res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
+        bad = call.first_error(flag, n)
+        if bad is not None:
+            pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if shape else ()
+            value = call.x.dtype.type(call.read(p, (bad,)))
+            raise ValueError(f"input must hold probabilities in [0, 1]; found {value!r} at "
+                             f"position {pos}")
+        return res
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+    with Call(input) as call:
+        dt, shape, x, y, w = _bce_inputs(call, target, weight, reduction)
+        K = kernels(dt)
+        n = x.shape[0]
+        if pos_weight is None:
+            pw = _empty(dt)
+        else:
+            pwa, pw_dev = call.meta(pos_weight, "pos_weight")
+            pw_shape = tuple(pwa.shape)
+            pw_size = int(np.prod(pw_shape, dtype=np.int64))
+            last = shape[-1] if shape else 1
+            if not pw_dev:
+                pwa = call.to_device(pwa, dt)
+            if len(pw_shape) <= 1 and pw_size in (1, last) and n:
+                broadcastable(pw_shape, shape, "pos_weight")
+                pw = call.flat(pwa, dt)
+            else:
+                broadcastable(pw_shape, shape, "pos_weight")
+                pw = call.broadcast(pwa, shape, dt)
+        out = call.empty((n,), dt)
+        if n:
+            tpb = _threads()
+            K.bce_logits_kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, out)
+        return _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)

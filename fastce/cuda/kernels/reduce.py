@@ -1,0 +1,88 @@
+"""Device-side reductions of loss arrays (sum, mean) and the strided copy that brings any
+device array into a contiguous buffer of the compute dtype.
+
+The final reduction never leaves the device: "mean" reads its denominator from a device array
+when it was computed on the device (the weighted count of non-ignored targets), so a call
+queues its kernels and returns a 0-d device array without waiting for them.
+"""
+from types import SimpleNamespace
+
+from numba import cuda
+
+__all__ = ["build_reduce", "COPY_NDIM", "SUM_PARTIAL", "SUM_TOTAL", "SUM_MEAN"]
+
+# The strided copy works on arrays of up to this many (merged) dimensions.
+COPY_NDIM = 6
+
+SUM_PARTIAL = 0   # each block writes its partial sum to out[blockIdx]
+SUM_TOTAL = 1     # one block: out[0] = sum
+SUM_MEAN = 2      # one block: out[0] = sum / denominator (NaN for 0/0, as torch)
+
+
+def build_reduce(P):
+    """Reduction and copy kernels for the primitives ``P`` of one compute dtype.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``sum_kernel(vals, out, mode, stats, denom)``: grid-stride sum of the 1-D ``vals``;
+        with ``mode == SUM_MEAN`` the denominator is ``stats[0]`` when ``stats`` is not
+        empty, else ``denom``.  ``rowsum_kernel(parts, out)``: ``out[r] = sum(parts[r, :])``.
+        ``copy_kernel(src, dst)``: ``dst[...] = src[...]`` for 6-D arrays of equal shape
+        (``dst`` contiguous; dtypes may differ, the value is converted).
+    """
+    ZERO, NAN = P.ZERO, P.NAN
+    allreduce_sum2 = P.allreduce_sum2
+
+    @cuda.jit
+    def sum_kernel(vals, out, mode, stats, denom):
+        t = cuda.threadIdx.x
+        i = cuda.blockIdx.x * cuda.blockDim.x + t
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        acc = ZERO
+        while i < vals.shape[0]:
+            acc += vals[i]
+            i += stride
+        acc, _ = allreduce_sum2(acc, ZERO, cuda.blockDim.x)
+        if t == 0:
+            if mode == SUM_PARTIAL:
+                out[cuda.blockIdx.x] = acc
+            elif mode == SUM_TOTAL:
+                out[0] = acc
+            else:
+                d = stats[0] if stats.shape[0] > 0 else denom
+                out[0] = acc / d if d != ZERO else NAN
+
+    @cuda.jit
+    def rowsum_kernel(parts, out):
+        r = cuda.grid(1)
+        if r < parts.shape[0]:
+            acc = ZERO
+            for k in range(parts.shape[1]):
+                acc += parts[r, k]
+            out[r] = acc
+
+    return SimpleNamespace(sum_kernel=sum_kernel, rowsum_kernel=rowsum_kernel)
+
+
+@cuda.jit
+def copy_kernel(src, dst):
+    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous."""
+    d0, d1, d2, d3, d4, d5 = dst.shape
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    total = d0 * d1 * d2 * d3 * d4 * d5
+    while i < total:
+        q = i
+        i5 = q % d5
+        q //= d5
+        i4 = q % d4
+        q //= d4
+        i3 = q % d3
+        q //= d3
+        i2 = q % d2
+        q //= d2
+        i1 = q % d1
+        i0 = q // d1
+        dst[i0, i1, i2, i3, i4, i5] = src[i0, i1, i2, i3, i4, i5]
+        i += stride
