@@ -453,8 +453,14 @@ def _to_numpy(y):
     return np.asarray(y)
 
 
+# What an inf/nan output scores.  Finite on purpose: asv publish's step
+# detection crashes on inf.  fastce-report shows it as "inf/nan".
+NONFINITE_ERROR = 1e30
+
+
 def max_rel_error(y, ref):
-    """``max |y - ref| / max(|ref|, 1)``; inf where y is not finite but ref is.
+    """``max |y - ref| / max(|ref|, 1)``; ``NONFINITE_ERROR`` where y is not
+    finite but ref is.
 
     The floor of 1 keeps losses near 0 (a confident correct prediction)
     from turning a tiny absolute error into a huge relative one.
@@ -463,6 +469,6 @@ def max_rel_error(y, ref):
     ref = np.asarray(ref, dtype=np.longdouble)
     bad = ~np.isfinite(y) & np.isfinite(ref)
     if np.any(bad):
-        return float("inf")
+        return NONFINITE_ERROR
     err = np.abs(y - ref) / np.maximum(np.abs(ref), 1)
     return float(np.max(err))

@@ -53,6 +53,8 @@ ROOFS = {
         "bench_roof.RoofKDim.time_read_write", 1),
 }
 HEATMAP_REFS = ("torch", "numpy-stable")
+# benchmarks/common.py scores an inf/nan output with this finite value
+NONFINITE_ERROR = 1e30
 FASTCE = "fastce"
 
 
@@ -238,6 +240,8 @@ def fmt_value(v, unit):
     if math.isinf(v):
         return "inf"
     if unit == "relative error":
+        if v >= NONFINITE_ERROR:
+            return "inf/nan"
         return f"{v:.1e}"
     if unit.startswith("x "):
         return f"{v:.2f}x"

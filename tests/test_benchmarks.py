@@ -155,7 +155,8 @@ def test_max_rel_error():
     ref = np.array([1.0, 2.0, 1e-9])
     assert C.max_rel_error(ref.copy(), ref) == 0.0
     assert C.max_rel_error(np.array([1.0, 2.2, 1e-9]), ref) == pytest.approx(0.1)
-    assert C.max_rel_error(np.array([1.0, np.inf, 0.0]), ref) == float("inf")
+    assert C.max_rel_error(np.array([1.0, np.inf, 0.0]), ref) == C.NONFINITE_ERROR
+    assert C.max_rel_error(np.array([1.0, np.nan, 0.0]), ref) == C.NONFINITE_ERROR
     # near-zero references use an absolute error (floor 1)
     assert C.max_rel_error(np.array([1.0, 2.0, 2e-9]), ref) == pytest.approx(1e-9)
 

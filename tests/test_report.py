@@ -89,7 +89,7 @@ def test_tables_match_raw_results(asv_results):
 
     acc = tables[("bench_cross_entropy.CrossEntropyAccuracy.track_max_rel_error", "float32")]
     arows = {(r[0], r[1]): dict(zip(acc["headers"], r)) for r in acc["rows"]}
-    assert arows[("10", "100")]["numpy-naive"] == "inf"  # exp(300) overflows float32
+    assert arows[("10", "100")]["numpy-naive"] == "inf/nan"  # exp(300) overflows float32
     assert float(arows[("10", "1")]["fastce"]) < 1e-5
 
 
