@@ -2,6 +2,9 @@
 dispatch (NumPy arrays to the CPU kernels, ``__cuda_array_interface__`` arrays to
 ``fastce.cuda``), and apply torch's reductions.
 """
+import os
+import threading
+
 import numba
 import numpy as np
 
@@ -19,6 +22,34 @@ __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entrop
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
 _EMPTY_2D = {k: v.reshape(0, 0) for k, v in _EMPTY.items()}
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_bad_value(a, lower_bound):
+    """Index of the first element of the flat ``a`` that is NaN or infinite, or (with
+    ``lower_bound``) negative; -1 if none.  Blocked so that the common all-good case runs as
+    a branch-free (vectorizable) and-reduction."""
+    n = a.shape[0]
+    lo = a.dtype.type(0) if lower_bound else a.dtype.type(-np.inf)
+    for b in range(0, n, 4096):
+        e = min(b + 4096, n)
+        ok = True
+        for i in range(b, e):
+            v = a[i]
+            ok &= (v >= lo) & (v > -np.inf) & (v < np.inf)
+        if not ok:
+            for i in range(b, e):
+                v = a[i]
+                if not (v >= lo and v > -np.inf and v < np.inf):
+                    return i
+    return -1
+
+
+def _check_values(flat, shape, name, lower_bound, what):
+    bad = _first_bad_value(flat, lower_bound)
+    if bad >= 0:
+        pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if len(shape) else ()
+        raise ValueError(f"{name} must hold {what}; found {flat[bad]!s} at position {pos}")
 
 
 def _is_cuda(a):
@@ -51,8 +82,83 @@ def _float_array(a, name, dtype=None):
     return np.ascontiguousarray(a, dtype=dt)
 
 
+# ---------------------------------------------------------------------------------------------
+# threading layer
+#
+# The parallel kernels run on numba's threading layer, launched by the first parallel call in
+# the process.  numba's default choice here is "omp" (tbb when installed), but where neither
+# loads it falls back to "workqueue", which ABORTS the process when two Python threads run
+# parallel kernels at once.  So, unless the user chose a layer (NUMBA_THREADING_LAYER or
+# numba.config.THREADING_LAYER), the first parallel call asks for "threadsafe" (tbb, else
+# omp).  If the layer in use is "workqueue" anyway (the user's choice, nothing else loads, or
+# another library launched it first), parallel kernels run only from the main thread and calls
+# from other threads take the serial kernels: correct results, no abort.  GNU OpenMP is not
+# fork-safe (a forked child of a process that has used it is killed on its first parallel
+# region), so after os.fork() in such a process the child runs the serial kernels.
+
+_PAR_UNSET, _PAR_ANY, _PAR_MAIN_ONLY, _PAR_NEVER = range(4)
+_par_mode = _PAR_UNSET
+_par_lock = threading.Lock()
+
+
+def _setup_threading_layer():
+    """Launch numba's threading layer (pinned to a thread-safe one unless the user chose) and
+    set how parallel kernels may be called from here on.  Runs once per process."""
+    global _par_mode
+    with _par_lock:
+        if _par_mode != _PAR_UNSET:
+            return
+        from numba.np.ufunc import parallel as _npar
+        chosen = (os.environ.get("NUMBA_THREADING_LAYER")
+                  or str(numba.config.THREADING_LAYER).lower() != "default")
+        if not _npar._is_initialized and not chosen:
+            numba.config.THREADING_LAYER = "threadsafe"
+            try:
+                numba.get_num_threads()            # launches the layer
+            except ValueError:                     # neither tbb nor omp loads here
+                numba.config.THREADING_LAYER = "default"
+        numba.get_num_threads()
+        layer = numba.threading_layer()
+        _par_mode = _PAR_MAIN_ONLY if layer == "workqueue" else _PAR_ANY
+
+
+def _after_fork_in_child():
+    global _par_mode, _par_lock
+    _par_lock = threading.Lock()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:                             # the parent never launched a layer
+        return
+    if layer == "omp":
+        _par_mode = _PAR_NEVER
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def threading_layer():
+    """The numba threading layer fastce's parallel kernels run on (launching it if needed)."""
+    if _par_mode == _PAR_UNSET:
+        _setup_threading_layer()
+    return numba.threading_layer()
+
+
 def _parallel(n_elements):
-    return n_elements >= _config.PARALLEL_MIN_ELEMENTS
+    """Whether a call over ``n_elements`` values runs the parallel kernel."""
+    if n_elements < _config.PARALLEL_MIN_ELEMENTS:
+        return False
+    mode = _par_mode
+    if mode == _PAR_ANY:
+        return True
+    if mode == _PAR_UNSET:
+        _setup_threading_layer()
+        mode = _par_mode
+        if mode == _PAR_ANY:
+            return True
+    if mode == _PAR_MAIN_ONLY:
+        return threading.current_thread() is threading.main_thread()
+    return False
 
 
 def _row_chunks(N, C):
@@ -267,6 +373,8 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
 
     if prob.probs:
         t3 = np.ascontiguousarray(target, dtype=dt).reshape(N, C, S)
+        _check_values(t3.reshape(-1), target.shape, "target", True,
+                      "class probabilities (finite and >= 0)")
         denom = float(N * S)
     else:
         t_flat = np.ascontiguousarray(target).reshape(-1)
@@ -508,6 +616,7 @@ def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
     dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
     p = np.ascontiguousarray(input, dtype=dt).reshape(-1)
     y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
+    _check_values(y, target.shape, "target", False, "finite values (no NaN or inf)")
     bad = _bce.first_outside_unit_interval(p)
     if bad >= 0:
         pos = tuple(int(i) for i in np.unravel_index(bad, input.shape)) if input.ndim else ()
@@ -559,6 +668,7 @@ def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=N
     dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
     x = np.ascontiguousarray(input, dtype=dt).reshape(-1)
     y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
+    _check_values(y, target.shape, "target", False, "finite values (no NaN or inf)")
     w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")
     if pos_weight is None:
         pw = _EMPTY[dt]

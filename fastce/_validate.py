@@ -90,9 +90,11 @@ def cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtype
     if tkind in "iu":
         probs = False
         if tuple(target_shape) != index_shape:
+            hint = (" (for class probabilities use a floating target of the logits' dtype)"
+                    if tuple(target_shape) == tuple(logits_shape) else "")
             raise ValueError(
                 f"target of class indices must have shape {index_shape} for logits of shape "
-                f"{tuple(logits_shape)}, got {tuple(target_shape)}")
+                f"{tuple(logits_shape)}, got {tuple(target_shape)}{hint}")
     elif tkind == "f":
         probs = True
         if tuple(target_shape) != tuple(logits_shape):
@@ -111,6 +113,10 @@ def cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtype
                          f"got shape {tuple(weight_shape)}")
     if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if probs and ignore_index >= 0:
+        # torch raises here too; a negative ignore_index (the default -100) is simply unused.
+        raise ValueError(f"ignore_index={ignore_index} is not supported with class-probability "
+                         f"targets (a negative value, like the default -100, is ignored)")
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     return CrossEntropyProblem(N, C, S, probs, dtype, tuple(target_shape) if not probs else index_shape)

@@ -278,3 +278,14 @@ def test_ignore_index_type():
         fastce.cross_entropy(X, T, ignore_index=1.5)
     with pytest.raises(TypeError, match="ignore_index"):
         fastce.cross_entropy(X, T, ignore_index=None)
+
+
+def test_ignore_index_with_probability_targets(rng):
+    """torch: a non-negative ignore_index with probability targets is an error; a negative
+    one (the default -100) is unused."""
+    x = rng.standard_normal((3, 4))
+    p = np.full((3, 4), 0.25)
+    for ii in (0, 3, 10):
+        with pytest.raises(ValueError, match="ignore_index"):
+            fastce.cross_entropy(x, p, ignore_index=ii)
+    _check(x, p, np.float64, ignore_index=-1)
