@@ -135,15 +135,14 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
         sh = np.empty(B, dtype=x.dtype)
         lse = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
-        xn = x[n, :, s0:s1]
         tn = target[n, s0:s1]
-        spatial_max_sumexp(xn, m, s, sh)
+        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         for j in range(B):
             lse[j] = lse_from_max_sumexp(m[j], s[j])
         if eps > 0:
             for c in range(C):
                 wc = weight[c] if has_w else one
-                xc = xn[c]
+                xc = x[n, c, s0:s1]
                 for j in range(B):
                     acc[j] += wc * (lse[j] - xc[j])
         for j in range(B):
@@ -152,7 +151,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 loss[n, s0 + j] = 0
                 continue
             w_t = weight[t] if has_w else one
-            xt = xn[t, j]
+            xt = x[n, t, s0 + j]
             nll = keep * w_t * (lse[j] - xt) if xt != -np.inf else x.dtype.type(np.inf)
             loss[n, s0 + j] = nll + eps_c * acc[j]
         if want_grad:
@@ -168,11 +167,10 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     acc[j] = g * (keep * w_t + eps_c * w_total)
                     lse[j] = g * eps_c
                 s[j] = inv_sum(m[j], s[j])
-            gn = grad[n, :, s0:s1]
             for c in range(C):
                 wc = weight[c] if has_w else one
-                xc = xn[c]
-                gc = gn[c]
+                xc = x[n, c, s0:s1]
+                gc = grad[n, c, s0:s1]
                 for j in range(B):
                     gc[j] = acc[j] * (exp_term(xc[j] - sh[j]) * s[j]) - lse[j] * wc
             for j in range(B):
@@ -181,10 +179,10 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     # Exactly 0, also where the logits hold NaN or -inf (acc = 0 alone would
                     # leave 0 * NaN).
                     for c in range(C):
-                        gn[c, j] = 0
+                        grad[n, c, s0 + j] = 0
                 else:
                     w_t = weight[t] if has_w else one
-                    gn[t, j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
+                    grad[n, t, s0 + j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
@@ -243,15 +241,13 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
         sh = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
         acc_wt = np.zeros(B, dtype=x.dtype)
-        xn = x[n, :, s0:s1]
-        tn = target[n, :, s0:s1]
-        spatial_max_sumexp(xn, m, s, sh)
+        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         for j in range(B):
             m[j] = lse_from_max_sumexp(m[j], s[j])
         for c in range(C):
             wc = weight[c] if has_w else one
-            xc = xn[c]
-            tc = tn[c]
+            xc = x[n, c, s0:s1]
+            tc = target[n, c, s0:s1]
             for j in range(B):
                 wt = (keep * tc[j] + eps_c) * wc
                 acc_wt[j] += wt
@@ -264,12 +260,11 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
                 acc_wt[j] *= g
                 acc[j] = g
                 s[j] = inv_sum(m[j], s[j])  # m holds lse: finite exactly when the max is
-            gn = grad[n, :, s0:s1]
             for c in range(C):
                 wc = weight[c] if has_w else one
-                xc = xn[c]
-                tc = tn[c]
-                gc = gn[c]
+                xc = x[n, c, s0:s1]
+                tc = target[n, c, s0:s1]
+                gc = grad[n, c, s0:s1]
                 for j in range(B):
                     wt = (keep * tc[j] + eps_c) * wc
                     gc[j] = acc_wt[j] * (exp_term(xc[j] - sh[j]) * s[j]) - acc[j] * wt
@@ -279,3 +274,29 @@ ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)
 ce_index_spatial, ce_index_spatial_serial = kernel_twins(_ce_index_spatial)
 ce_prob_rows, ce_prob_rows_serial = kernel_twins(_ce_prob_rows)
 ce_prob_spatial, ce_prob_spatial_serial = kernel_twins(_ce_prob_spatial)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def ce_index_small(x, target, ignore_index, mean, grad):
+    """The whole of a small, common call in one jitted entry: C-contiguous (N, C) logits,
+    int64 class indices, no weight, no smoothing, reduction "mean" (``mean``) or "sum".
+
+    Python-side argument handling costs more than the arithmetic for inputs like (32, 10);
+    here the target check, the "mean" denominator, the serial rows kernel and the reduction
+    run without returning to the interpreter.  Returns (loss, first invalid target position
+    or -1); ``grad`` with 0 rows means forward only.
+    """
+    N, C = x.shape
+    no_weight = np.empty(0, dtype=x.dtype)
+    bad, denom = check_index_target(target, C, ignore_index, no_weight)
+    if bad >= 0:
+        return x.dtype.type(0), bad
+    gscale = np.empty(1, dtype=x.dtype)
+    gscale[0] = (1.0 / denom if denom > 0 else 0.0) if mean else 1.0
+    part = np.empty((N, 1), dtype=x.dtype)
+    ce_index_rows_serial(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale, grad,
+                         part, 1, no_weight, no_weight)
+    total = part.sum()
+    if mean:
+        total = total / x.dtype.type(denom) if denom > 0 else x.dtype.type(np.nan)
+    return total, -1

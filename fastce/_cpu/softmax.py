@@ -63,26 +63,25 @@ def _softmax_spatial(x, out, mode):
         m = np.empty(B, dtype=x.dtype)
         s = np.empty(B, dtype=x.dtype)
         sh = np.empty(B, dtype=x.dtype)
-        xn = x[n, :, s0:s1]
-        on = out[n, :, s0:s1]
-        spatial_max_sumexp(xn, m, s, sh)
+        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         if mode == MODE_LOGSUMEXP:
+            o0 = out[n, 0, s0:s1]
             for j in range(B):
-                on[0, j] = lse_from_max_sumexp(m[j], s[j])
+                o0[j] = lse_from_max_sumexp(m[j], s[j])
         elif mode == MODE_LOG_SOFTMAX:
             for j in range(B):
                 m[j] = lse_from_max_sumexp(m[j], s[j])
             for c in range(C):
-                xc = xn[c]
-                oc = on[c]
+                xc = x[n, c, s0:s1]
+                oc = out[n, c, s0:s1]
                 for j in range(B):
                     oc[j] = xc[j] - m[j]
         else:
             for j in range(B):
                 s[j] = inv_sum(m[j], s[j])
             for c in range(C):
-                xc = xn[c]
-                oc = on[c]
+                xc = x[n, c, s0:s1]
+                oc = out[n, c, s0:s1]
                 for j in range(B):
                     oc[j] = exp_term(xc[j] - sh[j]) * s[j]
 
