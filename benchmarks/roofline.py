@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/roofline.py [--rounds 7] [--dtype float32|float64|both] [--quick]
+    python benchmarks/roofline.py --micro      # single-thread throughput of the primitives
 
 For every case of the CPU-speed targets (docs/performance.md) it prints fastce's median time,
 torch's median time, the speedup, and fastce's fraction of the roof: a numba one-pass parallel
@@ -44,6 +45,82 @@ def _read_write_roof(x2, y2):
             orow[j] = row[j] * row.dtype.type(0.5)
 
 
+def _micro():
+    """Single-thread throughput of the primitives on an L1-resident 2048-element row."""
+    from fastce._cpu.primitives import exp, exp_term, nan_max, row_max_sumexp, wide_vectors
+
+    @njit(fastmath=FASTMATH)
+    def plain_sum(x, reps):
+        wide_vectors()
+        acc = x.dtype.type(0)
+        for _ in range(reps):
+            for j in range(x.shape[0]):
+                acc += x[j]
+        return acc
+
+    @njit(fastmath=FASTMATH)
+    def nan_propagating_max(x, reps):
+        wide_vectors()
+        acc = x.dtype.type(-np.inf)
+        for _ in range(reps):
+            for j in range(x.shape[0]):
+                acc = nan_max(acc, x[j])
+        return acc
+
+    @njit(fastmath=FASTMATH)
+    def numpy_exp(x, reps):
+        acc = x.dtype.type(0)
+        for _ in range(reps):
+            for j in range(x.shape[0]):
+                acc += np.exp(x[j] - x.dtype.type(1))
+        return acc
+
+    @njit(fastmath=FASTMATH)
+    def fastce_exp(x, reps):
+        wide_vectors()
+        acc = x.dtype.type(0)
+        for _ in range(reps):
+            for j in range(x.shape[0]):
+                acc += exp(x[j] - x.dtype.type(1))
+        return acc
+
+    @njit(fastmath=FASTMATH)
+    def fastce_exp_term(x, reps):
+        wide_vectors()
+        acc = x.dtype.type(0)
+        for _ in range(reps):
+            for j in range(x.shape[0]):
+                acc += exp_term(x[j] - x.dtype.type(1))
+        return acc
+
+    @njit(fastmath=FASTMATH)
+    def row_statistics(x, reps):
+        acc = x.dtype.type(0)
+        for _ in range(reps):
+            acc += row_max_sumexp(x)[1]
+        return acc
+
+    fns = (plain_sum, nan_propagating_max, numpy_exp, fastce_exp, fastce_exp_term,
+           row_statistics)
+    print("single thread, 2048-element row in L1, G elements/s (best of 7)")
+    print(f"{'primitive':<22} {'float32':>8} {'float64':>8}")
+    res = {}
+    for dtype in (np.float32, np.float64):
+        x = np.random.default_rng(0).standard_normal(2048).astype(dtype)
+        for fn in fns:
+            fn(x, 1)
+            best = min(_timeit_once(lambda: fn(x, 2000)) for _ in range(7))
+            res.setdefault(fn.__name__, []).append(2048 * 2000 / best / 1e9)
+    for name, (a, b) in res.items():
+        print(f"{name:<22} {a:8.2f} {b:8.2f}")
+
+
+def _timeit_once(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _timeit(fn, min_time):
     """Seconds per call of ``fn``: enough calls to last ``min_time``, then the mean."""
     n = 1
@@ -80,7 +157,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="smaller big cases (1024 x 32000)")
+    ap.add_argument("--micro", action="store_true",
+                    help="only the single-thread throughput of the primitives")
     args = ap.parse_args(argv)
+    if args.micro:
+        return _micro()
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(get_num_threads())
