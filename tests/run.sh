@@ -1,0 +1,12 @@
+#!/bin/sh
+# Install everything the test suite needs into ./.venv and run it.  Works on a fresh machine
+# with only python3 and pip; safe to re-run.  Extra arguments go to pytest.
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[test,bench,cuda-ptx]"
+exec .venv/bin/python -m pytest -q "$@"
