@@ -9,10 +9,34 @@ import numba
 import numpy as np
 
 from . import _config
-from ._cpu import bce as _bce
-from ._cpu import cross_entropy as _ce
-from ._cpu import softmax as _sm
-from ._cpu.stats import split_row_stats
+
+
+def _import_kernels():
+    """Import the CPU kernel modules.
+
+    Their ``cache=True`` dispatchers make numba raise RuntimeError ("cannot cache function
+    ...: no locator available") at import when it finds no writable cache location: the
+    package's ``__pycache__`` read-only AND no usable ``NUMBA_CACHE_DIR`` / user cache dir.
+    Then the kernels cache into a private temporary directory (removed at exit) instead: the
+    import works, only the compile-once-per-machine saving is lost.
+    """
+    try:
+        from ._cpu import bce, cross_entropy, softmax, stats
+    except RuntimeError as exc:
+        if "cannot cache function" not in str(exc):
+            raise
+        import atexit
+        import shutil
+        import tempfile
+        cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
+        atexit.register(shutil.rmtree, cache_dir, True)
+        numba.config.CACHE_DIR = cache_dir
+        from ._cpu import bce, cross_entropy, softmax, stats
+    return bce, cross_entropy, softmax, stats
+
+
+_bce, _ce, _sm, _stats = _import_kernels()
+split_row_stats = _stats.split_row_stats
 from ._validate import (bce_problem, broadcastable, check_axis, check_reduction,
                         compute_dtype, cross_entropy_problem, split_at_axis)
 

@@ -1,0 +1,251 @@
+"""Threads, child processes, the threading layer, the numba cache location, and the import
+footprint (issue 6, "Concurrency and processes").
+
+Everything that needs a fresh interpreter runs in a subprocess; this module does not import
+torch (spawned children re-import it)."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import fastce
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code, tmp_path=None, env=None, timeout=300, script=False):
+    """Run ``code`` in a fresh interpreter (as a script file when ``script``); returns the
+    CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    for k, v in (env or {}).items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
+    code = textwrap.dedent(code)
+    if script:
+        path = tmp_path / "script.py"
+        path.write_text(code)
+        args = [sys.executable, str(path)]
+    else:
+        args = [sys.executable, "-c", code]
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=str(tmp_path) if tmp_path else None)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+
+def _workload():
+    """(name, call) pairs, each large enough to run a parallel kernel (serial, split-row and
+    spatial paths), with results computed once up front."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 257)).astype(np.float32)
+    t = rng.integers(0, 257, 300)
+    long_rows = rng.standard_normal((2, 70000)).astype(np.float32)
+    kdim = rng.standard_normal((64, 9, 130))
+    kt = rng.integers(0, 9, (64, 130))
+    p = rng.random((300, 257)).astype(np.float32)
+    calls = [
+        ("ce_grad", lambda: fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)),
+        ("softmax", lambda: fastce.softmax(x)),
+        ("lse_split", lambda: fastce.logsumexp(long_rows)),
+        ("ce_kdim", lambda: fastce.cross_entropy_with_grad(kdim, kt, reduction="none")),
+        ("bce", lambda: fastce.binary_cross_entropy_with_logits(x, p, reduction="none")),
+    ]
+    return [(name, f, f()) for name, f in calls]
+
+
+def _same(a, b):
+    if isinstance(a, tuple):
+        return all(_same(u, v) for u, v in zip(a, b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    return True
+
+
+def test_threads_8x50_parallel_kernels():
+    """8 Python threads x 50 calls of the parallel kernels at once: correct results, no
+    abort (the layer is a thread-safe one: omp here, tbb where installed)."""
+    work = _workload()
+    n_threads, n_calls = 8, 50
+    barrier = threading.Barrier(n_threads)
+    errors, done = [], []
+
+    def run(k):
+        try:
+            barrier.wait()
+            for i in range(n_calls):
+                name, f, want = work[(k + i) % len(work)]
+                _same(f(), want)
+            done.append(k)
+        except BaseException as exc:  # noqa: BLE001 -- reported below
+            errors.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert not errors, errors
+    assert sorted(done) == list(range(n_threads))
+    assert fastce._api.threading_layer() in ("omp", "tbb")
+
+
+THREAD_SCRIPT = """
+import threading, numpy as np, numba, fastce
+x = np.random.default_rng(0).standard_normal((300, 257))
+t = np.arange(300) % 257
+want = fastce.cross_entropy_with_grad(x, t)
+errors = []
+def run():
+    try:
+        for _ in range(20):
+            loss, g = fastce.cross_entropy_with_grad(x, t)
+            assert loss == want[0] and np.array_equal(g, want[1])
+    except BaseException as exc:
+        errors.append(repr(exc))
+ths = [threading.Thread(target=run) for _ in range(4)]
+[th.start() for th in ths]
+run()
+[th.join() for th in ths]
+assert not errors, errors
+print(numba.threading_layer(), numba.config.THREADING_LAYER)
+"""
+
+
+def test_layer_pinned_to_threadsafe_in_fresh_process():
+    out = _ok(_python(THREAD_SCRIPT, env={"NUMBA_THREADING_LAYER": None}))
+    layer, config = out.split()
+    assert layer in ("omp", "tbb") and config == "threadsafe"
+
+
+def test_user_choice_of_workqueue_is_respected_and_does_not_abort():
+    """workqueue aborts the process when two threads run parallel kernels at once; fastce
+    then runs parallel kernels from the main thread only (others take the serial twins)."""
+    out = _ok(_python(THREAD_SCRIPT, env={"NUMBA_THREADING_LAYER": "workqueue"}))
+    assert out.split() == ["workqueue", "workqueue"]
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+PROCESS_SCRIPT = """
+import multiprocessing as mp, sys
+import numpy as np
+import fastce
+
+def work(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((300, 257))          # parallel kernel
+    t = rng.integers(0, 257, 300)
+    loss, g = fastce.cross_entropy_with_grad(x, t)
+    return float(loss), float(np.abs(g).sum()), float(fastce.logsumexp(x[:2, :10]).sum())
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    want = [work(s) for s in range(3)]            # the parent has launched its thread pool
+    ctx = mp.get_context(method)
+    with ctx.Pool(2) as pool:
+        got = pool.map(work, range(3))
+    assert np.allclose(got, want, rtol=1e-12), (got, want)
+    print("ok", method)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_child_processes(method, tmp_path):
+    """spawn and forkserver children work; fork works too: GNU OpenMP is not fork-safe (a
+    forked child's first parallel region kills it), so a child forked from a process whose
+    omp pool is running takes the serial kernels."""
+    if method not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip(f"{method} unavailable")
+    out = _ok(_python(PROCESS_SCRIPT.replace("sys.argv[1]", repr(method)), tmp_path,
+                      script=True))
+    assert f"ok {method}" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# numba cache location
+
+IMPORT_AND_RUN = """
+import numpy as np, fastce
+print(float(fastce.cross_entropy(np.zeros((2, 3)), np.array([0, 1]))))
+"""
+
+
+def _unusable(tmp_path):
+    """A path that cannot be created, even by root: it lies below a regular file."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    return str(blocker / "cache")
+
+
+def test_cache_dir_absent_or_unwritable(tmp_path):
+    for cache in (_unusable(tmp_path), str(tmp_path / "does" / "not" / "exist")):
+        out = _ok(_python(IMPORT_AND_RUN, tmp_path, env={"NUMBA_CACHE_DIR": cache}))
+        assert float(out) == pytest.approx(np.log(3))
+
+
+def test_no_writable_cache_location_anywhere(tmp_path):
+    """Package directory read-only (here: its __pycache__ cannot be created), no user cache
+    dir and an unusable NUMBA_CACHE_DIR: numba would raise at import ("no locator
+    available"); fastce falls back to a private temporary cache directory."""
+    import shutil
+    pkg = tmp_path / "site"
+    shutil.copytree(os.path.join(REPO, "fastce"), pkg / "fastce",
+                    ignore=shutil.ignore_patterns("__pycache__", "cuda"))
+    (pkg / "fastce" / "cuda").mkdir()
+    (pkg / "fastce" / "cuda" / "__init__.py").write_text("")
+    for d in (pkg / "fastce", pkg / "fastce" / "_cpu"):
+        (d / "__pycache__").write_text("")       # a file where the cache dir would go
+    bad = _unusable(tmp_path)
+    env = {"NUMBA_CACHE_DIR": bad, "HOME": bad, "XDG_CACHE_HOME": bad,
+           "PYTHONPATH": str(pkg), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_AND_RUN + "print(fastce.__file__)"],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                          env={**os.environ, **env})
+    out = _ok(proc)
+    assert str(pkg) in out and float(out.split()[0]) == pytest.approx(np.log(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# import footprint
+
+def test_import_needs_only_numba_and_numpy():
+    """``import fastce`` pulls in neither scipy, torch nor matplotlib, and works (including a
+    kernel call) when they cannot be imported at all."""
+    out = _ok(_python("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("scipy", "torch", "matplotlib", "numba_cuda"):
+                    raise ImportError(f"blocked: {name}")
+        sys.meta_path.insert(0, Block())
+        import fastce, numpy as np
+        print(float(fastce.softmax(np.array([0.0, 0.0]))[0]))
+        print(sorted(m for m in ("scipy", "torch", "matplotlib") if m in sys.modules))
+    """))
+    assert out.split("\n")[:2] == ["0.5", "[]"]
+    # numba itself imports scipy when it is installed (for its LAPACK bindings): fastce adds
+    # nothing to what ``import numba`` loads.
+    out = _ok(_python("""
+        import sys
+        heavy = ("scipy", "torch", "matplotlib")
+        import numba
+        before = {m for m in heavy if m in sys.modules}
+        import fastce
+        print(sorted({m for m in heavy if m in sys.modules} - before), "torch" in sys.modules,
+              "matplotlib" in sys.modules)
+    """))
+    assert out.split() == ["[]", "False", "False"]
