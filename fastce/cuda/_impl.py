@@ -45,10 +45,11 @@ _REDUCE_MAX_BLOCKS = 1024
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(dtype):
+def kernels(dtype, shuffle=None):
     """Every kernel of one compute dtype (built once per process; numba compiles each on its
-    first launch with a given signature)."""
-    P = build_primitives(np.dtype(dtype))
+    first launch with a given signature).  ``shuffle``: the reduction twin (default: warp
+    shuffles, except under the simulator)."""
+    P = build_primitives(np.dtype(dtype), shuffle)
     soft = build_softmax(P)
     ns = SimpleNamespace(P=P)
     for part in (soft, build_cross_entropy(P, soft), build_bce(P), build_reduce(P)):
@@ -252,7 +253,7 @@ class Call:
 
     def to_device(self, a, dtype=None):
         """A device copy of the host array ``a`` (C-contiguous, optionally converted)."""
-        a = np.ascontiguousarray(a, dtype=dtype)
+        a = np.asarray(a, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
         return cuda.to_device(a, stream=self.stream)
 
     def empty(self, shape, dtype):
@@ -269,6 +270,10 @@ class Call:
         out = self.empty(a.shape, dtype)
         if out.size == 0:
             return out
+        if any(int(st) < 0 for d, st in zip(a.shape, a.strides) if d > 1):
+            # A Numba view's buffer starts at its lowest address, not at its first element.
+            raise NotImplementedError("fastce.cuda does not take arrays with negative strides; "
+                                      "pass a contiguous copy")
         shape, strides = _compress(a.shape, a.strides)
         if len(shape) > COPY_NDIM:
             raise NotImplementedError(
@@ -352,6 +357,28 @@ class Call:
 
     def flag(self, sentinel):
         return self.to_device(np.array([sentinel], np.int64))
+
+    def check_values(self, K, a3, lower_bound):
+        """Queue the CPU path's value check of the 3-D ``a3`` (see ``bad_value_kernel``);
+        returns the error flag."""
+        n = a3.size
+        flag = self.flag(n)
+        if n:
+            tpb = _threads()
+            K.bad_value_kernel[min(-(-n // tpb), 65535), tpb, self.stream](a3, lower_bound,
+                                                                          flag)
+        return flag
+
+    def raise_bad_value(self, flag, a3, shape, name, what):
+        """Raise the CPU path's ValueError if ``check_values`` found a bad value."""
+        n = a3.size
+        bad = self.first_error(flag, n)
+        if bad is not None:
+            d0, d1, d2 = a3.shape
+            q, k = divmod(bad, d2)
+            value = self.read(a3, (q // d1, q % d1, k))
+            pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if len(shape) else ()
+            raise ValueError(f"{name} must hold {what}; found {value!s} at position {pos}")
 
     def first_error(self, flag, sentinel):
         """The position recorded in a device error flag, or None (waits for the stream)."""
@@ -495,8 +522,9 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
 
         if prob.probs:
             loss = call.empty((rows,), dt)
+            t3 = call.grouped(tgt, cuts, dt) if rows else None
             if rows:
-                t3 = call.grouped(tgt, cuts, dt)
+                t_flag = call.check_values(K, t3, True)
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
                 K.prob_kernel[blocks, tpb, call.stream](
                     x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G)
@@ -540,6 +568,9 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         else:
             out = call.result(_sum(call, K, loss, reduction, stats, denom), (), x.dtype)
 
+        if prob.probs and rows:
+            call.raise_bad_value(t_flag, t3, tuple(tgt.shape), "target",
+                                 "class probabilities (finite and >= 0)")
         if flag is not None:
             bad = call.first_error(flag, rows)
             if bad is not None:
@@ -547,7 +578,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 pos = tuple(int(p) for p in np.unravel_index(bad, tshape)) if tshape else ()
                 value = call.read(t2, divmod(bad, S))
                 raise IndexError(
-                    f"target holds class index {value!r} at position {pos}; class indices "
+                    f"target holds class index {int(value)} at position {pos}; class indices "
                     f"must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
         if not want_grad:
             return out
@@ -585,12 +616,15 @@ def binary_cross_entropy(input, target, weight, reduction):
         dt, shape, p, y, w = _bce_inputs(call, target, weight, reduction)
         K = kernels(dt)
         n = p.shape[0]
+        y3 = call.reshape(y, (1, n, 1))
+        y_flag = call.check_values(K, y3, False)
         out = call.empty((n,), dt)
         flag = call.flag(n)
         if n:
             tpb = _threads()
             K.bce_kernel[min(-(-n // tpb), 65535), tpb, call.stream](p, y, w, out, flag)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
+        call.raise_bad_value(y_flag, y3, shape, "target", "finite values (no NaN or inf)")
         bad = call.first_error(flag, n)
         if bad is not None:
             pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if shape else ()

@@ -35,7 +35,7 @@ def build_cross_entropy(P, soft):
         ``prepare_kernel``, ``index_kernel``, ``prob_kernel`` (see their docstrings).
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
-    unit, row_stats, lse, safe_shift, exp = P.unit, P.row_stats, P.lse, P.safe_shift, P.exp
+    unit, lse, safe_shift, exp, inv_sum = P.unit, P.lse, P.safe_shift, P.exp, P.inv_sum
     allreduce_sum2, allreduce_max_sumexp, push = P.allreduce_sum2, P.allreduce_max_sumexp, P.push
     ftype = P.ftype
     unit_stats = soft.unit_stats
@@ -111,7 +111,7 @@ def build_cross_entropy(P, soft):
             w_total = stats[1] if has_w else ftype(C)
             g = upstream(gout, g0, r, mean, stats[0])
             sh = safe_shift(m)
-            inv = ONE / acc
+            inv = inv_sum(m, acc)
             ga = g * (keep * w_t + eps_c * w_total)
             ge = g * eps_c
             gt = g * keep * w_t
@@ -160,7 +160,7 @@ def build_cross_entropy(P, soft):
         # Pass 2: the loss terms and the gradient.
         g = upstream(gout, g0, r, mean, denom)
         sh = safe_shift(m)
-        inv = ONE / acc
+        inv = inv_sum(m, acc)
         ga = g * tw
         lsum = ZERO
         c = lo + lane

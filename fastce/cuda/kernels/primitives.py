@@ -159,7 +159,7 @@ def build_primitives(dtype, shuffle=None):
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
         ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
-        ``safe_shift``, ``lse``, ``merge``, ``push``, ``allreduce_max_sumexp(m, s, G)``,
+        ``safe_shift``, ``lse``, ``inv_sum``, ``merge``, ``push``, ``allreduce_max_sumexp(m, s, G)``,
         ``allreduce_sum2(a, b, G)``, ``unit``, ``row_stats``.
     """
     if shuffle is None:
@@ -189,6 +189,15 @@ def build_primitives(dtype, shuffle=None):
         if m == INF or m == NEG_INF:
             return m
         return m + log(s)
+
+    @cuda.jit(device=True)
+    def inv_sum(m, s):
+        """1/s, the factor turning exp(x - shift) into probabilities; NaN when the max is not
+        finite, so that rows holding +inf or only -inf give NaN probabilities and gradients,
+        as torch (and the CPU kernels) do."""
+        if m > NEG_INF and m < INF:
+            return ONE / s
+        return NAN
 
     @cuda.jit(device=True)
     def merge(m1, s1, m2, s2):
@@ -255,5 +264,6 @@ def build_primitives(dtype, shuffle=None):
         dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift, lse=lse,
+        inv_sum=inv_sum,
         merge=merge, push=push, allreduce_max_sumexp=allreduce_max_sumexp,
         allreduce_sum2=allreduce_sum2, unit=unit, row_stats=row_stats)

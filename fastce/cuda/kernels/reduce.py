@@ -28,8 +28,8 @@ def build_reduce(P):
         ``sum_kernel(vals, out, mode, stats, denom)``: grid-stride sum of the 1-D ``vals``;
         with ``mode == SUM_MEAN`` the denominator is ``stats[0]`` when ``stats`` is not
         empty, else ``denom``.  ``rowsum_kernel(parts, out)``: ``out[r] = sum(parts[r, :])``.
-        ``copy_kernel(src, dst)``: ``dst[...] = src[...]`` for 6-D arrays of equal shape
-        (``dst`` contiguous; dtypes may differ, the value is converted).
+        ``bad_value_kernel(a, lower_bound, flag)``: the data checks of the CPU path (NaN,
+        infinite or negative values) as a device error flag.
     """
     ZERO, NAN = P.ZERO, P.NAN
     allreduce_sum2 = P.allreduce_sum2
@@ -62,7 +62,25 @@ def build_reduce(P):
                 acc += parts[r, k]
             out[r] = acc
 
-    return SimpleNamespace(sum_kernel=sum_kernel, rowsum_kernel=rowsum_kernel)
+    NEG_INF, INF = P.NEG_INF, P.INF
+
+    @cuda.jit
+    def bad_value_kernel(a, lower_bound, flag):
+        """Lower ``flag[0]`` (atomic min) to the C-order flat position of any element of the
+        3-D ``a`` that is NaN or infinite, or (with ``lower_bound``) negative."""
+        d0, d1, d2 = a.shape
+        lo = ZERO if lower_bound else NEG_INF
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < d0 * d1 * d2:
+            q = i // d2
+            v = a[q // d1, q - (q // d1) * d1, i - q * d2]
+            if not (v >= lo and v > NEG_INF and v < INF):
+                cuda.atomic.min(flag, 0, i)
+            i += stride
+
+    return SimpleNamespace(sum_kernel=sum_kernel, rowsum_kernel=rowsum_kernel,
+                           bad_value_kernel=bad_value_kernel)
 
 
 @cuda.jit

@@ -28,9 +28,8 @@ def build_softmax(P):
         ``part_*[r * n_split + k]``.  ``softmax_kernel(x, out, mode, G, n_split, part_m,
         part_s)``: ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise.
     """
-    ONE = P.ONE
     unit, row_stats, merge = P.unit, P.row_stats, P.merge
-    lse, safe_shift, exp = P.lse, P.safe_shift, P.exp
+    lse, safe_shift, exp, inv_sum = P.lse, P.safe_shift, P.exp, P.inv_sum
     NEG_INF, ZERO = P.NEG_INF, P.ZERO
 
     @cuda.jit(device=True)
@@ -72,7 +71,7 @@ def build_softmax(P):
                 c += G
         else:
             sh = safe_shift(m)
-            inv = ONE / acc
+            inv = inv_sum(m, acc)
             c = lo + lane
             while c < hi:
                 out[n, c, s] = exp(x[n, c, s] - sh) * inv

@@ -1,0 +1,505 @@
+"""fastce's CUDA kernels in Numba's CUDA simulator, against the CPU kernels and torch.
+
+Not collected by a plain ``pytest`` run (the name does not start with ``test_``): the simulator
+must be switched on before numba is first imported, so ``tests/test_cuda_sim.py`` runs this
+file in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``.  To run it directly::
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim_cases.py
+
+The simulator runs one Python thread per GPU thread, so every case uses a tiny grid: blocks
+of 32 threads (64 where the cross-warp reduction is under test) and a few rows.  The launch
+knobs in ``fastce._config`` are lowered so that tiny inputs take every kernel path (sub-warp,
+warp/block and thread-per-row groups, split rows); each case asserts the path it meant to
+take, so a change of heuristics cannot silently leave a path untested.
+"""
+import numpy as np
+import pytest
+from numba import config
+
+if not config.ENABLE_CUDASIM:
+    raise RuntimeError("tests/cuda_sim_cases.py needs NUMBA_ENABLE_CUDASIM=1 set before numba "
+                       "is imported (tests/test_cuda_sim.py runs it that way)")
+
+from numba import cuda  # noqa: E402
+
+import fastce  # noqa: E402
+import fastce.cuda as fc  # noqa: E402
+from fastce import _config  # noqa: E402
+from fastce.cuda import _impl  # noqa: E402
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# The simulator evaluates inf - inf etc. on NumPy scalars, which warn.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
+       np.dtype(np.float64): dict(rtol=1e-11, atol=1e-13)}
+HALF_TOL = dict(rtol=2e-3, atol=2e-3)
+
+
+@pytest.fixture(autouse=True)
+def tiny_launches(monkeypatch):
+    monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", 32)
+    monkeypatch.setattr(_config, "CUDA_SMALL_C", 8)
+    monkeypatch.setattr(_config, "CUDA_SPLIT_MIN_CHUNK", 16, raising=False)
+    monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 0, raising=False)
+
+
+def use_path(monkeypatch, path):
+    """Apply a layout's launch settings."""
+    if path in ("block2warps",):
+        monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", 64)
+    if path == "split":
+        monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 4, raising=False)
+
+
+def check_plan(rows, C, S, expect_G, expect_split, allow_split=True):
+    G, n_split, _, tpb = _impl.plan(rows, C, S, allow_split)
+    G = "block" if (G == tpb and G > 32) else G
+    assert (G, n_split) == (expect_G, expect_split), "the case no longer takes its path"
+
+
+def dev(a):
+    return cuda.to_device(np.asarray(a, order="C"))
+
+
+def host(d):
+    assert not isinstance(d, np.ndarray), "fastce.cuda must return device arrays"
+    return np.asarray(d.copy_to_host())
+
+
+def close(actual, expected, dtype, **kw):
+    t = dict(TOL[np.dtype(dtype)], **kw)
+    np.testing.assert_allclose(actual, expected, equal_nan=True, **t)
+
+
+def outcome(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # compared below: type and message
+        return None, exc
+
+
+def same_outcome(cpu_fn, gpu_fn, dtype):
+    """Both raise the same exception type with the same message, or both return close
+    values."""
+    want, want_exc = outcome(cpu_fn)
+    got, got_exc = outcome(gpu_fn)
+    if want_exc is not None or got_exc is not None:
+        assert type(got_exc) is type(want_exc), (want_exc, got_exc)
+        assert str(got_exc) == str(want_exc)
+        return want_exc
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    for g, w in zip(got, want):
+        close(host(g), w, dtype)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax family
+
+# name: (shape, axis, expected group size, expected chunks per row)
+SOFTMAX_LAYOUTS = {
+    "subwarp": ((3, 5), -1, 8, 1),
+    "block": ((2, 40), -1, 32, 1),
+    "block2warps": ((2, 70), -1, "block", 1),
+    "split": ((1, 70), -1, 32, 4),
+    "kdim_thread": ((2, 5, 3), 1, 1, 1),
+    "kdim_block": ((2, 12, 3), 1, 32, 1),
+    "kdim_wide": ((2, 12, 40), 1, 1, 1),
+    "axis0": ((9, 4), 0, 32, 1),
+}
+SOFTMAX_FNS = ["logsumexp", "log_softmax", "softmax"]
+
+
+def _softmax_case(monkeypatch, path, dtype, seed=0):
+    shape, axis, G, n_split = SOFTMAX_LAYOUTS[path]
+    use_path(monkeypatch, path)
+    N, C, S = fastce._validate.split_at_axis(shape, axis % len(shape))
+    check_plan(N * S, C, S, G, n_split)
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype) * 3, axis
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", list(SOFTMAX_LAYOUTS))
+@pytest.mark.parametrize("fn", SOFTMAX_FNS)
+def test_softmax_family(monkeypatch, fn, path, dtype):
+    x, axis = _softmax_case(monkeypatch, path, dtype)
+    got = host(getattr(fc, fn)(dev(x), axis=axis))
+    close(got, getattr(fastce, fn)(x, axis=axis), dtype)
+    xt = torch.from_numpy(x.astype(np.float64))
+    ref = {"logsumexp": torch.logsumexp, "log_softmax": torch.log_softmax,
+           "softmax": torch.softmax}[fn](xt, axis).numpy()
+    close(got, ref, np.float32 if dtype == np.float32 else np.float64)
+    assert got.dtype == dtype
+
+
+def _mask_rows(xm, target=None):
+    """Write special values into the rows ``xm[..., :]`` (a view): row 0 all -inf, row 1
+    -inf off the target, row 2 -inf on the target, row 3 one +inf, row 4 one NaN."""
+    rows = list(np.ndindex(xm.shape[:-1]))
+    C = xm.shape[-1]
+    t = np.zeros(len(rows), np.int64) if target is None else target.reshape(-1)
+    specials = [lambda r, i: r.fill(-np.inf),
+                lambda r, i: r.__setitem__((t[i] + 1) % C, -np.inf),
+                lambda r, i: r.__setitem__(t[i], -np.inf),
+                lambda r, i: r.__setitem__(0, np.inf),
+                lambda r, i: r.__setitem__(C - 1, np.nan)]
+    for i, (row, special) in enumerate(zip(rows, specials)):
+        special(xm[row], i)
+
+
+@pytest.mark.parametrize("path", ["subwarp", "block", "split", "kdim_thread"])
+def test_softmax_family_special_values(monkeypatch, path):
+    """-inf rows give logsumexp -inf (softmax NaN), +inf gives +inf, NaN propagates; the same
+    values as the CPU kernels."""
+    x, axis = _softmax_case(monkeypatch, path, np.float32)
+    _mask_rows(np.moveaxis(x, axis, -1))
+    for fn in SOFTMAX_FNS:
+        close(host(getattr(fc, fn)(dev(x), axis=axis)), getattr(fastce, fn)(x, axis=axis),
+              np.float32)
+
+
+def test_softmax_family_float16_and_layouts(monkeypatch):
+    """float16 is computed in float32 and returned as float16; a transposed (Fortran-order)
+    input is read in place; a permuted 4-D input goes through the strided copy."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 20)).astype(np.float16)
+    got = fc.log_softmax(dev(x))
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(host(got).astype(np.float32),
+                               fastce.log_softmax(x).astype(np.float32), **HALF_TOL)
+    xf = rng.standard_normal((20, 3)).astype(np.float32)
+    d = dev(xf).T
+    assert not _impl._is_c_contig(d)
+    close(host(fc.softmax(d)), fastce.softmax(xf.T), np.float32)
+    x4 = rng.standard_normal((2, 3, 4, 5)).astype(np.float64)
+    d4 = dev(x4).transpose((0, 2, 1, 3))
+    assert _impl._grouped_view(d4, (0, 1, 2, 4)) is None  # really takes the copy
+    close(host(fc.logsumexp(d4, axis=1)), fastce.logsumexp(x4.transpose(0, 2, 1, 3), axis=1),
+          np.float64)
+
+
+def test_softmax_family_empty_and_errors():
+    x = np.zeros((3, 0), np.float32)
+    close(host(fc.logsumexp(dev(x))), fastce.logsumexp(x), np.float32)
+    assert host(fc.softmax(dev(np.zeros((0, 4), np.float64)))).shape == (0, 4)
+    one = host(fc.logsumexp(dev(np.array([1.0, 2.0], np.float32))))
+    assert one.shape == ()
+    close(one, fastce.logsumexp(np.array([1.0, 2.0], np.float32)), np.float32)
+    for fn in SOFTMAX_FNS:
+        for bad in (dict(x=np.zeros((2, 3), np.float32), axis=2),
+                    dict(x=np.zeros((2, 3), np.int32), axis=-1),
+                    dict(x=np.zeros((2, 3), np.bool_), axis=-1)):
+            same_outcome(lambda: getattr(fastce, fn)(bad["x"], axis=bad["axis"]),
+                         lambda: getattr(fc, fn)(dev(bad["x"]), axis=bad["axis"]), np.float32)
+    with pytest.raises(NotImplementedError, match="negative strides"):
+        fc.softmax(dev(np.zeros((2, 3), np.float32))[:, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+
+# name: (logits shape, expected group size, expected chunks per row)
+CE_LAYOUTS = {
+    "1d": ((5,), 8, 1),
+    "subwarp": ((4, 6), 8, 1),
+    "block": ((3, 40), 32, 1),
+    "block2warps": ((2, 70), "block", 1),
+    "split": ((2, 70), 32, 2),
+    "kdim_thread": ((2, 5, 3), 1, 1),
+    "kdim_block": ((2, 12, 3), 32, 1),
+    "kdim_wide": ((2, 4, 40), 1, 1),
+    "kdim_4d": ((2, 5, 2, 3), 1, 1),
+}
+
+# name: (weight, some targets ignored, label_smoothing, reduction, grad_output kind)
+CE_OPTIONS = {
+    "mean": (False, False, 0.0, "mean", None),
+    "weight_ignore_mean": (True, True, 0.0, "mean", None),
+    "smooth_weight_sum": (True, False, 0.2, "sum", "host"),
+    "smooth_ignore_none": (False, True, 0.1, "none", "device"),
+    "smooth_mean_devscalar": (False, False, 0.3, "mean", "device"),
+}
+
+
+def _ce_case(monkeypatch, path, dtype, option, probs=False, seed=0):
+    shape, G, n_split = CE_LAYOUTS[path]
+    use_path(monkeypatch, path)
+    N, C = (1, shape[0]) if len(shape) == 1 else shape[:2]
+    S = int(np.prod(shape[2:], dtype=np.int64))
+    check_plan(N * S, C, S, G, 1 if probs else n_split, allow_split=not probs)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    use_w, ignore, eps, reduction, go_kind = CE_OPTIONS[option]
+    if probs:
+        t = rng.random(shape).astype(dtype)
+        t /= t.sum(axis=0 if len(shape) == 1 else 1, keepdims=True)
+    else:
+        t = rng.integers(0, C, tshape).astype(np.int64)
+        if ignore and t.size > 1:
+            t.reshape(-1)[::3] = -100
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    w = rng.random(C).astype(dtype) + 0.5 if use_w else None
+    loss_shape = tshape if not probs else tshape
+    go = None
+    if go_kind is not None:
+        go = (rng.standard_normal(loss_shape if reduction == "none" else ())
+              .astype(dtype))
+    return x, t, w, kw, go, go_kind
+
+
+def _torch_ce(x, t, w, kw, go):
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    tt = torch.tensor(t.astype(np.float64) if t.dtype.kind == "f" else t)
+    wt = None if w is None else torch.tensor(w.astype(np.float64))
+    loss = F.cross_entropy(xt, tt, weight=wt, **kw)
+    loss.backward(torch.ones_like(loss) if go is None else torch.tensor(go.astype(np.float64)))
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+def _gpu_go(go, kind):
+    if go is None:
+        return None
+    return dev(go) if kind == "device" else (float(go) if go.ndim == 0 else go)
+
+
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+@pytest.mark.parametrize("path", list(CE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_with_grad(monkeypatch, dtype, path, option):
+    if dtype == np.float64 and option not in ("mean", "smooth_weight_sum"):
+        pytest.skip("float64 runs two option sets per layout (simulator time)")
+    x, t, w, kw, go, go_kind = _ce_case(monkeypatch, path, dtype, option)
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), weight=None if w is None else dev(w),
+                                            grad_output=_gpu_go(go, go_kind), **kw)
+    ref_loss, ref_grad = fastce.cross_entropy_with_grad(x, t, weight=w, grad_output=go, **kw)
+    loss, grad = host(loss), host(grad)
+    assert grad.shape == x.shape and grad.dtype == dtype and loss.dtype == dtype
+    close(loss, ref_loss, dtype)
+    close(grad, ref_grad, dtype)
+    t_loss, t_grad = _torch_ce(x, t, w, kw, go)
+    close(loss, t_loss, dtype)
+    close(grad, t_grad, dtype)
+
+
+@pytest.mark.parametrize("option", ["weight_ignore_mean", "smooth_weight_sum",
+                                    "smooth_ignore_none"])
+@pytest.mark.parametrize("path", list(CE_LAYOUTS))
+def test_cross_entropy_forward(monkeypatch, path, option):
+    """The forward-only kernel (its own smoothing pass); the target comes from the host."""
+    x, t, w, kw, _, _ = _ce_case(monkeypatch, path, np.float32, option, seed=1)
+    loss = host(fc.cross_entropy(dev(x), t, weight=w, **kw))
+    close(loss, fastce.cross_entropy(x, t, weight=w, **kw), np.float32)
+    close(loss, _torch_ce(x, t, w, kw, None)[0], np.float32)
+
+
+@pytest.mark.parametrize("option", ["mean", "smooth_weight_sum", "smooth_ignore_none"])
+@pytest.mark.parametrize("path", ["1d", "subwarp", "block", "kdim_thread", "kdim_block"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_probability_targets(monkeypatch, dtype, path, option):
+    x, t, w, kw, go, go_kind = _ce_case(monkeypatch, path, dtype, option, probs=True)
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), weight=w,
+                                            grad_output=_gpu_go(go, go_kind), **kw)
+    ref_loss, ref_grad = fastce.cross_entropy_with_grad(x, t, weight=w, grad_output=go, **kw)
+    close(host(loss), ref_loss, dtype)
+    close(host(grad), ref_grad, dtype)
+    t_loss, t_grad = _torch_ce(x, t, w, kw, go)
+    close(host(loss), t_loss, dtype)
+    close(host(grad), t_grad, dtype)
+    if option == "mean":
+        close(host(fc.cross_entropy(dev(x), dev(t), **kw)), ref_loss, dtype)
+
+
+@pytest.mark.parametrize("path", ["subwarp", "block", "split", "kdim_thread", "kdim_block"])
+def test_cross_entropy_special_values(monkeypatch, path):
+    """Masked logits: an all -inf row, a target on a -inf logit (+inf loss), -inf elsewhere
+    in a row, +inf and NaN logits -- loss and gradient equal the CPU kernels'."""
+    x, t, w, kw, _, _ = _ce_case(monkeypatch, path, np.float32, "smooth_ignore_none")
+    t = t.copy()
+    t[t == -100] = 0
+    _mask_rows(np.moveaxis(x, 0 if x.ndim == 1 else 1, -1), t)
+    for eps in (0.0, 0.1):
+        kw = dict(reduction="none", label_smoothing=eps)
+        loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), **kw)
+        ref_loss, ref_grad = fastce.cross_entropy_with_grad(x, t, **kw)
+        close(host(loss), ref_loss, np.float32)
+        close(host(grad), ref_grad, np.float32)
+        if eps == 0:  # with smoothing the all -inf row sums -inf - (-inf): NaN, as on the CPU
+            assert np.isposinf(host(loss).reshape(-1)[0])
+
+
+@pytest.mark.parametrize("path", ["1d", "subwarp", "split", "kdim_4d"])
+def test_cross_entropy_out_of_range_label(monkeypatch, path):
+    """An index outside [0, C) that is not ignore_index: the CPU path's IndexError, same
+    message (value and position), raised from the device error flag."""
+    x, t, _, _, _, _ = _ce_case(monkeypatch, path, np.float32, "mean")
+    C = x.shape[0] if x.ndim == 1 else x.shape[1]
+    for bad in (C, -1, 10 * C):
+        tb = t.copy()
+        tb.reshape(-1)[-1] = bad
+        if tb.size > 2:
+            tb.reshape(-1)[1] = -100
+        for dt in (np.int64, np.int32):
+            exc = same_outcome(lambda: fastce.cross_entropy(x, tb.astype(dt)),
+                               lambda: fc.cross_entropy(dev(x), dev(tb.astype(dt))), np.float32)
+            assert isinstance(exc, IndexError)
+    with pytest.raises(IndexError):
+        fc.cross_entropy_with_grad(dev(x), t * 0 + C, ignore_index=-1)
+
+
+def test_cross_entropy_edge_cases_and_errors():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    t = np.full(4, -100)
+    # Every target ignored: mean is NaN (0/0), sum 0, gradient 0 -- as torch.
+    for red in ("mean", "sum", "none"):
+        same_outcome(lambda: fastce.cross_entropy_with_grad(x, t, reduction=red),
+                     lambda: fc.cross_entropy_with_grad(dev(x), dev(t), reduction=red),
+                     np.float32)
+    assert np.isnan(host(fc.cross_entropy(dev(x), dev(t))))
+    # An empty batch.
+    x0 = np.zeros((0, 6), np.float64)
+    for red in ("mean", "sum", "none"):
+        same_outcome(lambda: fastce.cross_entropy_with_grad(x0, np.zeros(0, np.int64),
+                                                            reduction=red),
+                     lambda: fc.cross_entropy_with_grad(dev(x0), np.zeros(0, np.int64),
+                                                        reduction=red), np.float64)
+    # Bad shapes and options: the CPU path's exceptions and messages.
+    bad_calls = [
+        dict(target=np.zeros(3, np.int64)),
+        dict(target=np.zeros((4, 6), np.float64)),
+        dict(target=np.zeros(4, np.int64), weight=np.ones(5, np.float32)),
+        dict(target=np.zeros(4, np.int64), reduction="avg"),
+        dict(target=np.zeros(4, np.int64), label_smoothing=1.5),
+        dict(target=np.zeros(4, np.bool_)),
+        dict(target=np.zeros(4, np.int64), grad_output=np.ones(3, np.float32),
+             reduction="none"),
+        dict(target=np.zeros(4, np.int64), grad_output=np.ones(2, np.float32)),
+    ]
+    for kw in bad_calls:
+        kw = dict(kw)
+        tgt = kw.pop("target")
+        exc = same_outcome(lambda: fastce.cross_entropy_with_grad(x, tgt, **kw),
+                           lambda: fc.cross_entropy_with_grad(dev(x), dev(tgt), **kw),
+                           np.float32)
+        assert exc is not None, kw
+    # Probability targets must be finite and >= 0 wherever the CPU path says so.
+    tp = np.full((4, 6), 1 / 6, np.float32)
+    tp[2, 3] = -0.5
+    same_outcome(lambda: fastce.cross_entropy(x, tp), lambda: fc.cross_entropy(dev(x), dev(tp)),
+                 np.float32)
+    # float16 logits: computed in float32, returned as float16.
+    xh = x.astype(np.float16)
+    th = np.array([0, 5, 2, 1])
+    loss, grad = fc.cross_entropy_with_grad(dev(xh), dev(th), reduction="none")
+    assert grad.dtype == np.float16 and loss.dtype == np.float16
+    ref_loss, ref_grad = fastce.cross_entropy_with_grad(xh, th, reduction="none")
+    np.testing.assert_allclose(host(loss).astype(np.float32), ref_loss.astype(np.float32),
+                               **HALF_TOL)
+    np.testing.assert_allclose(host(grad).astype(np.float32), ref_grad.astype(np.float32),
+                               **HALF_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary cross-entropy
+
+BCE_CASES = {
+    # name: (input shape, weight shape, pos_weight shape)
+    "flat": ((7,), None, None),
+    "weight_row": ((3, 4), (4,), (4,)),
+    "weight_col": ((3, 4), (3, 1), (1,)),
+    "weight_full_3d": ((2, 3, 4), (2, 3, 4), (2, 3, 4)),
+    "two_level_sum": ((600,), None, None),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(BCE_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce(dtype, case, reduction):
+    shape, wshape, pwshape = BCE_CASES[case]
+    if case == "two_level_sum" and reduction == "none":
+        pytest.skip("the two-level reduction needs a reduced output")
+    rng = np.random.default_rng(4)
+    p = rng.random(shape).astype(dtype)
+    p.reshape(-1)[:2] = (0.0, 1.0)  # torch's log clamp at -100
+    y = rng.random(shape).astype(dtype)
+    w = None if wshape is None else (rng.random(wshape) + 0.5).astype(dtype)
+    got = host(fc.binary_cross_entropy(dev(p), dev(y), weight=None if w is None else dev(w),
+                                       reduction=reduction))
+    close(got, fastce.binary_cross_entropy(p, y, weight=w, reduction=reduction), dtype)
+    wt = None if w is None else torch.tensor(w.astype(np.float64))
+    ref = F.binary_cross_entropy(torch.tensor(p.astype(np.float64)),
+                                 torch.tensor(y.astype(np.float64)), weight=wt,
+                                 reduction=reduction).numpy()
+    close(got, ref, dtype)
+
+    x = (rng.standard_normal(shape) * 10).astype(dtype)
+    x.reshape(-1)[:2] = (-100.0, 100.0)
+    pw = None if pwshape is None else (rng.random(pwshape) * 3).astype(dtype)
+    got = host(fc.binary_cross_entropy_with_logits(
+        dev(x), dev(y), weight=w, pos_weight=None if pw is None else dev(pw),
+        reduction=reduction))
+    close(got, fastce.binary_cross_entropy_with_logits(x, y, weight=w, pos_weight=pw,
+                                                       reduction=reduction), dtype)
+    ref = F.binary_cross_entropy_with_logits(
+        torch.tensor(x.astype(np.float64)), torch.tensor(y.astype(np.float64)), weight=wt,
+        pos_weight=None if pw is None else torch.tensor(pw.astype(np.float64)),
+        reduction=reduction).numpy()
+    close(got, ref, dtype)
+
+
+def test_bce_errors_and_edges():
+    p = np.array([[0.2, 0.5], [0.9, 0.1]], np.float32)
+    y = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    for bad in (1.5, -0.25, np.nan):
+        pb = p.copy()
+        pb[1, 0] = bad
+        exc = same_outcome(lambda: fastce.binary_cross_entropy(pb, y),
+                           lambda: fc.binary_cross_entropy(dev(pb), dev(y)), np.float32)
+        assert isinstance(exc, ValueError)
+    yb = y.copy()
+    yb[0, 1] = np.nan
+    same_outcome(lambda: fastce.binary_cross_entropy(p, yb),
+                 lambda: fc.binary_cross_entropy(dev(p), dev(yb)), np.float32)
+    for kw in (dict(target=np.ones(3, np.float32)), dict(target=np.ones((2, 2), np.int64)),
+               dict(target=y, weight=np.ones(3, np.float32)), dict(target=y, reduction="x")):
+        kw = dict(kw)
+        tgt = kw.pop("target")
+        for fn in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+            exc = same_outcome(lambda: getattr(fastce, fn)(p, tgt, **kw),
+                               lambda: getattr(fc, fn)(dev(p), dev(tgt), **kw), np.float32)
+            assert exc is not None
+    # Empty input: mean NaN, sum 0.
+    for red in ("mean", "sum", "none"):
+        e = np.zeros((0, 3), np.float64)
+        same_outcome(lambda: fastce.binary_cross_entropy_with_logits(e, e, reduction=red),
+                     lambda: fc.binary_cross_entropy_with_logits(dev(e), dev(e), reduction=red),
+                     np.float64)
+    # float16 input comes back as float16.
+    got = fc.binary_cross_entropy_with_logits(dev(p.astype(np.float16)), dev(y),
+                                              reduction="none")
+    assert got.dtype == np.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# the simulator really runs the shared-memory twin; dispatch from fastce.*
+
+
+def test_simulator_uses_shared_memory_twin():
+    assert _impl.kernels(np.float32).P.shuffle is False
+
+
+def test_public_api_dispatches_device_arrays():
+    d = dev(np.array([[1.0, 2.0, 3.0]], np.float32))
+    if not fastce._api._is_cuda(d):
+        pytest.skip("fastce._api._is_cuda does not recognize the simulator's device arrays "
+                    "(they have no __cuda_array_interface__, numba #7505)")
+    got = fastce.softmax(d)
+    assert not isinstance(got, np.ndarray)
+    close(host(got), fastce.softmax(d.copy_to_host()), np.float32)
