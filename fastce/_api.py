@@ -49,22 +49,23 @@ _EMPTY_2D = {k: v.reshape(0, 0) for k, v in _EMPTY.items()}
 
 
 @numba.njit(cache=True, nogil=True)
-def _first_bad_value(a, lower_bound):
-    """Index of the first element of the flat ``a`` that is NaN or infinite, or (with
-    ``lower_bound``) negative; -1 if none.  Blocked so that the common all-good case runs as
-    a branch-free (vectorizable) and-reduction."""
+def _first_bad_value(a, lo, hi):
+    """Index of the first element of the flat ``a`` that is NaN, infinite, or outside
+    [lo, hi]; -1 if none.  Blocked so that the common all-good case runs as a branch-free
+    (vectorizable) and-reduction."""
     n = a.shape[0]
-    lo = a.dtype.type(0) if lower_bound else a.dtype.type(-np.inf)
+    lo = a.dtype.type(lo)
+    hi = a.dtype.type(hi)
     for b in range(0, n, 4096):
         e = min(b + 4096, n)
         ok = True
         for i in range(b, e):
             v = a[i]
-            ok &= (v >= lo) & (v > -np.inf) & (v < np.inf)
+            ok &= (v >= lo) & (v <= hi) & (v > -np.inf) & (v < np.inf)
         if not ok:
             for i in range(b, e):
                 v = a[i]
-                if not (v >= lo and v > -np.inf and v < np.inf):
+                if not (v >= lo and v <= hi and v > -np.inf and v < np.inf):
                     return i
     return -1
 
@@ -400,7 +401,7 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
     if prob.probs:
         t3 = np.ascontiguousarray(target, dtype=dt).reshape(N, C, S)
         t_flat = t3.reshape(-1)
-        bad = _first_bad_value(t_flat, True)
+        bad = _first_bad_value(t_flat, 0.0, np.inf)
         if bad >= 0:
             _report_bad_value(bad, t_flat, target.shape, "target",
                               "class probabilities (finite and >= 0)")
@@ -646,9 +647,9 @@ def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
     dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
     p = np.ascontiguousarray(input, dtype=dt).reshape(-1)
     y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
-    bad = _first_bad_value(y, False)
-    if bad >= 0:
-        _report_bad_value(bad, y, target.shape, "target", "finite values (no NaN or inf)")
+    bad = _first_bad_value(y, 0.0, 1.0)
+    if bad >= 0:   # torch: "all elements of target should be between 0 and 1"
+        _report_bad_value(bad, y, target.shape, "target", "values in [0, 1]")
     bad = _bce.first_outside_unit_interval(p)
     if bad >= 0:
         pos = tuple(int(i) for i in np.unravel_index(bad, input.shape)) if input.ndim else ()
@@ -700,7 +701,7 @@ def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=N
     dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
     x = np.ascontiguousarray(input, dtype=dt).reshape(-1)
     y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
-    bad = _first_bad_value(y, False)
+    bad = _first_bad_value(y, -np.inf, np.inf)
     if bad >= 0:
         _report_bad_value(bad, y, target.shape, "target", "finite values (no NaN or inf)")
     w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")

@@ -440,14 +440,32 @@ def test_bad_targets(target, exc, match):
         fastce.cross_entropy(x, target)
 
 
-@pytest.mark.parametrize("bad", [NAN, INF])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
 def test_bce_target_nan(bad):
-    x = np.zeros((2, 3))
+    """NaN/inf targets are an error for both BCE forms (torch: an error for BCE on
+    probabilities, NaN propagation with logits)."""
     y = np.full((2, 3), 0.5)
     y[1, 1] = bad
-    for f in (fastce.binary_cross_entropy, fastce.binary_cross_entropy_with_logits):
+    with unchanged(y):
         with pytest.raises(ValueError, match=r"target must hold finite values.*\(1, 1\)"):
-            f(np.full((2, 3), 0.5), y)
+            fastce.binary_cross_entropy_with_logits(np.zeros((2, 3)), y)
+        with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\].*\(1, 1\)"):
+            fastce.binary_cross_entropy(np.full((2, 3), 0.5), y)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5])
+def test_bce_target_outside_unit_interval(bad):
+    """BCE on probabilities: targets must be in [0, 1], as torch requires; with logits any
+    finite target is accepted, as in torch."""
+    y = np.full((2, 3), 0.5)
+    y[0, 2] = bad
+    with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\].*\(0, 2\)"):
+        fastce.binary_cross_entropy(np.full((2, 3), 0.5), y)
+    with pytest.raises(RuntimeError, match="between 0 and 1"):
+        torch.nn.functional.binary_cross_entropy(t64(np.full((2, 3), 0.5)), t64(y))
+    x = np.linspace(-2, 2, 6).reshape(2, 3)
+    assert_close(fastce.binary_cross_entropy_with_logits(x, y, reduction="none"),
+                 torch_bce_logits(x, y, reduction="none"))
 
 
 def test_weight_bad_dtype():
