@@ -49,14 +49,15 @@ if [ "$mode" = quick ]; then
     set -- -a rounds=1 -a "repeat=(3, 7, 1.0)" -a warmup_time=0.05 "$@"
 fi
 
-echo "== asv run ($mode) of $(git rev-parse --short HEAD) in asv's isolated environment"
+commit=$(git rev-parse HEAD)  # fixed now: the report must match what ran
+echo "== asv run ($mode) of $commit in asv's isolated environment"
 # HEAD^! = exactly the checked-out commit.  asv exits non-zero when any
 # benchmark fails; the report still shows what ran, so go on and exit with it.
 rc=0
-"$ASV" run HEAD^! "$@" </dev/null || rc=$?
+"$ASV" run "$commit^!" "$@" </dev/null || rc=$?
 
 echo "== report"
-"$VENV/bin/fastce-report" --commit "$(git rev-parse HEAD)" -o "$REPORT_DIR"
+"$VENV/bin/fastce-report" --commit "$commit" -o "$REPORT_DIR"
 end=$(date +%s)
 echo "== done in $((end - start)) s (asv exit status $rc); open $REPORT_DIR/report.md"
 exit $rc
