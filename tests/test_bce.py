@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import fastce
+
+pytest.importorskip("torch")
 from conftest import (DTYPES, LAYOUTS, assert_close, make_layout, torch, torch_bce,
                       torch_bce_logits, unchanged)
 

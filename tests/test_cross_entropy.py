@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import fastce
+
+pytest.importorskip("torch")
 from conftest import (DTYPES, LAYOUTS, assert_close, make_layout, random_probs,
                       random_targets, t64, torch, torch_ce, unchanged)
 

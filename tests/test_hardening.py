@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastce
+
+pytest.importorskip("torch")
 from conftest import (LAYOUTS, assert_close, make_layout, t64, torch, torch_bce_logits,
                       torch_ce, unchanged)
 

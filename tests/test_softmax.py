@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 import fastce
+
+pytest.importorskip("torch")
 from conftest import DTYPES, LAYOUTS, assert_close, make_layout, t64, torch, unchanged
 
 FUNCS = {
