@@ -43,7 +43,7 @@ def signatures(K, dt):
         "bce_logits_kernel": (K.bce_logits_kernel, (A1, A1, A1, A1, A1)),
         "sum_kernel": (K.sum_kernel, (A1, A1, i64, A1, f)),
         "rowsum_kernel": (K.rowsum_kernel, (A2, A1)),
-        "bad_value_kernel": (K.bad_value_kernel, (S3, b1, I1)),
+        "bad_value_kernel": (K.bad_value_kernel, (S3, f, f, I1)),
     }
 
 

@@ -6,6 +6,10 @@ file in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``.  To run it directly::
 
     NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim_cases.py
 
+On a machine with a GPU, ``python -m pytest tests/cuda_sim_cases.py`` (simulator off) runs
+the same cases on the real, warp-shuffle kernels, plus the cases marked ``real_gpu`` (torch
+tensors and streams, default launch sizes, large inputs).
+
 The simulator runs one Python thread per GPU thread, so every case uses a tiny grid: blocks
 of 32 threads (64 where the cross-warp reduction is under test) and a few rows.  The launch
 knobs in ``fastce._config`` are lowered so that tiny inputs take every kernel path (sub-warp,
@@ -16,11 +20,12 @@ import numpy as np
 import pytest
 from numba import config
 
-if not config.ENABLE_CUDASIM:
-    raise RuntimeError("tests/cuda_sim_cases.py needs NUMBA_ENABLE_CUDASIM=1 set before numba "
-                       "is imported (tests/test_cuda_sim.py runs it that way)")
-
 from numba import cuda  # noqa: E402
+
+SIM = bool(config.ENABLE_CUDASIM)
+if not SIM and not cuda.is_available():
+    raise RuntimeError("tests/cuda_sim_cases.py needs NUMBA_ENABLE_CUDASIM=1 set before numba "
+                       "is imported (tests/test_cuda_sim.py runs it that way), or a GPU")
 
 import fastce  # noqa: E402
 import fastce.cuda as fc  # noqa: E402
@@ -268,12 +273,14 @@ def _gpu_go(go, kind):
     return dev(go) if kind == "device" else (float(go) if go.ndim == 0 else go)
 
 
-@pytest.mark.parametrize("option", list(CE_OPTIONS))
-@pytest.mark.parametrize("path", list(CE_LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES)
+# float32: every option set on every layout; float64: two option sets per layout (time).
+CE_GRAD_CASES = [(np.float32, path, opt) for path in CE_LAYOUTS for opt in CE_OPTIONS] + \
+    [(np.float64, path, opt) for path in CE_LAYOUTS for opt in ("mean", "smooth_weight_sum")]
+
+
+@pytest.mark.parametrize("dtype,path,option", CE_GRAD_CASES,
+                         ids=[f"{np.dtype(d).name}-{p}-{o}" for d, p, o in CE_GRAD_CASES])
 def test_cross_entropy_with_grad(monkeypatch, dtype, path, option):
-    if dtype == np.float64 and option not in ("mean", "smooth_weight_sum"):
-        pytest.skip("float64 runs two option sets per layout (simulator time)")
     x, t, w, kw, go, go_kind = _ce_case(monkeypatch, path, dtype, option)
     loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), weight=None if w is None else dev(w),
                                             grad_output=_gpu_go(go, go_kind), **kw)
@@ -418,13 +425,14 @@ BCE_CASES = {
 }
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", list(BCE_CASES))
-@pytest.mark.parametrize("dtype", DTYPES)
+BCE_RUNS = [(d, c, r) for d in DTYPES for c in BCE_CASES for r in ("mean", "sum", "none")
+            if not (c == "two_level_sum" and r == "none")]  # that case is about reducing
+
+
+@pytest.mark.parametrize("dtype,case,reduction", BCE_RUNS,
+                         ids=[f"{np.dtype(d).name}-{c}-{r}" for d, c, r in BCE_RUNS])
 def test_bce(dtype, case, reduction):
     shape, wshape, pwshape = BCE_CASES[case]
-    if case == "two_level_sum" and reduction == "none":
-        pytest.skip("the two-level reduction needs a reduced output")
     rng = np.random.default_rng(4)
     p = rng.random(shape).astype(dtype)
     p.reshape(-1)[:2] = (0.0, 1.0)  # torch's log clamp at -100
@@ -463,10 +471,12 @@ def test_bce_errors_and_edges():
         exc = same_outcome(lambda: fastce.binary_cross_entropy(pb, y),
                            lambda: fc.binary_cross_entropy(dev(pb), dev(y)), np.float32)
         assert isinstance(exc, ValueError)
-    yb = y.copy()
-    yb[0, 1] = np.nan
-    same_outcome(lambda: fastce.binary_cross_entropy(p, yb),
-                 lambda: fc.binary_cross_entropy(dev(p), dev(yb)), np.float32)
+    for bad in (np.nan, 1.5, -np.inf):
+        yb = y.copy()
+        yb[0, 1] = bad
+        for fn in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+            same_outcome(lambda: getattr(fastce, fn)(p, yb),
+                         lambda: getattr(fc, fn)(dev(p), dev(yb)), np.float32)
     for kw in (dict(target=np.ones(3, np.float32)), dict(target=np.ones((2, 2), np.int64)),
                dict(target=y, weight=np.ones(3, np.float32)), dict(target=y, reduction="x")):
         kw = dict(kw)
@@ -492,7 +502,52 @@ def test_bce_errors_and_edges():
 
 
 def test_simulator_uses_shared_memory_twin():
-    assert _impl.kernels(np.float32).P.shuffle is False
+    assert _impl.kernels(np.float32).P.shuffle is (not SIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# real GPUs only
+
+real_gpu = pytest.mark.skipif(SIM, reason="needs a real GPU")
+
+
+@real_gpu
+@pytest.mark.parametrize("shape", [(64, 50000), (4096, 1000), (3, 7), (8, 21, 64, 64)])
+def test_default_launch_sizes(monkeypatch, shape):
+    """The launch configuration of fastce._config (not the simulator's tiny one), on sizes
+    that take the split, block, warp and thread-per-position paths."""
+    monkeypatch.undo()
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    t = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), label_smoothing=0.1)
+    ref_loss, ref_grad = fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)
+    close(host(loss), ref_loss, np.float32, rtol=1e-4)
+    close(host(grad), ref_grad, np.float32, rtol=1e-4, atol=1e-6)
+    close(host(fc.logsumexp(dev(x), axis=1)), fastce.logsumexp(x, axis=1), np.float32)
+
+
+@real_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with CUDA")
+def test_torch_tensors_on_their_stream(monkeypatch):
+    """torch CUDA tensors through the public functions: run on torch's current stream, come
+    back as torch tensors on the input's device, equal to torch's own result."""
+    monkeypatch.undo()
+    x = torch.randn(256, 3000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 3000, (256,), device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        loss, grad = fastce.cross_entropy_with_grad(x, t)
+        sm = fastce.softmax(x)
+        bce = fastce.binary_cross_entropy_with_logits(x, torch.rand_like(x))
+    s.synchronize()
+    assert isinstance(loss, torch.Tensor) and loss.device == x.device and loss.shape == ()
+    assert isinstance(grad, torch.Tensor) and grad.shape == x.shape and bce.shape == ()
+    ref = F.cross_entropy(x, t)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sm, torch.softmax(x.detach(), -1), rtol=1e-5, atol=1e-7)
 
 
 def test_public_api_dispatches_device_arrays():

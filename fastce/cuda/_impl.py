@@ -358,15 +358,16 @@ class Call:
     def flag(self, sentinel):
         return self.to_device(np.array([sentinel], np.int64))
 
-    def check_values(self, K, a3, lower_bound):
-        """Queue the CPU path's value check of the 3-D ``a3`` (see ``bad_value_kernel``);
-        returns the error flag."""
+    def check_values(self, K, a3, lo, hi):
+        """Queue the CPU path's value check of the 3-D ``a3``: NaN, infinite or outside
+        [lo, hi] is an error (see ``bad_value_kernel``); returns the error flag."""
         n = a3.size
         flag = self.flag(n)
         if n:
             tpb = _threads()
-            K.bad_value_kernel[min(-(-n // tpb), 65535), tpb, self.stream](a3, lower_bound,
-                                                                          flag)
+            dt = K.P.dtype
+            K.bad_value_kernel[min(-(-n // tpb), 65535), tpb, self.stream](
+                a3, dt.type(lo), dt.type(hi), flag)
         return flag
 
     def raise_bad_value(self, flag, a3, shape, name, what):
@@ -524,7 +525,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             loss = call.empty((rows,), dt)
             t3 = call.grouped(tgt, cuts, dt) if rows else None
             if rows:
-                t_flag = call.check_values(K, t3, True)
+                t_flag = call.check_values(K, t3, 0.0, np.inf)
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
                 K.prob_kernel[blocks, tpb, call.stream](
                     x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G)
@@ -617,14 +618,14 @@ def binary_cross_entropy(input, target, weight, reduction):
         K = kernels(dt)
         n = p.shape[0]
         y3 = call.reshape(y, (1, n, 1))
-        y_flag = call.check_values(K, y3, False)
+        y_flag = call.check_values(K, y3, 0.0, 1.0)  # torch: targets between 0 and 1
         out = call.empty((n,), dt)
         flag = call.flag(n)
         if n:
             tpb = _threads()
             K.bce_kernel[min(-(-n // tpb), 65535), tpb, call.stream](p, y, w, out, flag)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
-        call.raise_bad_value(y_flag, y3, shape, "target", "finite values (no NaN or inf)")
+        call.raise_bad_value(y_flag, y3, shape, "target", "values in [0, 1]")
         bad = call.first_error(flag, n)
         if bad is not None:
             pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if shape else ()
@@ -654,8 +655,12 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
             else:
                 broadcastable(pw_shape, shape, "pos_weight")
                 pw = call.broadcast(pwa, shape, dt)
+        y3 = call.reshape(y, (1, n, 1))
+        y_flag = call.check_values(K, y3, -np.inf, np.inf)
         out = call.empty((n,), dt)
         if n:
             tpb = _threads()
             K.bce_logits_kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, out)
-        return _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
+        res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
+        call.raise_bad_value(y_flag, y3, shape, "target", "finite values (no NaN or inf)")
+        return res

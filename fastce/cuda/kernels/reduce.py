@@ -28,8 +28,8 @@ def build_reduce(P):
         ``sum_kernel(vals, out, mode, stats, denom)``: grid-stride sum of the 1-D ``vals``;
         with ``mode == SUM_MEAN`` the denominator is ``stats[0]`` when ``stats`` is not
         empty, else ``denom``.  ``rowsum_kernel(parts, out)``: ``out[r] = sum(parts[r, :])``.
-        ``bad_value_kernel(a, lower_bound, flag)``: the data checks of the CPU path (NaN,
-        infinite or negative values) as a device error flag.
+        ``bad_value_kernel(a, lo, hi, flag)``: the data checks of the CPU path (NaN,
+        infinite or out-of-range values) as a device error flag.
     """
     ZERO, NAN = P.ZERO, P.NAN
     allreduce_sum2 = P.allreduce_sum2
@@ -65,17 +65,16 @@ def build_reduce(P):
     NEG_INF, INF = P.NEG_INF, P.INF
 
     @cuda.jit
-    def bad_value_kernel(a, lower_bound, flag):
+    def bad_value_kernel(a, lo, hi, flag):
         """Lower ``flag[0]`` (atomic min) to the C-order flat position of any element of the
-        3-D ``a`` that is NaN or infinite, or (with ``lower_bound``) negative."""
+        3-D ``a`` that is NaN, infinite, or outside [lo, hi]."""
         d0, d1, d2 = a.shape
-        lo = ZERO if lower_bound else NEG_INF
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
         while i < d0 * d1 * d2:
             q = i // d2
             v = a[q // d1, q - (q // d1) * d1, i - q * d2]
-            if not (v >= lo and v > NEG_INF and v < INF):
+            if not (v >= lo and v <= hi and v > NEG_INF and v < INF):
                 cuda.atomic.min(flag, 0, i)
             i += stride
 
