@@ -6,7 +6,7 @@ indexed ``i % len(pos_weight)`` (its length is 1, the last axis' length, or the 
 """
 from types import SimpleNamespace
 
-from numba import cuda
+from numba import cuda, int64
 
 __all__ = ["build_bce"]
 
@@ -30,8 +30,8 @@ def build_bce(P):
         clamp.  A p outside [0, 1] (or NaN) lowers ``flag[0]`` to its position (atomic
         min) for the host to raise, and is not passed to log."""
         has_w = weight.shape[0] > 0
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
+        i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
+        stride = int64(cuda.gridsize(1))
         while i < p.shape[0]:
             pi = p[i]
             if pi >= ZERO and pi <= ONE:
@@ -50,8 +50,8 @@ def build_bce(P):
         lw = 1 + (pos_weight - 1) y."""
         has_w = weight.shape[0] > 0
         n_pw = pos_weight.shape[0]
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
+        i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
+        stride = int64(cuda.gridsize(1))
         while i < x.shape[0]:
             xi = x[i]
             yi = y[i]

@@ -63,8 +63,8 @@ def build_cross_entropy(P, soft):
         N, S = target.shape
         has_w = weight.shape[0] > 0
         t0 = cuda.threadIdx.x
-        i = cuda.blockIdx.x * cuda.blockDim.x + t0
-        stride = cuda.gridDim.x * cuda.blockDim.x
+        i = int64(cuda.blockIdx.x) * cuda.blockDim.x + t0  # 64-bit
+        stride = int64(cuda.gridDim.x) * cuda.blockDim.x
         acc = ZERO
         while i < N * S:
             n = i // S

@@ -7,7 +7,7 @@ queues its kernels and returns a 0-d device array without waiting for them.
 """
 from types import SimpleNamespace
 
-from numba import cuda
+from numba import cuda, int64
 
 __all__ = ["build_reduce", "COPY_NDIM", "SUM_PARTIAL", "SUM_TOTAL", "SUM_MEAN"]
 
@@ -37,8 +37,8 @@ def build_reduce(P):
     @cuda.jit
     def sum_kernel(vals, out, mode, stats, denom):
         t = cuda.threadIdx.x
-        i = cuda.blockIdx.x * cuda.blockDim.x + t
-        stride = cuda.gridDim.x * cuda.blockDim.x
+        i = int64(cuda.blockIdx.x) * cuda.blockDim.x + t  # 64-bit
+        stride = int64(cuda.gridDim.x) * cuda.blockDim.x
         acc = ZERO
         while i < vals.shape[0]:
             acc += vals[i]
@@ -55,7 +55,7 @@ def build_reduce(P):
 
     @cuda.jit
     def rowsum_kernel(parts, out):
-        r = cuda.grid(1)
+        r = int64(cuda.grid(1))
         if r < parts.shape[0]:
             acc = ZERO
             for k in range(parts.shape[1]):
@@ -69,8 +69,8 @@ def build_reduce(P):
         """Lower ``flag[0]`` (atomic min) to the C-order flat position of any element of the
         3-D ``a`` that is NaN, infinite, or outside [lo, hi]."""
         d0, d1, d2 = a.shape
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
+        i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
+        stride = int64(cuda.gridsize(1))
         while i < d0 * d1 * d2:
             q = i // d2
             v = a[q // d1, q - (q // d1) * d1, i - q * d2]
@@ -86,8 +86,8 @@ def build_reduce(P):
 def copy_kernel(src, dst):
     """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous."""
     d0, d1, d2, d3, d4, d5 = dst.shape
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
+    i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
+    stride = int64(cuda.gridsize(1))
     total = d0 * d1 * d2 * d3 * d4 * d5
     while i < total:
         q = i
