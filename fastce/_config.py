@@ -29,3 +29,8 @@ SPATIAL_BLOCK = 256
 # CUDA launch configuration.
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_SMALL_C = 64
+# Rows with a huge C are split over several blocks when there are fewer rows than this many
+# blocks (about two per SM of an H100) ...
+CUDA_SPLIT_TARGET_BLOCKS = 264
+# ... in chunks of at least this many classes (no GPU figures yet: a starting point).
+CUDA_SPLIT_MIN_CHUNK = 4096
