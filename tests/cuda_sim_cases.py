@@ -48,8 +48,8 @@ HALF_TOL = dict(rtol=2e-3, atol=2e-3)
 def tiny_launches(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", 32)
     monkeypatch.setattr(_config, "CUDA_SMALL_C", 8)
-    monkeypatch.setattr(_config, "CUDA_SPLIT_MIN_CHUNK", 16, raising=False)
-    monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 0, raising=False)
+    monkeypatch.setattr(_config, "CUDA_SPLIT_MIN_CHUNK", 16)
+    monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 0)
 
 
 def use_path(monkeypatch, path):
@@ -57,7 +57,7 @@ def use_path(monkeypatch, path):
     if path in ("block2warps",):
         monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", 64)
     if path == "split":
-        monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 4, raising=False)
+        monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 4)
 
 
 def check_plan(rows, C, S, expect_G, expect_split, allow_split=True):

@@ -33,6 +33,13 @@ def _gpu_present():
     return not config.ENABLE_CUDASIM and cuda.is_available()
 
 
+def _simulator_on():
+    if not HAS_NUMBA_CUDA:
+        return False
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
 class FakeCudaArray:
     """Claims to be a CUDA array (the interface is all the dispatch looks at)."""
 
@@ -68,10 +75,11 @@ def test_import_needs_no_cuda():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"  # importing does not even load numba.cuda
-    assert fastce.cuda.is_available() == _gpu_present()
+    assert fastce.cuda.is_available() == (_gpu_present() or _simulator_on())
 
 
-@pytest.mark.skipif(not HAS_NUMBA_CUDA or _gpu_present(), reason="needs numba-cuda, no GPU")
+@pytest.mark.skipif(not HAS_NUMBA_CUDA or _gpu_present() or _simulator_on(),
+                    reason="needs numba-cuda, no GPU and the simulator off")
 def test_cuda_array_without_gpu_says_so(monkeypatch):
     monkeypatch.setattr(fastce.cuda, "_IMPL", None)
     assert fastce.cuda.is_available() is False

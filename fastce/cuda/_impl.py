@@ -88,8 +88,8 @@ def plan(rows, C, S, allow_split=True):
         G = tpb
     n_split = 1
     if allow_split and G == tpb:
-        min_chunk = int(getattr(_config, "CUDA_SPLIT_MIN_CHUNK", 4096))
-        target = int(getattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 264))
+        min_chunk = int(_config.CUDA_SPLIT_MIN_CHUNK)
+        target = int(_config.CUDA_SPLIT_TARGET_BLOCKS)
         if rows < target and C >= 2 * min_chunk:
             n_split = max(1, min(-(-target // rows), C // min_chunk))
     per_block = tpb // G
