@@ -9,7 +9,7 @@ from numba import njit, prange
 from .primitives import exp, kernel_twins, wide_vectors
 
 
-@njit(cache=True, nogil=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def first_outside_unit_interval(p):
     """Index of the first element of ``p`` not in [0, 1] (NaN included), or -1."""
     for i in range(p.shape[0]):

@@ -1,8 +1,10 @@
 """CPU kernels for cross-entropy with class-index or class-probability targets, forward and
 fused forward + gradient.
 
-Per row the kernels keep the partials explicit: (max, sum-exp) -> lse, the target logit, and
-for label smoothing the weighted sum of (lse - x_c).  The loss of row i is
+Per row the kernels keep the partials explicit: (shift, sum-exp) -> lse, the target logit, and
+for label smoothing the weighted sum of (lse - x_c).  Every ``lse - x`` is evaluated as
+``(shift - x) + log(sum)`` (see ``shift_log_sum``) so that large logits keep the loss's low
+bits.  The loss of row i is
 
     (1 - eps) * w[t] * (lse - x[t]) + eps / C * sum_c w[c] * (lse - x[c])
 
@@ -19,12 +21,12 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
-from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
-                         safe_shift, wide_vectors)
+from .primitives import (exp_term, inv_sum, kernel_twins, lse_minus, row_max_sumexp,
+                         safe_shift, shift_log_sum, wide_vectors)
 from .stats import spatial_max_sumexp
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def check_index_target(target, n_classes, ignore_index, weight):
     """One pass over the class-index targets: the first invalid position (-1 if none) and the
     denominator of torch's "mean" (sum of the weights of the non-ignored targets).
@@ -44,7 +46,7 @@ def check_index_target(target, n_classes, ignore_index, weight):
     return -1, denom
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def _upstream(gscale, i):
     return gscale[i] if gscale.shape[0] > 1 else gscale[0]
 
@@ -81,21 +83,21 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             m, s = row_max_sumexp(x[i])
         else:
             m, s = stat_m[i], stat_s[i]
-        lse = lse_from_max_sumexp(m, s)
+        a, L = shift_log_sum(m, s)
         w_t = weight[t] if has_w else one
         part = zero
         if k == 0:
             # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
             xt = x[i, t]
-            part = keep * w_t * (lse - xt) if xt != -np.inf else x.dtype.type(np.inf)
+            part = keep * w_t * lse_minus(a, L, xt) if xt != -np.inf else x.dtype.type(np.inf)
         if eps > 0:
             acc = zero
             if has_w:
                 for c in range(row.shape[0]):
-                    acc += wrow[c] * (lse - row[c])
+                    acc += wrow[c] * lse_minus(a, L, row[c])
             else:
                 for c in range(row.shape[0]):
-                    acc += lse - row[c]
+                    acc += lse_minus(a, L, row[c])
             part += eps_c * acc
         loss_part[i, k] = part
         if want_grad:
@@ -138,13 +140,13 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
         tn = target[n, s0:s1]
         spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         for j in range(B):
-            lse[j] = lse_from_max_sumexp(m[j], s[j])
+            m[j], lse[j] = shift_log_sum(m[j], s[j])  # lse[j] holds L: lse = m + L
         if eps > 0:
             for c in range(C):
                 wc = weight[c] if has_w else one
                 xc = x[n, c, s0:s1]
                 for j in range(B):
-                    acc[j] += wc * (lse[j] - xc[j])
+                    acc[j] += wc * lse_minus(m[j], lse[j], xc[j])
         for j in range(B):
             t = tn[j]
             if t == ignore_index:
@@ -152,7 +154,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 continue
             w_t = weight[t] if has_w else one
             xt = x[n, t, s0 + j]
-            nll = keep * w_t * (lse[j] - xt) if xt != -np.inf else x.dtype.type(np.inf)
+            nll = keep * w_t * lse_minus(m[j], lse[j], xt) if xt != -np.inf else x.dtype.type(np.inf)
             loss[n, s0 + j] = nll + eps_c * acc[j]
         if want_grad:
             # Per position: acc <- g*A and lse <- g*eps/C (both 0 where ignored), s <- 1/s.
@@ -166,7 +168,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     w_t = weight[t] if has_w else one
                     acc[j] = g * (keep * w_t + eps_c * w_total)
                     lse[j] = g * eps_c
-                s[j] = inv_sum(m[j], s[j])
+                s[j] = inv_sum(m[j], s[j])  # m still holds the shift
             for c in range(C):
                 wc = weight[c] if has_w else one
                 xc = x[n, c, s0:s1]
@@ -201,13 +203,13 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
         row = x[i]
         trow = target[i]
         m, s = row_max_sumexp(row)
-        lse = lse_from_max_sumexp(m, s)
+        a, L = shift_log_sum(m, s)
         acc_wt = zero
         acc = zero
         for c in range(C):
             wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
             acc_wt += wt
-            acc += wt * (lse - row[c]) if wt != 0 else zero
+            acc += wt * lse_minus(a, L, row[c]) if wt != 0 else zero
         loss[i] = acc
         if want_grad:
             grow = grad[i]
@@ -242,8 +244,9 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
         acc = np.zeros(B, dtype=x.dtype)
         acc_wt = np.zeros(B, dtype=x.dtype)
         spatial_max_sumexp(x, n, s0, s1, m, s, sh)
+        L = np.empty(B, dtype=x.dtype)
         for j in range(B):
-            m[j] = lse_from_max_sumexp(m[j], s[j])
+            m[j], L[j] = shift_log_sum(m[j], s[j])
         for c in range(C):
             wc = weight[c] if has_w else one
             xc = x[n, c, s0:s1]
@@ -251,7 +254,7 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
             for j in range(B):
                 wt = (keep * tc[j] + eps_c) * wc
                 acc_wt[j] += wt
-                acc[j] += wt * (m[j] - xc[j]) if wt != 0 else zero
+                acc[j] += wt * lse_minus(m[j], L[j], xc[j]) if wt != 0 else zero
         for j in range(B):
             loss[n, s0 + j] = acc[j]
         if want_grad:
@@ -259,7 +262,7 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
                 g = _upstream(gscale, n * S + s0 + j)
                 acc_wt[j] *= g
                 acc[j] = g
-                s[j] = inv_sum(m[j], s[j])  # m holds lse: finite exactly when the max is
+                s[j] = inv_sum(m[j], s[j])
             for c in range(C):
                 wc = weight[c] if has_w else one
                 xc = x[n, c, s0:s1]
@@ -276,7 +279,7 @@ ce_prob_rows, ce_prob_rows_serial = kernel_twins(_ce_prob_rows)
 ce_prob_spatial, ce_prob_spatial_serial = kernel_twins(_ce_prob_spatial)
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def ce_index_small(x, target, ignore_index, mean, grad):
     """The whole of a small, common call in one jitted entry: C-contiguous (N, C) logits,
     int64 class indices, no weight, no smoothing, reduction "mean" (``mean``) or "sum".

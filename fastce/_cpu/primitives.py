@@ -21,7 +21,7 @@ from numba.extending import intrinsic, overload
 from .._config import CLASS_BLOCK, FASTMATH
 
 __all__ = ["kernel_twins", "wide_vectors", "nan_max", "exp", "exp_term", "safe_shift", "inv_sum",
-           "lse_from_max_sumexp", "merge_max_sumexp", "row_max_sumexp"]
+           "lse_from_max_sumexp", "shift_log_sum", "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
 
 
 @intrinsic
@@ -204,7 +204,7 @@ def _exp_overload(x):
     return None
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def safe_shift(m):
     """The value to subtract before exp: the max, or 0 when the max is +-inf.
 
@@ -215,21 +215,46 @@ def safe_shift(m):
     return m if (m != np.inf and m != -np.inf) else np.float32(0)
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
+def shift_log_sum(m, s):
+    """Split log-sum-exp into ``(a, L)`` with ``lse = a + L``, from a (shift, sum) pair.
+
+    Callers compute ``lse - x`` with :func:`lse_minus` as ``(a - x) + L``, never as
+    ``(a + L) - x``: with logits of 1e300 (or 1e8 in float32) ``a + L`` rounds
+    ``L = log(sum)`` away and the loss would come out 0 instead of log(C).  ``a`` is the shift, ``L = log(s)``; for an all-``-inf`` row
+    ``(-inf, 0)``; for a row holding ``+inf``, ``(+inf, 0)``, or NaN in ``L`` if a NaN reached
+    the sum before the ``+inf``.
+    """
+    if m == -np.inf:
+        return m, s - s  # s is 0 here: a typed zero
+    if m == np.inf:
+        return m, s - s  # 0, or NaN
+    return m, np.log(s)
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def lse_minus(a, L, x):
+    """``lse - x`` as ``(a - x) + L`` for ``lse = a + L`` (see :func:`shift_log_sum`).
+
+    Compiled without "reassoc" (LLVM keeps flags per instruction, also once inlined), so the
+    kernels' fast-math cannot regroup it into ``(a + L) - x``, which loses ``L`` for large
+    logits.
+    """
+    return (a - x) + L
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def lse_from_max_sumexp(m, s):
     """log-sum-exp from a (shift, sum of exp(x - safe_shift(shift))) pair.
 
     ``-inf`` for an all-``-inf`` row; ``+inf`` when the row holds ``+inf`` and no NaN; NaN
     when it holds a NaN (carried by the shift or by the sum).
     """
-    if m == -np.inf:
-        return m
-    if m == np.inf:
-        return m + (s - s)  # s - s: 0, or NaN if a NaN reached the sum before the +inf
-    return m + np.log(s)
+    a, L = shift_log_sum(m, s)
+    return a + L
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def merge_max_sumexp(m1, s1, m2, s2):
     """Merge two (shift, sum-exp) partials of disjoint parts of a row into one.
 
@@ -252,7 +277,7 @@ _BLOCK_SUM_LIMIT_F64 = np.float64(2.0 ** 700)
 # wrap-around select, and only then does LLVM emit plain vector loads instead of gathers.
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def _block_max(blk):
     wide_vectors()
     bm = blk.dtype.type(-np.inf)
@@ -261,7 +286,7 @@ def _block_max(blk):
     return bm
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def _block_sumexp(blk, sh):
     wide_vectors()
     acc = blk.dtype.type(0)
@@ -270,7 +295,7 @@ def _block_sumexp(blk, sh):
     return acc
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def row_max_sumexp(row):
     """(shift, sum-exp) of the contiguous 1-D ``row``, reading memory once:
     ``logsumexp(row) = shift + log(sum)``.
@@ -309,7 +334,7 @@ def row_max_sumexp(row):
     return sh, s
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def inv_sum(m, s):
     """1/s for turning exp(x - shift) into probabilities; NaN when the shift is not finite,
     so that rows with a +inf or only -inf logits give NaN probabilities, as torch does (a
@@ -333,5 +358,7 @@ def kernel_twins(py_func):
                                   py_func.__closure__)
     serial.__qualname__ = py_func.__qualname__ + "_serial"
     serial.__doc__ = py_func.__doc__
-    opts = dict(fastmath=FASTMATH, cache=True, nogil=True)
+    # error_model="numpy": a float division by zero gives inf/NaN instead of raising
+    # ZeroDivisionError (and needs no branch in the hot loops).
+    opts = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
     return njit(parallel=True, **opts)(py_func), njit(**opts)(serial)

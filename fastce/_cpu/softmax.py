@@ -11,7 +11,7 @@ from numba import prange
 
 from .._config import SPATIAL_BLOCK
 from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
-                         safe_shift, wide_vectors)
+                         lse_minus, safe_shift, shift_log_sum, wide_vectors)
 from .stats import spatial_max_sumexp
 
 MODE_LOGSUMEXP = 0
@@ -40,9 +40,9 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         row = x[i, lo:hi]
         orow = out[i, lo:hi]
         if mode == MODE_LOG_SOFTMAX:
-            lse = lse_from_max_sumexp(m, s)
+            a, L = shift_log_sum(m, s)
             for c in range(row.shape[0]):
-                orow[c] = row[c] - lse
+                orow[c] = -lse_minus(a, L, row[c])
         else:
             sh = safe_shift(m)
             inv = inv_sum(m, s)
@@ -70,12 +70,12 @@ def _softmax_spatial(x, out, mode):
                 o0[j] = lse_from_max_sumexp(m[j], s[j])
         elif mode == MODE_LOG_SOFTMAX:
             for j in range(B):
-                m[j] = lse_from_max_sumexp(m[j], s[j])
+                m[j], s[j] = shift_log_sum(m[j], s[j])
             for c in range(C):
                 xc = x[n, c, s0:s1]
                 oc = out[n, c, s0:s1]
                 for j in range(B):
-                    oc[j] = xc[j] - m[j]
+                    oc[j] = -lse_minus(m[j], s[j], xc[j])
         else:
             for j in range(B):
                 s[j] = inv_sum(m[j], s[j])

@@ -12,7 +12,7 @@ from .primitives import (exp_term, merge_max_sumexp, nan_max, row_max_sumexp, sa
                          wide_vectors)
 
 
-@njit(fastmath=FASTMATH, parallel=True, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True, nogil=True)
 def split_row_stats(x, n_chunks, out_m, out_s):
     """(max, sum-exp) of each row of the C-contiguous (N, C) ``x``, each row cut into
     ``n_chunks`` chunks that are reduced in parallel and then merged."""
@@ -33,7 +33,7 @@ def split_row_stats(x, n_chunks, out_m, out_s):
         out_s[i] = s
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model="numpy")
 def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
     """(max, sum-exp) over the class axis of sample ``n`` of the (N, C, S) ``x``, for the
     positions ``s0:s1`` all at once: the inner loops run along the contiguous S axis.  Writes
