@@ -291,3 +291,39 @@ def test_ignore_index_with_probability_targets(rng):
         with pytest.raises(ValueError, match="ignore_index"):
             fastce.cross_entropy(x, p, ignore_index=ii)
     _check(x, p, np.float64, ignore_index=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(1, 10), (32, 10), (7, 300), (3, 1)])
+def test_small_call_fast_path_matches_general_path(shape, reduction, dtype, rng, monkeypatch):
+    """Small, common calls take one jitted entry (``_ce_small``); it must agree with the
+    general path and with torch, masked rows and ignored targets included, and leave errors
+    to the general path."""
+    from fastce import _api
+    x = rng.standard_normal(shape).astype(dtype) * 3
+    if shape[1] > 1:
+        x[0, 0] = -np.inf  # a masked class (an all-masked row differs from torch on purpose)
+    t = rng.integers(0, shape[1], size=shape[0])
+    t[-1] = -100
+    assert _api._ce_small(x, t, -100, reduction, False) is not None  # the fast path applies
+    fast = fastce.cross_entropy(x, t, reduction=reduction)
+    fast_loss, fast_grad = fastce.cross_entropy_with_grad(x, t, reduction=reduction)
+    monkeypatch.setattr(_api, "_ce_small", lambda *a: None)
+    slow = fastce.cross_entropy(x, t, reduction=reduction)
+    slow_loss, slow_grad = fastce.cross_entropy_with_grad(x, t, reduction=reduction)
+    assert type(fast) is type(slow) is dtype
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(fast, slow, rtol=8 * eps)  # the row sum's order may differ
+    np.testing.assert_allclose(fast_loss, slow_loss, rtol=8 * eps)
+    np.testing.assert_array_equal(fast_grad, slow_grad)
+    ref_loss, ref_grad = torch_ce(x, t, reduction=reduction)
+    assert_close(fast, ref_loss, dtype)
+    assert_close(fast_grad, ref_grad, dtype)
+    monkeypatch.undo()
+    bad = t.copy()
+    bad[0] = shape[1]
+    with pytest.raises(IndexError, match=r"target holds class index \d+ at position \(0,\)"):
+        fastce.cross_entropy(x, bad, reduction=reduction)
+    with pytest.raises(IndexError, match="target"):
+        fastce.cross_entropy_with_grad(x, bad, reduction=reduction)
