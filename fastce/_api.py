@@ -263,7 +263,9 @@ def _softmax_family(x, axis, mode):
             x2 = x3.reshape(outer, C)
             n_chunks = _row_chunks(outer, C) if par else 1
             m, s = _split_stats(x2, n_chunks)
-            kern = _sm.softmax_rows if par else _sm.softmax_rows_serial
+            # logsumexp from split statistics is a per-row formula: no second wake-up.
+            serial = not par or (lse and n_chunks > 1)
+            kern = _sm.softmax_rows_serial if serial else _sm.softmax_rows
             kern(x2, out3.reshape(outer, out3.shape[1]), mode, n_chunks, m, s)
         else:
             kern = _sm.softmax_spatial if par else _sm.softmax_spatial_serial
@@ -495,7 +497,10 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
             n_chunks = _row_chunks(N, C) if par else 1
             m, s = _split_stats(x2, n_chunks)
             part = np.empty((N, n_chunks), dt)
-            (_ce.ce_index_rows if par else _ce.ce_index_rows_serial)(
+            # With split statistics the forward has little left to do: the serial twin
+            # saves a second thread-pool wake-up.
+            rows_par = par and (want_grad or n_chunks == 1 or eps > 0)
+            (_ce.ce_index_rows if rows_par else _ce.ce_index_rows_serial)(
                 x2, t_flat, ignore_index, w, dt.type(w_total), eps, gscale, g2, part,
                 n_chunks, m, s)
             loss = part[:, 0] if n_chunks == 1 else part.sum(axis=1)
