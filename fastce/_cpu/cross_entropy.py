@@ -20,10 +20,10 @@ memory and one write.  Targets arrive validated (in range or ``ignore_index``).
 import numpy as np
 from numba import njit, prange
 
-from .._config import FASTMATH, SPATIAL_BLOCK
+from .._config import FASTMATH
 from .primitives import (exp_term, inv_sum, kernel_twins, lse_minus, row_max_sumexp,
                          safe_shift, shift_log_sum, wide_vectors)
-from .stats import spatial_max_sumexp
+from .stats import spatial_block_stats, spatial_blocks
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -126,19 +126,12 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
     one = x.dtype.type(1)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
-    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
-    for u in prange(N * n_blocks):
-        n = u // n_blocks
-        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
-        s1 = min(s0 + SPATIAL_BLOCK, S)
+    for u in prange(spatial_blocks(x)):
+        n, s0, s1, m, s, sh = spatial_block_stats(x, u)
         B = s1 - s0
-        m = np.empty(B, dtype=x.dtype)
-        s = np.empty(B, dtype=x.dtype)
-        sh = np.empty(B, dtype=x.dtype)
         lse = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
         tn = target[n, s0:s1]
-        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         for j in range(B):
             m[j], lse[j] = shift_log_sum(m[j], s[j])  # lse[j] holds L: lse = m + L
         if eps > 0:
@@ -232,18 +225,11 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
-    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
-    for u in prange(N * n_blocks):
-        n = u // n_blocks
-        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
-        s1 = min(s0 + SPATIAL_BLOCK, S)
+    for u in prange(spatial_blocks(x)):
+        n, s0, s1, m, s, sh = spatial_block_stats(x, u)
         B = s1 - s0
-        m = np.empty(B, dtype=x.dtype)
-        s = np.empty(B, dtype=x.dtype)
-        sh = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
         acc_wt = np.zeros(B, dtype=x.dtype)
-        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         L = np.empty(B, dtype=x.dtype)
         for j in range(B):
             m[j], L[j] = shift_log_sum(m[j], s[j])

@@ -6,13 +6,11 @@ is then strided and the kernels vectorize across S instead).  Each kernel reads 
 once from memory for its statistics and, for the elementwise outputs, writes them while the
 row is still in cache.
 """
-import numpy as np
 from numba import prange
 
-from .._config import SPATIAL_BLOCK
-from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, row_max_sumexp,
-                         lse_minus, safe_shift, shift_log_sum, wide_vectors)
-from .stats import spatial_max_sumexp
+from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, lse_minus,
+                         row_max_sumexp, safe_shift, shift_log_sum, wide_vectors)
+from .stats import spatial_block_stats, spatial_blocks
 
 MODE_LOGSUMEXP = 0
 MODE_LOG_SOFTMAX = 1
@@ -54,16 +52,9 @@ def _softmax_spatial(x, out, mode):
     """(N, C, S) layout; ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise."""
     wide_vectors()
     N, C, S = x.shape
-    n_blocks = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
-    for u in prange(N * n_blocks):
-        n = u // n_blocks
-        s0 = (u - n * n_blocks) * SPATIAL_BLOCK
-        s1 = min(s0 + SPATIAL_BLOCK, S)
+    for u in prange(spatial_blocks(x)):
+        n, s0, s1, m, s, sh = spatial_block_stats(x, u)
         B = s1 - s0
-        m = np.empty(B, dtype=x.dtype)
-        s = np.empty(B, dtype=x.dtype)
-        sh = np.empty(B, dtype=x.dtype)
-        spatial_max_sumexp(x, n, s0, s1, m, s, sh)
         if mode == MODE_LOGSUMEXP:
             o0 = out[n, 0, s0:s1]
             for j in range(B):

@@ -7,7 +7,7 @@ run on different threads, and the chunks' partials are merged with the ``-inf``-
 import numpy as np
 from numba import njit, prange
 
-from .._config import FASTMATH
+from .._config import FASTMATH, SPATIAL_BLOCK
 from .primitives import (exp_term, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift,
                          wide_vectors)
 
@@ -59,3 +59,25 @@ def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
         xc = x[n, c, s0:s1]
         for j in range(B):
             s[j] += exp_term(xc[j] - shift[j])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def spatial_blocks(x):
+    """How many work units the (N, C, S) ``x`` splits into: N times the S-blocks."""
+    return x.shape[0] * ((x.shape[2] + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def spatial_block_stats(x, u):
+    """Work unit ``u`` of the (N, C, S) layout: sample ``n``, positions ``s0:s1``, and their
+    statistics ``(m, s, shift)`` from :func:`spatial_max_sumexp` in fresh arrays."""
+    S = x.shape[2]
+    per_sample = (S + SPATIAL_BLOCK - 1) // SPATIAL_BLOCK
+    n = u // per_sample
+    s0 = (u - n * per_sample) * SPATIAL_BLOCK
+    s1 = min(s0 + SPATIAL_BLOCK, S)
+    m = np.empty(s1 - s0, dtype=x.dtype)
+    s = np.empty(s1 - s0, dtype=x.dtype)
+    shift = np.empty(s1 - s0, dtype=x.dtype)
+    spatial_max_sumexp(x, n, s0, s1, m, s, shift)
+    return n, s0, s1, m, s, shift
