@@ -359,6 +359,54 @@ def test_cross_entropy_out_of_range_label(monkeypatch, path):
         fc.cross_entropy_with_grad(dev(x), t * 0 + C, ignore_index=-1)
 
 
+# Logits so large that max + log(sum) rounds log(sum) away: lse - x must be evaluated as
+# (max - x) + log(sum).  float32 stores 1e8 - 1 as 1e8 (target loss log 2).
+BIG_ROWS = {np.float32: [[1e4] * 3, [1e8, 1e8 - 1, 0.0]],
+            np.float64: [[1e300] * 3, [1e4] * 3, [1e8, 1e8 - 1, 0.0]]}
+# The default float32 rtol (2e-5) would pass the old 1.0986328 for log 3 = 1.0986123.
+BIG_TOL = {np.float32: dict(rtol=1e-6, atol=1e-7), np.float64: {}}
+
+
+def _lse_minus_ref(x, axis):
+    """lse - x of the stored values, in float64, as (max - x) + log(sum(exp(x - max)))."""
+    x = x.astype(np.float64)
+    m = x.max(axis, keepdims=True)
+    return (m - x) + np.log(np.exp(x - m).sum(axis, keepdims=True))
+
+
+@pytest.mark.parametrize("kdim", [False, True], ids=["rows", "kdim"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits_keep_log_sum(dtype, kdim):
+    """[1e300]*3 (float64), [1e4]*3 and [1e8, 1e8-1, 0] (float32): cross-entropy log 3 / log 2
+    (not 0, not 1.0986328), log_softmax -log 3; rows (R, C) and K-dim (1, C, R) layouts."""
+    x = np.array(BIG_ROWS[dtype], dtype)
+    R, C = x.shape
+    probs = np.tile(np.array([0.5, 0.25, 0.25], dtype), (R, 1))
+    probs[-1] = [0.5, 0.5, 0.0]
+    t = np.zeros(R, np.int64)
+    ref_d = _lse_minus_ref(x, 1)  # (R, C): lse - x_c
+    if kdim:  # rows along axis 1 of (1, C, R)
+        x, probs, t = (np.ascontiguousarray(a.T[None]) for a in (x, probs, t[:, None]))
+        t = t[:, 0]
+    axis = 1
+    tol = BIG_TOL[dtype]
+    ls = host(fc.log_softmax(dev(x), axis=axis))
+    close(ls, fastce.log_softmax(x, axis=axis), dtype, **tol)
+    close(ls, -(ref_d.T[None] if kdim else ref_d), dtype, **tol)
+    for eps in (0.0, 0.2):
+        kw = dict(reduction="none", label_smoothing=eps)
+        ref_idx = (1 - eps) * ref_d[:, 0] + eps / C * ref_d.sum(1)
+        assert np.isclose(ref_idx[0], np.log(3))  # the reference does not round L away
+        p = probs[0].T if kdim else probs
+        ref_prob = (((1 - eps) * p.astype(np.float64) + eps / C) * ref_d).sum(1)
+        for tgt, ref in ((t, ref_idx), (probs, ref_prob)):
+            got = host(fc.cross_entropy(dev(x), dev(tgt), **kw)).reshape(-1)
+            close(got, fastce.cross_entropy(x, tgt, **kw).reshape(-1), dtype, **tol)
+            close(got, ref, dtype, **tol)
+        loss, _ = fc.cross_entropy_with_grad(dev(x), dev(t), **kw)  # the fused kernel's loss
+        close(host(loss).reshape(-1), ref_idx, dtype, **tol)
+
+
 def test_cross_entropy_edge_cases_and_errors():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 6)).astype(np.float32)

@@ -7,7 +7,8 @@ The math is ``fastce._cpu.cross_entropy``'s, row for row: with ``eps`` the label
     dloss = g * (A * p_c - eps / C * w[c] - (1 - eps) * w[t] * [c == t]),
     A     = (1 - eps) * w[t] + eps / C * sum_c w[c],
 
-where ``g`` is the upstream gradient of the row (divided by the "mean" denominator).  A work
+where ``g`` is the upstream gradient of the row (divided by the "mean" denominator); every
+``lse - x`` is evaluated as ``(max - x) + L`` with ``L = log_sum(max, sum)``.  A work
 unit is a row or a chunk of one (see ``fastce.cuda.kernels.softmax``): pass 1 reads it for the
 (max, sum-exp) pair, pass 2 (only with a gradient or label smoothing) reads it again, still in
 L2 for moderate C, to write the gradient and sum the smoothing term.  ``loss_part[r, k]`` gets
@@ -35,7 +36,7 @@ def build_cross_entropy(P, soft):
         ``prepare_kernel``, ``index_kernel``, ``prob_kernel`` (see their docstrings).
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
-    unit, lse, safe_shift, exp, inv_sum = P.unit, P.lse, P.safe_shift, P.exp, P.inv_sum
+    unit, log_sum, safe_shift, exp, inv_sum = P.unit, P.log_sum, P.safe_shift, P.exp, P.inv_sum
     allreduce_sum2, allreduce_max_sumexp, push = P.allreduce_sum2, P.allreduce_max_sumexp, P.push
     ftype = P.ftype
     unit_stats = soft.unit_stats
@@ -98,13 +99,13 @@ def build_cross_entropy(P, soft):
         # An ignored row reads nothing; it still joins the group's reductions.
         m, acc = unit_stats(x, G, n_split, part_m, part_s, active, lane, r, n, s, lo,
                             hi if active else lo)
-        l = lse(m, acc)
+        L = log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
         w_t = weight[t] if (has_w and active) else ONE
         part = ZERO
         if active and k == 0:
             xt = x[n, t, s]
             # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * (l - xt) if xt != NEG_INF else INF
+            part = keep * w_t * ((m - xt) + L) if xt != NEG_INF else INF
         sm = ZERO
         c = lo + lane
         if active and (want_grad or smooth):
@@ -119,7 +120,7 @@ def build_cross_entropy(P, soft):
                 xc = x[n, c, s]
                 wc = weight[c] if has_w else ONE
                 if smooth:
-                    sm += wc * (l - xc)
+                    sm += wc * ((m - xc) + L)
                 if want_grad:
                     v = ga * (exp(xc - sh) * inv) - ge * wc
                     if c == t:
@@ -156,7 +157,7 @@ def build_cross_entropy(P, soft):
             c += G
         m, acc = allreduce_max_sumexp(m, acc, G)
         tw, _ = allreduce_sum2(tw, ZERO, G)
-        l = lse(m, acc)
+        L = log_sum(m, acc)
         # Pass 2: the loss terms and the gradient.
         g = upstream(gout, g0, r, mean, denom)
         sh = safe_shift(m)
@@ -170,7 +171,7 @@ def build_cross_entropy(P, soft):
             if has_w:
                 wt *= weight[c]
             if wt != ZERO:
-                lsum += wt * (l - xc)
+                lsum += wt * ((m - xc) + L)
             if want_grad:
                 grad[n, c, s] = ga * (exp(xc - sh) * inv) - g * wt
             c += G

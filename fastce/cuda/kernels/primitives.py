@@ -159,8 +159,8 @@ def build_primitives(dtype, shuffle=None):
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
         ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
-        ``safe_shift``, ``lse``, ``inv_sum``, ``merge``, ``push``, ``allreduce_max_sumexp(m, s, G)``,
-        ``allreduce_sum2(a, b, G)``, ``unit``, ``row_stats``.
+        ``safe_shift``, ``log_sum``, ``lse``, ``inv_sum``, ``merge``, ``push``,
+        ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``, ``row_stats``.
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -183,12 +183,20 @@ def build_primitives(dtype, shuffle=None):
         return m if (m != INF and m != NEG_INF) else ZERO
 
     @cuda.jit(device=True)
+    def log_sum(m, s):
+        """``L`` with ``lse = m + L`` (``fastce._cpu.primitives.shift_log_sum``): log(s), or 0
+        when the max is +-inf.  Kernels evaluate ``lse - x`` as ``(m - x) + L``, never as
+        ``(m + L) - x``: with logits of 1e300 (1e8 in float32) ``m + L`` rounds ``L`` away
+        and the loss would be 0 instead of log(C).  A NaN logit makes ``m`` NaN already."""
+        if m == INF or m == NEG_INF:
+            return ZERO
+        return log(s)
+
+    @cuda.jit(device=True)
     def lse(m, s):
         """log-sum-exp from (max, sum of exp(x - safe_shift(max))): -inf for an all-``-inf``
         row, +inf when the max is +inf, NaN when the max is NaN."""
-        if m == INF or m == NEG_INF:
-            return m
-        return m + log(s)
+        return m + log_sum(m, s)
 
     @cuda.jit(device=True)
     def inv_sum(m, s):
@@ -263,7 +271,8 @@ def build_primitives(dtype, shuffle=None):
     return SimpleNamespace(
         dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
-        exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift, lse=lse,
+        exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
+        log_sum=log_sum, lse=lse,
         inv_sum=inv_sum,
         merge=merge, push=push, allreduce_max_sumexp=allreduce_max_sumexp,
         allreduce_sum2=allreduce_sum2, unit=unit, row_stats=row_stats)

@@ -29,7 +29,7 @@ def build_softmax(P):
         part_s)``: ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise.
     """
     unit, row_stats, merge = P.unit, P.row_stats, P.merge
-    lse, safe_shift, exp, inv_sum = P.lse, P.safe_shift, P.exp, P.inv_sum
+    lse, log_sum, safe_shift, exp, inv_sum = P.lse, P.log_sum, P.safe_shift, P.exp, P.inv_sum
     NEG_INF, ZERO = P.NEG_INF, P.ZERO
 
     @cuda.jit(device=True)
@@ -64,10 +64,10 @@ def build_softmax(P):
             if lane == 0 and k == 0:
                 out[n, 0, s] = lse(m, acc)
         elif mode == MODE_LOG_SOFTMAX:
-            l = lse(m, acc)
+            L = log_sum(m, acc)
             c = lo + lane
             while c < hi:
-                out[n, c, s] = x[n, c, s] - l
+                out[n, c, s] = -((m - x[n, c, s]) + L)  # not x - (m + L): see log_sum
                 c += G
         else:
             sh = safe_shift(m)
