@@ -225,10 +225,11 @@ def shift_log_sum(m, s):
     ``(-inf, 0)``; for a row holding ``+inf``, ``(+inf, 0)``, or NaN in ``L`` if a NaN reached
     the sum before the ``+inf``.
     """
-    if m == -np.inf:
-        return m, s - s  # s is 0 here: a typed zero
-    if m == np.inf:
-        return m, s - s  # 0, or NaN
+    if m == -np.inf or m == np.inf:
+        # L = 0 (float32 unifies with s's own type), or NaN if a NaN reached the sum before
+        # the +inf.  The sum itself may be inf for a +inf row (the K-dim kernels shift such a
+        # row by 0): that is no NaN.
+        return m, (s if s != s else np.float32(0))
     return m, np.log(s)
 
 
