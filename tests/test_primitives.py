@@ -1,0 +1,127 @@
+"""The shared CPU numerics (fastce/_cpu/primitives.py) against long-double NumPy references."""
+import numpy as np
+import pytest
+from numba import njit
+
+from fastce._config import FASTMATH
+from fastce._cpu.primitives import (exp, exp_term, log_normal, merge_max_sumexp, nan_max,
+                                    row_max_sumexp, shift_log_sum)
+
+DTYPES = [np.float32, np.float64]
+
+
+def _elementwise(fn):
+    @njit(fastmath=FASTMATH, error_model="numpy")
+    def apply(a, out):
+        for i in range(a.size):
+            out[i] = fn(a[i])
+    return apply
+
+
+_exp = _elementwise(exp)
+_exp_term = _elementwise(exp_term)
+_log = _elementwise(log_normal)
+
+
+def _ulp_error(got, x, ref_fn, dtype):
+    ref = ref_fn(x.astype(np.longdouble))
+    ok = np.isfinite(ref) & (np.abs(ref) >= np.finfo(dtype).tiny)
+    ulp = np.spacing(np.abs(ref[ok]).astype(dtype)).astype(np.longdouble)
+    return float(np.max(np.abs(got[ok].astype(np.longdouble) - ref[ok]) / ulp))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_accuracy_over_the_whole_range(dtype):
+    lo = -104.0 if dtype is np.float32 else -745.0
+    hi = 88.7 if dtype is np.float32 else 709.7
+    x = np.linspace(lo, hi, 400_001).astype(dtype)
+    out = np.empty_like(x)
+    _exp(x, out)
+    assert _ulp_error(out, x, np.exp, dtype) <= (2.0 if dtype is np.float32 else 2.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_special_values(dtype):
+    x = np.array([-np.inf, np.nan, np.inf, 0.0, -800.0, 800.0], dtype)
+    out = np.empty_like(x)
+    _exp(x, out)
+    assert out[0] == 0 and np.isnan(out[1]) and out[2] == np.inf and out[3] == 1
+    assert out[4] == 0 and out[5] == np.inf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_term_accuracy_and_underflow(dtype):
+    x = np.linspace(-80.0, 60.0, 200_001).astype(dtype)
+    out = np.empty_like(x)
+    _exp_term(x, out)
+    ref = np.exp(x.astype(np.longdouble))
+    rel = np.max(np.abs(out - ref) / ref)
+    assert rel <= (2.5e-7 if dtype is np.float32 else 5e-16)
+    special = np.array([-np.inf, -1000.0, np.nan], dtype)
+    out = np.empty_like(special)
+    _exp_term(special, out)
+    assert out[0] == 0 and out[1] == 0 and np.isnan(out[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_normal_accuracy(dtype):
+    x = np.concatenate([np.linspace(1.0, 4.0, 200_001),
+                        np.geomspace(1e-30, 1e30, 200_001)]).astype(dtype)
+    out = np.empty_like(x)
+    _log(x, out)
+    assert _ulp_error(out, x, np.log, dtype) <= 3.0
+    nan = np.array([np.nan], dtype)
+    _log(nan, nan)
+    assert np.isnan(nan[0])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _merge(m1, s1, m2, s2):
+    m, s = merge_max_sumexp(m1, s1, m2, s2)
+    a, L = shift_log_sum(m, s)
+    return m, s, a + L
+
+
+def test_merge_never_forms_inf_minus_inf():
+    # two all-masked partials stay (-inf, 0); a masked partial adds nothing to a finite one
+    m, s, lse = _merge(-np.inf, 0.0, -np.inf, 0.0)
+    assert m == -np.inf and s == 0 and lse == -np.inf
+    m, s, lse = _merge(-np.inf, 0.0, 2.0, 3.0)
+    assert m == 2.0 and s == 3.0 and lse == pytest.approx(2.0 + np.log(3.0))
+    m, s, lse = _merge(1.0, 1.0, 3.0, 1.0)
+    assert lse == pytest.approx(np.log(np.exp(1.0) + np.exp(3.0)), rel=1e-15)
+    assert np.isnan(_merge(np.nan, 1.0, 3.0, 1.0)[2])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _row_lse(row):
+    m, s = row_max_sumexp(row)
+    a, L = shift_log_sum(m, s)
+    return a + L
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_statistics_with_a_rising_shift(dtype, rng=np.random.default_rng(7)):
+    """Later blocks far above the first block's max force the rescaling path; values far
+    below keep the fused path; both must match a long-double reference."""
+    row = rng.standard_normal(10_000).astype(dtype)
+    row[3000:4000] += 70   # beyond the e^62 headroom of the first blocks' shift
+    row[6000:7000] += 30   # within the headroom: summed against the stale shift
+    row[9000] = -np.inf
+    ref = np.log(np.sum(np.exp(row.astype(np.longdouble)[np.isfinite(row)])))
+    assert float(_row_lse(row)) == pytest.approx(float(ref), rel=4 * float(np.finfo(dtype).eps))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _max(a):
+    m = a.dtype.type(-np.inf)
+    for i in range(a.size):
+        m = nan_max(m, a[i])
+    return m
+
+
+def test_nan_max_propagates_nan():
+    a = np.arange(100.0)
+    a[37] = np.nan
+    assert np.isnan(_max(a))
+    assert _max(np.arange(100.0)) == 99.0
