@@ -14,6 +14,7 @@ median over rounds.  Compilation and torch warm-up happen before timing.
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -159,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller big cases (1024 x 32000)")
     ap.add_argument("--micro", action="store_true",
                     help="only the single-thread throughput of the primitives")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run every case in this process (default: one process per case)")
+    ap.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, for a subprocess
     args = ap.parse_args(argv)
     if args.micro:
         return _micro()
@@ -212,23 +216,39 @@ def main(argv=None):
         print(f"{r[0]:<22} {r[1]:<8} {r[2]:>14} {_fmt_time(r[3])} {_fmt_time(r[4])} "
               f"{r[5]:7.2f}x {r[6]:6.2f} {r[7]:7.2f}", flush=True)
 
+    cases = []
+    for dtype in dtypes:
+        cases += [("forward", dtype, (big_n, 32000), "fwd"),
+                  ("forward+grad", dtype, (big_n, 32000), "grad")]
+        cases += [(op, dtype, (big_n, 32000), op)
+                  for op in ("logsumexp", "log_softmax", "softmax")]
+        cases += [("tiny forward", dtype, (1, 10), "fwd", 0.02),
+                  ("tiny forward", dtype, (32, 10), "fwd", 0.02),
+                  ("tiny forward+grad", dtype, (1, 10), "grad", 0.02),
+                  ("tiny forward+grad", dtype, (32, 10), "grad", 0.02),
+                  ("few rows, huge C", dtype, (1, 256000), "fwd"),
+                  ("few rows, huge C", dtype, (2, 128000), "fwd"),
+                  ("K-dim forward", dtype, (8, 21, 128, 128), "fwd"),
+                  ("K-dim forward+grad", dtype, (8, 21, 128, 128), "grad")]
+    if args.case is not None:
+        case(*cases[args.case])
+        return rows
+
     print(f"numba threads: {get_num_threads()}, torch threads: {torch.get_num_threads()}, "
-          f"rounds: {args.rounds} (median)")
+          f"rounds: {args.rounds} (median), "
+          f"{'one process' if args.same_process else 'a fresh process per case'}")
     print(f"{'case':<22} {'dtype':<8} {'shape':>14} {'fastce':>11} {'torch':>11} "
           f"{'speedup':>8} {'roof':>6} {'GB/s':>7}")
-    for dtype in dtypes:
-        case("forward", dtype, (big_n, 32000), "fwd")
-        case("forward+grad", dtype, (big_n, 32000), "grad")
-        for op in ("logsumexp", "log_softmax", "softmax"):
-            case(op, dtype, (big_n, 32000), op)
-        case("tiny forward", dtype, (1, 10), "fwd", 0.02)
-        case("tiny forward", dtype, (32, 10), "fwd", 0.02)
-        case("tiny forward+grad", dtype, (1, 10), "grad", 0.02)
-        case("tiny forward+grad", dtype, (32, 10), "grad", 0.02)
-        case("few rows, huge C", dtype, (1, 256000), "fwd")
-        case("few rows, huge C", dtype, (2, 128000), "fwd")
-        case("K-dim forward", dtype, (8, 21, 128, 128), "fwd")
-        case("K-dim forward+grad", dtype, (8, 21, 128, 128), "grad")
+    for i, c in enumerate(cases):
+        if args.same_process:
+            case(*c)
+        else:
+            # A fresh process per case, as asv does: what one case leaves behind (freed
+            # half-gigabyte arrays, torch's spinning OpenMP workers) once made the next
+            # case's numbers swing 3x.
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--case", str(i),
+                            "--rounds", str(args.rounds), "--dtype", args.dtype]
+                           + (["--quick"] if args.quick else []), check=True)
     print("speedup = torch time / fastce time; roof = roof time / fastce time (1.0 = at the "
           "roof: a parallel read for forward/logsumexp, a parallel read+write into a "
           "preallocated array otherwise); GB/s = logits bytes / fastce time.")

@@ -253,13 +253,13 @@ def test_denormals(dtype, rng):
                  torch_ce(x, np.array([0, 2]), reduction="none")[0], dtype)
 
 
-@pytest.mark.parametrize("C", [32000, 1_000_000])
+@pytest.mark.parametrize("C", [32000, 128000, 1_000_000])
 @pytest.mark.parametrize("threads", [None, 1])
 def test_float32_accuracy_large_C(C, threads):
     """float32 within 1e-6 relative of the float64 result on the same values: the sum-exp
     accumulation must not drift (one long row; with one thread it is summed serially)."""
     rng = np.random.default_rng(C)
-    rows = 3 if C == 32000 else 1
+    rows = 3 if C <= 128000 else 1
     x = (rng.standard_normal((rows, C)) * 4).astype(np.float32)
     x64 = x.astype(np.float64)
     m = x64.max(1, keepdims=True)
@@ -712,3 +712,20 @@ def test_fuzz_bce(ndim, dims, dtype, logits, layout, wshape, reduction, seed):
     ref = (tf.binary_cross_entropy_with_logits if logits else tf.binary_cross_entropy)(
         t64(x64), t64(y64), weight=None if w64 is None else t64(w64), reduction=reduction).numpy()
     _finite_compare(out, ref, dtype)
+
+
+@pytest.mark.parametrize("C", [32000, 128000])
+def test_float64_accuracy_large_C(C):
+    """float64 loss and logsumexp within 1e-13 relative of a long-double reference."""
+    rng = np.random.default_rng(C + 1)
+    x = rng.standard_normal((2, C)) * 4
+    xl = x.astype(np.longdouble)
+    m = xl.max(1, keepdims=True)
+    ref = (m + np.log(np.exp(xl - m).sum(1, keepdims=True)))[:, 0]
+    t = rng.integers(0, C, 2)
+    np.testing.assert_allclose(fastce.logsumexp(x), ref.astype(np.float64), rtol=1e-13)
+    loss_ref = (ref - xl[np.arange(2), t]).astype(np.float64)
+    np.testing.assert_allclose(fastce.cross_entropy(x, t, reduction="none"), loss_ref,
+                               rtol=1e-13)
+    np.testing.assert_allclose(fastce.cross_entropy_with_grad(x, t, reduction="none")[0],
+                               loss_ref, rtol=1e-13)
