@@ -77,7 +77,10 @@ def _report_bad_value(bad, flat, shape, name, what):
 
 
 def _is_cuda(a):
-    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+    # __cuda_ndarray__ marks Numba device arrays, including the CUDA simulator's, which
+    # have no __cuda_array_interface__ (numba #7505).
+    return not isinstance(a, np.ndarray) and (hasattr(a, "__cuda_array_interface__")
+                                              or getattr(a, "__cuda_ndarray__", False) is True)
 
 
 def _cuda():
