@@ -1,13 +1,14 @@
-"""Numeric primitives shared by every CPU kernel: a vectorizing exp, a NaN-propagating max, and
-the ``-inf``-safe (max, sum-exp) algebra.
+"""Numeric primitives shared by every CPU kernel: a vectorizing exp and log, a NaN-propagating
+max, and the ``-inf``-safe (shift, sum-exp) algebra.
 
 Why hand-written: numba has no SVML, so ``np.exp`` in a loop is split back into scalar ``expf``
 calls and dominates the runtime; and ``max``/``if v > m`` never vectorize (numba #5067).  The
 functions here compile to straight-line LLVM IR that the loop vectorizer turns into AVX-512.
 
-A row's log-sum-exp is kept as the pair ``(m, s)`` = (max, sum of exp(x - m)).  Pairs from
-different blocks, chunks or shards merge exactly (:func:`merge_max_sumexp`), which is what the
-split-row kernels use today and what vocabulary sharding will use tomorrow.
+A row's log-sum-exp is kept as the pair ``(m, s)``: a shift ``m`` (a block max, never above
+the row's max and at most e^62 below it) and ``s = sum(exp(x - m))``.  Pairs from different
+blocks, chunks or shards merge exactly (:func:`merge_max_sumexp`), which is what the split-row
+kernels use today and what vocabulary sharding will use tomorrow.
 """
 import math
 import types as pytypes
@@ -20,8 +21,9 @@ from numba.extending import intrinsic, overload
 
 from .._config import CLASS_BLOCK, FASTMATH
 
-__all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term", "log_normal", "safe_shift", "inv_sum",
-           "lse_from_max_sumexp", "shift_log_sum", "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
+__all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
+           "log_normal", "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum",
+           "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
 
 
 @intrinsic
@@ -317,11 +319,11 @@ def safe_shift(m):
 def shift_log_sum(m, s):
     """Split log-sum-exp into ``(a, L)`` with ``lse = a + L``, from a (shift, sum) pair.
 
-    Callers compute ``lse - x`` with :func:`lse_minus` as ``(a - x) + L``, never as
-    ``(a + L) - x``: with logits of 1e300 (or 1e8 in float32) ``a + L`` rounds
-    ``L = log(sum)`` away and the loss would come out 0 instead of log(C).  ``a`` is the shift, ``L = log(s)``; for an all-``-inf`` row
-    ``(-inf, 0)``; for a row holding ``+inf``, ``(+inf, 0)``, or NaN in ``L`` if a NaN reached
-    the sum before the ``+inf``.
+    ``a`` is the shift, ``L = log(s)``; for an all-``-inf`` row ``(-inf, 0)``; for a row
+    holding ``+inf``, ``(+inf, 0)``, or NaN in ``L`` if a NaN reached the sum before the
+    ``+inf``.  Callers compute ``lse - x`` with :func:`lse_minus` as ``(a - x) + L``, never as
+    ``(a + L) - x``: with logits of 1e300 (or 1e8 in float32) ``a + L`` rounds ``L`` away and
+    the loss would come out 0 instead of log(C).
     """
     # Branch-free, so that the K-dim kernels' loop over positions vectorizes: log_normal is
     # valid here because a finite shift is the max of some value, whose term is exp(0) = 1,
@@ -401,9 +403,9 @@ def row_max_sumexp(row):
     """(shift, sum-exp) of the contiguous 1-D ``row``, reading memory once:
     ``logsumexp(row) = shift + log(sum)``.
 
-    The shift is a block max of the row: never above the row's max, and never more than
-    e^62 (float32) below any of its values, so no term can overflow or lose the row's
-    largest terms to underflow.  It is +inf or NaN when the row holds one, and -inf when
+    The shift is a block max of the row: never above the row's max, and no value lies more
+    than 62 (float32; 485 for float64) above it, so no term can overflow, and the row's
+    largest terms never underflow.  It is +inf or NaN when the row holds one, and -inf when
     every value is -inf (the sum is then 0).
 
     The row is walked in blocks of ``CLASS_BLOCK``.  Once a finite shift is known, each block
