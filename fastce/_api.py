@@ -396,6 +396,10 @@ _I64 = np.dtype(np.int64)
 _SCALAR = {_F32: np.float32, _F64: np.float64}
 
 
+def _few_classes_many_rows(N, C):
+    return C <= _config.FEW_CLASSES and N >= _config.FEW_CLASSES_MIN_ROWS
+
+
 def _ce_small(logits, target, ignore_index, reduction, want_grad):
     """The common small call in one jitted entry (``ce_index_small``), or None when the call
     is not one: C-contiguous native float32/float64 (N, C) logits below the parallel size,
@@ -413,7 +417,8 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad):
             and target.ndim == 1 and len(logits) == len(target)
             and 0 < logits.size < _config.PARALLEL_MIN_ELEMENTS
             and logits.flags.c_contiguous and target.flags.c_contiguous
-            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")):
+            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
+            and not _few_classes_many_rows(*logits.shape)):
         return None
     if want_grad:
         grad = np.empty(logits.shape, dt)
@@ -489,7 +494,23 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         gscale = _EMPTY[dt]
         grad = None
 
-    if S == 1:
+    if S == 1 and _few_classes_many_rows(N, C):
+        # A row's fixed cost (~90 ns) outweighs the work of a few classes: run the rows as the
+        # K-dim layout (1, C, N), vectorized across rows, at the price of an N x C copy.
+        xT = np.ascontiguousarray(x3.reshape(N, C).T).reshape(1, C, N)
+        gT = np.empty((1, C, N), dt) if want_grad else _EMPTY_2D[dt].reshape(0, 0, 0)
+        loss = np.empty((1, N), dt)
+        if prob.probs:
+            tT = np.ascontiguousarray(t3.reshape(N, C).T).reshape(1, C, N)
+            (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
+                xT, tT, w, eps, gscale, gT, loss)
+        else:
+            (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
+                xT, t_flat.reshape(1, N), ignore_index, w, dt.type(w_total), eps, gscale, gT,
+                loss)
+        if want_grad:
+            grad.reshape(N, C)[...] = gT.reshape(C, N).T
+    elif S == 1:
         x2 = x3.reshape(N, C)
         g2 = grad.reshape(N, C) if want_grad else _EMPTY_2D[dt]
         if prob.probs:

@@ -327,3 +327,27 @@ def test_small_call_fast_path_matches_general_path(shape, reduction, dtype, rng,
         fastce.cross_entropy(x, bad, reduction=reduction)
     with pytest.raises(IndexError, match="target"):
         fastce.cross_entropy_with_grad(x, bad, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C,N", [(1, 64), (2, 64), (10, 1000), (16, 300), (17, 300)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_few_classes_many_rows(C, N, reduction, probs, dtype, rng):
+    """(N, C) inputs with few classes run transposed through the K-dim kernels (see
+    ``_config.FEW_CLASSES``); C = 17 stays on the rows kernels.  Same results either way."""
+    x = rng.standard_normal((N, C)).astype(dtype) * 3
+    w = (rng.random(C) + 0.1).astype(dtype)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.2)
+    if probs:
+        t = random_probs(rng, (N, C), dtype, axis=1)
+    else:
+        t = rng.integers(0, C, N)
+        t[5] = -100
+    go = rng.random(N).astype(dtype) if reduction == "none" else None
+    loss, grad = fastce.cross_entropy_with_grad(x, t, grad_output=go, **kw)
+    ref_loss, ref_grad = torch_ce(x, t, grad_output=go, **kw)
+    assert grad.flags.c_contiguous and grad.shape == (N, C)
+    assert_close(loss, ref_loss, dtype)
+    assert_close(grad, ref_grad, dtype)
+    assert_close(fastce.cross_entropy(x, t, **kw), ref_loss, dtype)
