@@ -405,14 +405,9 @@ _SHORT_ROW = 64
 
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _short_row_max_sumexp(row):
-    """:func:`row_max_sumexp` for a short row: its max, then its exp-sum (plain loops)."""
-    m = row.dtype.type(-np.inf)
-    for i in range(row.shape[0]):
-        m = nan_max(m, row[i])
-    s = row.dtype.type(0)
-    if m > -np.inf and m < np.inf:
-        for i in range(row.shape[0]):
-            s += exp_term(row[i] - m)
+    """:func:`row_max_sumexp` for a short row: its max, then its exp-sum."""
+    m = _block_max(row)
+    s = _block_sumexp(row, m) if (m > -np.inf and m < np.inf) else row.dtype.type(0)
     return m, s
 
 
