@@ -4,7 +4,7 @@ Every value here was chosen by measurement on the project's 2-vCPU znver4 machin
 ``docs/performance.md`` for the figures.
 """
 
-# LLVM fast-math flags for every CPU kernel.  Deliberately NOT ``fastmath=True``: that implies
+# LLVM fast-math flags for every CPU kernel.  Deliberately not numba's blanket fast-math: that implies
 # ``nnan``/``ninf``, which lets LLVM fold away the ``-inf``/NaN guards that masked logits rely on.
 # ``reassoc`` is what lets the sum reductions vectorize; ``contract`` allows FMA.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
