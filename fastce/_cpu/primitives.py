@@ -155,6 +155,22 @@ def _frexp_sqrt2(typingctx, x):
     return types.UniTuple(x, 2)(x), codegen
 
 
+def _by_dtype(stub, impl_f32, impl_f64):
+    """Make the jitted-code-only ``stub`` call ``impl_f32`` or ``impl_f64`` by argument type.
+
+    The implementations keep their own fast-math flags ("contract" only, see ``_make_exp``):
+    they are separate functions that LLVM inlines, not IR inlined into the caller.
+    """
+    @overload(stub, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+    def _impl(x):
+        if x == types.float32:
+            return lambda x: impl_f32(x)
+        if x == types.float64:
+            return lambda x: impl_f64(x)
+        return None
+    return _impl
+
+
 def _make_log(dtype, n_terms):
     ln2_hi = dtype(0.693359375) if dtype is np.float32 else dtype(6.93147180369123816490e-01)
     ln2_lo = dtype(-2.12194440e-4) if dtype is np.float32 else dtype(1.90821492927058770002e-10)
@@ -188,13 +204,7 @@ def log_normal(x):
     raise NotImplementedError("fastce._cpu.primitives.log_normal is for jitted code")
 
 
-@overload(log_normal, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
-def _log_normal_overload(x):
-    if x == types.float32:
-        return lambda x: _log_f32(x)
-    if x == types.float64:
-        return lambda x: _log_f64(x)
-    return None
+_by_dtype(log_normal, _log_f32, _log_f64)
 
 
 # Cody-Waite reduction: x = n*ln2 + r with |r| <= ln2/2; ln2 split so n*LN2_HI is exact.
@@ -277,13 +287,7 @@ def exp_term(x):
     raise NotImplementedError("fastce._cpu.primitives.exp_term is for jitted code")
 
 
-@overload(exp_term, jit_options={"fastmath": {"contract"}})
-def _exp_term_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_term_f32(x)
-    if x == types.float64:
-        return lambda x: _exp_term_f64(x)
-    return None
+_by_dtype(exp_term, _exp_term_f32, _exp_term_f64)
 
 
 def exp(x):
@@ -295,13 +299,7 @@ def exp(x):
     raise NotImplementedError("fastce._cpu.primitives.exp is for jitted code")
 
 
-@overload(exp, jit_options={"fastmath": {"contract"}})
-def _exp_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_f32(x)
-    if x == types.float64:
-        return lambda x: _exp_f64(x)
-    return None
+_by_dtype(exp, _exp_f32, _exp_f64)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
