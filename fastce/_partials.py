@@ -1,0 +1,131 @@
+"""Host API of the per-(row, class-chunk) partials (kernels in ``fastce._cpu.partials``).
+
+A computation over rows whose classes are split into chunks -- across Dask blocks, machines or
+threads -- runs in three steps, each on NumPy arrays:
+
+1. per chunk, :func:`stat_partials` / :func:`ce_partials`: one small partial row per logits row
+   (the chunk's class offset tells it where the class-index target falls);
+2. :func:`merge`: partials of disjoint chunks of the same rows, stacked on axis 1, merge into
+   one (associative: merge in any tree);
+3. :func:`lse` / :func:`ce_finish`: the finished value per row (and the gradient's per-row
+   factors), then for outputs of the logits' shape a second pass over each chunk
+   (:func:`softmax_chunk`, :func:`ce_grad_chunk`) with the merged row statistics.
+
+Chunks are C-contiguous (rows, classes) arrays in the compute dtype; arguments arrive validated
+(``fastce._validate``) except for the target values, which the partial step checks and reports
+(``first_bad_index``, ``first_bad_probability``).
+"""
+import numpy as np
+
+from ._cpu import partials as _k
+
+CE_FIELDS = _k.CE_FIELDS
+STAT_FIELDS = _k.STAT_FIELDS
+F_WT = _k.F_WT
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
+          np.dtype(np.float64): np.empty(0, np.float64)}
+_NO_G = {k: np.ones(1, k) for k in _EMPTY}
+_NO_COEFS = {k: np.empty((0, 3), k) for k in _EMPTY}
+
+
+def _weight(weight, dtype):
+    return _EMPTY[dtype] if weight is None else np.ascontiguousarray(weight, dtype=dtype)
+
+
+def stat_partials(x):
+    """(R, 2) (shift, sum-exp) partials of the (R, c) chunk ``x``."""
+    out = np.empty((x.shape[0], STAT_FIELDS), x.dtype)
+    _k.stat_partials(np.ascontiguousarray(x), out)
+    return out
+
+
+def ce_partials(x, lo, n_classes, target, weight=None, ignore_index=-100, eps=0.0,
+                probs=False):
+    """(R, 7) cross-entropy partials of the (R, c) chunk ``x`` holding classes
+    ``lo:lo + c`` of ``n_classes``: ``target`` is the rows' class indices (R,) (int64), or with
+    ``probs`` the chunk's probability targets (R, c); ``weight`` the chunk's class weights (c,)
+    or None."""
+    x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], CE_FIELDS), x.dtype)
+    w = _weight(weight, x.dtype)
+    if probs:
+        _k.ce_prob_partials(x, np.ascontiguousarray(target, x.dtype), w, n_classes,
+                            float(eps), out)
+    else:
+        _k.ce_index_partials(x, lo, n_classes, np.ascontiguousarray(target, np.int64), w,
+                             ignore_index, float(eps), out)
+    return out
+
+
+def merge(parts):
+    """Merge partials stacked on axis 1, (R, k, F) -> (R, F)."""
+    parts = np.ascontiguousarray(parts)
+    out = np.empty((parts.shape[0], parts.shape[2]), parts.dtype)
+    _k.merge_partials(parts, out)
+    return out
+
+
+def lse(stats):
+    """log-sum-exp (R,) of merged partials (R, F)."""
+    out = np.empty(stats.shape[0], stats.dtype)
+    _k.lse_finish(np.ascontiguousarray(stats), out)
+    return out
+
+
+def ce_finish(parts, n_classes, eps=0.0, probs=False, g=None):
+    """Per-row loss (R,) of merged cross-entropy partials (R, 7); with ``g`` (the upstream
+    factor per row (R,), or one for all (1,)) also the gradient's per-row factors (R, 3) for
+    :func:`ce_grad_chunk`."""
+    parts = np.ascontiguousarray(parts)
+    dt = parts.dtype
+    loss = np.empty(parts.shape[0], dt)
+    if g is None:
+        _k.ce_finish(parts, probs, float(eps), n_classes, _NO_G[dt], loss, _NO_COEFS[dt])
+        return loss
+    coefs = np.empty((parts.shape[0], 3), dt)
+    _k.ce_finish(parts, probs, float(eps), n_classes, np.ascontiguousarray(g, dt).reshape(-1),
+                 loss, coefs)
+    return loss, coefs
+
+
+def softmax_chunk(x, stats, log):
+    """log_softmax (``log``) or softmax of the (R, c) chunk ``x`` given its rows' merged
+    partials ``stats`` (R, F)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty(x.shape, x.dtype)
+    _k.softmax_chunk(x, np.ascontiguousarray(stats), log, out)
+    return out
+
+
+def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_index=-100,
+                  eps=0.0, probs=False):
+    """Gradient (R, c) of the chunk ``x`` (classes ``lo:lo + c``), from the rows' merged
+    partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`."""
+    x = np.ascontiguousarray(x)
+    out = np.empty(x.shape, x.dtype)
+    w = _weight(weight, x.dtype)
+    parts = np.ascontiguousarray(parts)
+    coefs = np.ascontiguousarray(coefs)
+    if probs:
+        _k.ce_prob_grad(x, np.ascontiguousarray(target, x.dtype), w, n_classes, float(eps),
+                        parts, coefs, out)
+    else:
+        _k.ce_index_grad(x, lo, np.ascontiguousarray(target, np.int64), w, ignore_index,
+                         parts, coefs, out)
+    return out
+
+
+def first_bad_index(target, n_classes, ignore_index):
+    """Flat position of the first class index outside [0, n_classes) that is not
+    ``ignore_index``, or -1."""
+    t = np.asarray(target).reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    return int(np.argmax(bad)) if bad.any() else -1
+
+
+def first_bad_probability(target):
+    """Flat position of the first probability target that is NaN, infinite or negative, or -1."""
+    t = np.asarray(target).reshape(-1)
+    bad = ~(np.isfinite(t) & (t >= 0))
+    return int(np.argmax(bad)) if bad.any() else -1
