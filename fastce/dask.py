@@ -93,8 +93,8 @@ def _stat_block(x):
     return P.stat_partials(_as_2d(x)).reshape(x.shape[:-1] + (1, P.STAT_FIELDS))
 
 
-def _ce_index_block(x, cls, t, w, *, n_classes, ignore_index, eps):
-    lo = int(cls[0]) if cls.shape[0] else 0
+def _ce_index_block(x, lo, t, w, *, n_classes, ignore_index, eps):
+    lo = int(lo[0])
     parts = P.ce_partials(_as_2d(x), lo, n_classes, t.reshape(-1), w, ignore_index, eps)
     return parts.reshape(x.shape[:-1] + (1, P.CE_FIELDS))
 
@@ -136,8 +136,8 @@ def _ce_finish_block(parts, g, *, n_classes, eps, probs):
     return np.concatenate([loss[:, None], coefs], axis=1).reshape(parts.shape[:-1] + (4,))
 
 
-def _ce_index_grad_block(x, cls, t, w, parts, fin, *, n_classes, ignore_index, eps):
-    lo = int(cls[0]) if cls.shape[0] else 0
+def _ce_index_grad_block(x, lo, t, w, parts, fin, *, n_classes, ignore_index, eps):
+    lo = int(lo[0])
     g = P.ce_grad_chunk(_as_2d(x), lo, n_classes, t.reshape(-1),
                         parts.reshape(-1, P.CE_FIELDS), fin.reshape(-1, 4)[:, 1:], w,
                         ignore_index, eps)
@@ -382,7 +382,11 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     w_args = ()
     if weight is not None:
         w_args = (_cast(weight, dt).rechunk((x.chunks[-1],)), (nd - 1,))
-    cls_args = () if prob.probs else (da.arange(C, chunks=(x.chunks[-1],), dtype=np.int64),
+    # Each class chunk's offset, one value per block, embedded in the tasks (no data
+    # dependency): blockwise pairs block k of it with class chunk k (align_arrays=False; the
+    # target and the weight were rechunked to the logits' blocks above).
+    offsets = np.cumsum((0,) + x.chunks[-1][:-1]).astype(np.int64)
+    cls_args = () if prob.probs else (da.from_array(offsets, chunks=1, inline_array=True),
                                       (nd - 1,))
     kw = dict(n_classes=C, eps=eps)
     if not prob.probs:
@@ -391,7 +395,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     parts = da.blockwise(_with_weight(part_fn, weight is not None, n_after=0),
                          ind + (nd,), x, ind, *cls_args, t, t_ind, *w_args,
                          new_axes={nd: P.CE_FIELDS}, adjust_chunks={nd - 1: 1}, dtype=dt,
-                         meta=np.empty((0,) * (nd + 1), dt), token="fastce-ce-partials", **kw)
+                         align_arrays=False, meta=np.empty((0,) * (nd + 1), dt),
+                         token="fastce-ce-partials", **kw)
     merged = _merge_tree(parts, split_every)
 
     if not prob.probs:
@@ -426,7 +431,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     grad_fn = _ce_prob_grad_block if prob.probs else _ce_index_grad_block
     grad = da.blockwise(_with_weight(grad_fn, weight is not None, n_after=2),
                         ind, x, ind, *cls_args, t, t_ind, *w_args, merged, row_ind + (nd,),
-                        fin, row_ind + (nd + 1,), dtype=dt, concatenate=True,
+                        fin, row_ind + (nd + 1,), dtype=dt, concatenate=True, align_arrays=False,
                         meta=np.empty((0,) * nd, dt), token="fastce-ce-grad", **kw)
     grad = grad[0] if logits.ndim == 1 else da.moveaxis(grad, -1, 1)
     return out, _cast(grad, out_dt)
