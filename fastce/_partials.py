@@ -11,11 +11,13 @@ threads -- runs in three steps, each on NumPy arrays:
    factors), then for outputs of the logits' shape a second pass over each chunk
    (:func:`softmax_chunk`, :func:`ce_grad_chunk`) with the merged row statistics.
 
-Chunks are C-contiguous (rows, classes) arrays in the compute dtype; arguments arrive validated
+Chunks are (rows, classes) arrays in the compute dtype (read in place when their rows are
+contiguous); arguments arrive validated
 (``fastce._validate``) except for the target values, which the partial step checks and reports
 (``first_bad_index``, ``first_bad_probability``).
 """
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ._cpu import partials as _k
 
@@ -29,14 +31,34 @@ _NO_G = {k: np.ones(1, k) for k in _EMPTY}
 _NO_COEFS = {k: np.empty((0, 3), k) for k in _EMPTY}
 
 
+def _rows(x, dtype=None):
+    """The 2-D chunk ``x`` as ``(flat, (rows, classes, stride))``, row i at
+    ``flat[i * stride : i * stride + classes]``.  A chunk whose rows are contiguous -- a block
+    cut from a wider C-contiguous array, as Dask's ``from_array`` hands them out -- is read in
+    place through a 1-D view spanning it; anything else is copied C-contiguous first."""
+    x = np.asarray(x)
+    if dtype is not None and x.dtype != dtype:
+        x = x.astype(dtype)
+    R, c = x.shape
+    item = x.itemsize
+    if (R > 0 and c > 0 and x.dtype.isnative and x.strides[1] == item
+            and x.strides[0] % item == 0 and x.strides[0] >= c * item):
+        stride = x.strides[0] // item
+        span = (R - 1) * stride + c
+        return as_strided(x, shape=(span,), strides=(item,), writeable=False), (R, c, stride)
+    x = np.ascontiguousarray(x)
+    return x.reshape(-1), (R, c, c)
+
+
 def _weight(weight, dtype):
     return _EMPTY[dtype] if weight is None else np.ascontiguousarray(weight, dtype=dtype)
 
 
 def stat_partials(x):
     """(R, 2) (shift, sum-exp) partials of the (R, c) chunk ``x``."""
-    out = np.empty((x.shape[0], STAT_FIELDS), x.dtype)
-    _k.stat_partials(np.ascontiguousarray(x), out)
+    flat, layout = _rows(x)
+    out = np.empty((layout[0], STAT_FIELDS), flat.dtype)
+    _k.stat_partials(flat, layout, out)
     return out
 
 
@@ -46,15 +68,15 @@ def ce_partials(x, lo, n_classes, target, weight=None, ignore_index=-100, eps=0.
     ``lo:lo + c`` of ``n_classes``: ``target`` is the rows' class indices (R,) (int64), or with
     ``probs`` the chunk's probability targets (R, c); ``weight`` the chunk's class weights (c,)
     or None."""
-    x = np.ascontiguousarray(x)
-    out = np.empty((x.shape[0], CE_FIELDS), x.dtype)
-    w = _weight(weight, x.dtype)
+    flat, layout = _rows(x)
+    out = np.empty((layout[0], CE_FIELDS), flat.dtype)
+    w = _weight(weight, flat.dtype)
     if probs:
-        _k.ce_prob_partials(x, np.ascontiguousarray(target, x.dtype), w, n_classes,
-                            float(eps), out)
+        t_flat, t_layout = _rows(target, flat.dtype)
+        _k.ce_prob_partials(flat, layout, t_flat, t_layout, w, n_classes, float(eps), out)
     else:
-        _k.ce_index_partials(x, lo, n_classes, np.ascontiguousarray(target, np.int64), w,
-                             ignore_index, float(eps), out)
+        _k.ce_index_partials(flat, layout, lo, n_classes, np.ascontiguousarray(target, np.int64),
+                             w, ignore_index, float(eps), out)
     return out
 
 
@@ -92,9 +114,9 @@ def ce_finish(parts, n_classes, eps=0.0, probs=False, g=None):
 def softmax_chunk(x, stats, log):
     """log_softmax (``log``) or softmax of the (R, c) chunk ``x`` given its rows' merged
     partials ``stats`` (R, F)."""
-    x = np.ascontiguousarray(x)
-    out = np.empty(x.shape, x.dtype)
-    _k.softmax_chunk(x, np.ascontiguousarray(stats), log, out)
+    flat, layout = _rows(x)
+    out = np.empty(layout[:2], flat.dtype)
+    _k.softmax_chunk(flat, layout, np.ascontiguousarray(stats), log, out)
     return out
 
 
@@ -102,17 +124,18 @@ def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_in
                   eps=0.0, probs=False):
     """Gradient (R, c) of the chunk ``x`` (classes ``lo:lo + c``), from the rows' merged
     partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`."""
-    x = np.ascontiguousarray(x)
-    out = np.empty(x.shape, x.dtype)
-    w = _weight(weight, x.dtype)
+    flat, layout = _rows(x)
+    out = np.empty(layout[:2], flat.dtype)
+    w = _weight(weight, flat.dtype)
     parts = np.ascontiguousarray(parts)
     coefs = np.ascontiguousarray(coefs)
     if probs:
-        _k.ce_prob_grad(x, np.ascontiguousarray(target, x.dtype), w, n_classes, float(eps),
-                        parts, coefs, out)
+        t_flat, t_layout = _rows(target, flat.dtype)
+        _k.ce_prob_grad(flat, layout, t_flat, t_layout, w, n_classes, float(eps), parts, coefs,
+                        out)
     else:
-        _k.ce_index_grad(x, lo, np.ascontiguousarray(target, np.int64), w, ignore_index,
-                         parts, coefs, out)
+        _k.ce_index_grad(flat, layout, lo, np.ascontiguousarray(target, np.int64), w,
+                         ignore_index, parts, coefs, out)
     return out
 
 

@@ -86,7 +86,9 @@ def _rows(shape):
 
 
 def _as_2d(x):
-    return np.ascontiguousarray(x).reshape(_rows(x.shape[:-1]), x.shape[-1])
+    """The block as (rows, classes): a view when it can be one (the kernels read rows in
+    place, see ``fastce._partials``)."""
+    return x.reshape(_rows(x.shape[:-1]), x.shape[-1])
 
 
 def _stat_block(x):

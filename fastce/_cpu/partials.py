@@ -34,25 +34,33 @@ CE_FIELDS = 7
 _OPTS = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 
-@njit(**_OPTS)
-def stat_partials(x, out):
-    """(shift, sum-exp) of each row of the C-contiguous (R, c) chunk ``x`` into ``out`` (R, 2)."""
-    for i in range(x.shape[0]):
-        out[i, F_SHIFT], out[i, F_SUM] = row_max_sumexp(x[i])
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _row(x, layout, i):
+    """Row ``i`` of a chunk given as the flat ``x`` and ``layout = (rows, classes, stride)``:
+    ``x[i * stride : i * stride + classes]``, typed C-contiguous so its loops vectorize (a
+    chunk cut from a wider array is read in place, without a copy)."""
+    return x[i * layout[2]:i * layout[2] + layout[1]]
 
 
 @njit(**_OPTS)
-def ce_index_partials(x, lo, n_classes, target, weight, ignore_index, eps, out):
-    """Cross-entropy partials (R, 7) of the (R, c) chunk ``x`` holding classes ``lo:lo + c``
+def stat_partials(x, layout, out):
+    """(shift, sum-exp) of each row of the chunk (``x``, ``layout``) into ``out`` (R, 2)."""
+    for i in range(layout[0]):
+        out[i, F_SHIFT], out[i, F_SUM] = row_max_sumexp(_row(x, layout, i))
+
+
+@njit(**_OPTS)
+def ce_index_partials(x, layout, lo, n_classes, target, weight, ignore_index, eps, out):
+    """Cross-entropy partials (R, 7) of the (R, c) chunk (``x``, ``layout``) holding classes ``lo:lo + c``
     of ``n_classes``, for class-index ``target`` (R,) and the chunk's ``weight`` (c,) (empty:
     unweighted).  ``lin``/``coef`` are filled only with label smoothing (``eps > 0``)."""
     wide_vectors()
-    R, c = x.shape
+    R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     for i in range(R):
-        row = x[i]
+        row = _row(x, layout, i)
         m, s = row_max_sumexp(row)
         out[i, F_SHIFT] = m
         out[i, F_SUM] = s
@@ -81,20 +89,20 @@ def ce_index_partials(x, lo, n_classes, target, weight, ignore_index, eps, out):
 
 
 @njit(**_OPTS)
-def ce_prob_partials(x, target, weight, n_classes, eps, out):
-    """Cross-entropy partials (R, 7) of the (R, c) chunk ``x`` for probability targets
-    ``target`` (R, c) and the chunk's ``weight`` (c,) (empty: unweighted).  A class whose
+def ce_prob_partials(x, layout, target, t_layout, weight, n_classes, eps, out):
+    """Cross-entropy partials (R, 7) of the (R, c) chunk (``x``, ``layout``) for probability
+    targets (``target``, ``t_layout``) (R, c) and the chunk's ``weight`` (c,) (empty: unweighted).  A class whose
     coefficient is 0 contributes nothing, even at a ``-inf`` logit (as the in-memory kernel)."""
     wide_vectors()
-    R, c = x.shape
+    R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     eps_c = x.dtype.type(eps / n_classes)
     keep = x.dtype.type(1 - eps)
     for i in range(R):
-        row = x[i]
-        trow = target[i]
+        row = _row(x, layout, i)
+        trow = _row(target, t_layout, i)
         m, s = row_max_sumexp(row)
         r = safe_shift(m)
         lin, coef = zero, zero
@@ -207,14 +215,14 @@ def ce_finish(parts, probs, eps, n_classes, g, loss, coefs):
 
 
 @njit(**_OPTS)
-def softmax_chunk(x, stats, log, out):
-    """log_softmax (``log``) or softmax of the (R, c) chunk ``x`` from its rows' merged
-    (shift, sum) ``stats`` (R, >= 2) into ``out`` (R, c)."""
+def softmax_chunk(x, layout, stats, log, out):
+    """log_softmax (``log``) or softmax of the (R, c) chunk (``x``, ``layout``) from its rows'
+    merged (shift, sum) ``stats`` (R, >= 2) into ``out`` (R, c)."""
     wide_vectors()
-    for i in range(x.shape[0]):
+    for i in range(layout[0]):
         m = stats[i, F_SHIFT]
         s = stats[i, F_SUM]
-        row = x[i]
+        row = _row(x, layout, i)
         orow = out[i]
         if log:
             a, L = shift_log_sum(m, s)
@@ -228,11 +236,12 @@ def softmax_chunk(x, stats, log, out):
 
 
 @njit(**_OPTS)
-def ce_index_grad(x, lo, target, weight, ignore_index, parts, coefs, out):
-    """Gradient of the (R, c) chunk ``x`` (classes ``lo:lo + c``) for class-index targets,
-    from the merged partials ``parts`` and the factors ``coefs`` of :func:`ce_finish`."""
+def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out):
+    """Gradient (R, c) of the chunk (``x``, ``layout``) (classes ``lo:lo + c``) for
+    class-index targets, from the merged partials ``parts`` and the factors ``coefs`` of
+    :func:`ce_finish`."""
     wide_vectors()
-    R, c = x.shape
+    R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     for i in range(R):
         orow = out[i]
@@ -246,7 +255,7 @@ def ce_index_grad(x, lo, target, weight, ignore_index, parts, coefs, out):
         sh = safe_shift(m)
         inv = inv_sum(m, parts[i, F_SUM])
         ga, gb = coefs[i, 0], coefs[i, 1]
-        row = x[i]
+        row = _row(x, layout, i)
         if has_w:
             for k in range(c):
                 orow[k] = ga * (exp_term(row[k] - sh) * inv) - gb * weight[k]
@@ -258,10 +267,11 @@ def ce_index_grad(x, lo, target, weight, ignore_index, parts, coefs, out):
 
 
 @njit(**_OPTS)
-def ce_prob_grad(x, target, weight, n_classes, eps, parts, coefs, out):
-    """Gradient of the (R, c) chunk ``x`` for probability targets (R, c)."""
+def ce_prob_grad(x, layout, target, t_layout, weight, n_classes, eps, parts, coefs, out):
+    """Gradient (R, c) of the chunk (``x``, ``layout``) for probability targets
+    (``target``, ``t_layout``)."""
     wide_vectors()
-    R, c = x.shape
+    R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     one = x.dtype.type(1)
     eps_c = x.dtype.type(eps / n_classes)
@@ -271,8 +281,8 @@ def ce_prob_grad(x, target, weight, n_classes, eps, parts, coefs, out):
         sh = safe_shift(m)
         inv = inv_sum(m, parts[i, F_SUM])
         ga, g = coefs[i, 0], coefs[i, 1]
-        row = x[i]
-        trow = target[i]
+        row = _row(x, layout, i)
+        trow = _row(target, t_layout, i)
         orow = out[i]
         for k in range(c):
             a = (keep * trow[k] + eps_c) * (weight[k] if has_w else one)
