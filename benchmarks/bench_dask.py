@@ -18,7 +18,7 @@ import numpy as np
 from . import common as C
 
 PATHS = ["in-memory", "dask-threads", "dask-1-worker", "dask-2-workers"]
-SHAPES = [(4096, 32000), (8192, 32000)]
+SHAPES = [(4096, 32000), (16384, 32000)]
 CHUNKS = (1024, 16000)   # blocks of 64 MB (float32): 2 class chunks per row
 
 _clusters = {}

@@ -241,9 +241,12 @@ def test_random_chunkings(chunks, split_every, dtype, masked):
     w = (np.random.default_rng(7).random(C) + 0.1).astype(dtype)
     X = da.from_array(x, chunks=chunks)
     kw = dict(weight=w, label_smoothing=0.15, reduction="none")
+    p = make_probs(dtype)
     lazy = [fd.logsumexp(X, split_every=split_every),
-            *fd.cross_entropy_with_grad(X, t, split_every=split_every, **kw)]
-    refs = [fastce.logsumexp(x), *fastce.cross_entropy_with_grad(x, t, **kw)]
+            *fd.cross_entropy_with_grad(X, t, split_every=split_every, **kw),
+            *fd.cross_entropy_with_grad(X, p, split_every=split_every, **kw)]
+    refs = [fastce.logsumexp(x), *fastce.cross_entropy_with_grad(x, t, **kw),
+            *fastce.cross_entropy_with_grad(x, p, **kw)]
     for g, r in zip(dask.compute(*lazy), refs):
         assert_same(g, r, dtype)
 
