@@ -6,9 +6,10 @@ Skipped (NotImplementedError) where dask / distributed are not installed.  The g
 each cluster path starts worker processes and holds a copy of the logits on them.
 
 Run directly for the scaling table of docs/scale-out.md (one process, paths interleaved,
-medians)::
+medians), or for where a cluster call's time goes::
 
     .venv/bin/python -m benchmarks.bench_dask
+    .venv/bin/python -m benchmarks.bench_dask --task-stream
 """
 import atexit
 import time
@@ -130,5 +131,27 @@ def main(repeats=7):
                   f"{med / base:5.2f} x in-memory")
 
 
+def task_stream(shape=(4096, 32000), repeats=3):
+    """Where a cluster call's time goes: wall time against the summed compute and transfer
+    time of its tasks (``distributed.get_task_stream``), for 1 and 2 workers."""
+    from distributed import get_task_stream
+    for path in PATHS[2:]:
+        call = make_case(path, shape)
+        client = _clusters[1 if path == "dask-1-worker" else 2][0]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with get_task_stream(client) as ts:
+                call()
+            wall = time.perf_counter() - start
+            spent = {}
+            for task in ts.data:
+                for ss in task["startstops"]:
+                    spent[ss["action"]] = spent.get(ss["action"], 0.0) + ss["stop"] - ss["start"]
+            print(f"{shape[0]} x {shape[1]}  {path:15s} wall {wall * 1e3:7.1f} ms  tasks: "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(spent.items())))
+    _close_clusters()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    task_stream() if "--task-stream" in sys.argv else main()
