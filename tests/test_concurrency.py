@@ -99,7 +99,7 @@ def test_threads_8x50_parallel_kernels():
         th.join(300)
     assert not errors, errors
     assert sorted(done) == list(range(n_threads))
-    assert fastce._api.threading_layer() in ("omp", "tbb")
+    assert fastce._runtime.threading_layer() in ("omp", "tbb")
 
 
 THREAD_SCRIPT = """
