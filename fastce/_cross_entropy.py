@@ -183,7 +183,7 @@ def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, pa
 
 
 def _choose_layout(prob):
-    if prob.S > 1:
+    if prob.S != 1:                    # K-dim, or no positions at all (S == 0)
         return _spatial_layout
     if _few_classes_many_rows(prob.N, prob.C):
         return _few_classes_layout
