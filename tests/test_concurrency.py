@@ -1,5 +1,5 @@
 """Threads, child processes, the threading layer, the numba cache location, and the import
-footprint (issue 6, "Concurrency and processes").
+footprint.
 
 Everything that needs a fresh interpreter runs in a subprocess; this module does not import
 torch (spawned children re-import it)."""
@@ -9,7 +9,6 @@ import sys
 import textwrap
 import threading
 
-import numba
 import numpy as np
 import pytest
 
