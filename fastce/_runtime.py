@@ -3,8 +3,9 @@ runs the serial or the parallel kernel (and into how many chunks a row is cut), 
 CPU kernels are imported (the stale on-disk cache purge, the fallback when no cache location
 is writable).
 
-Imports nothing from fastce but ``_config`` at module level; the kernels are imported by
-:func:`_import_kernels`, which the front ends call once.
+Imports only ``_config`` and ``_arrays`` at module level; the kernels are imported by
+:func:`_import_kernels`, which the front ends call once, and ``fastce.cuda`` by :func:`_cuda`
+when a device array arrives.
 """
 import hashlib
 import os
@@ -16,9 +17,7 @@ import numba
 import numpy as np
 
 from . import _config
-
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
-          np.dtype(np.float64): np.empty(0, np.float64)}
+from ._arrays import EMPTY
 
 # ---------------------------------------------------------------------------------------------
 # importing the kernels
@@ -201,7 +200,7 @@ def _split_stats(x2, n_chunks):
     each row's (max, sum-exp), merged from its ``n_chunks`` chunks; unused (empty) when rows
     are not split."""
     if n_chunks == 1:
-        empty = _EMPTY[x2.dtype]
+        empty = EMPTY[x2.dtype]
         return empty, empty
     m = np.empty(x2.shape[0], x2.dtype)
     s = np.empty(x2.shape[0], x2.dtype)
