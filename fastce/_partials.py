@@ -19,7 +19,12 @@ contiguous); arguments arrive validated
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ._cpu import partials as _k
+from . import _runtime
+
+# Through the runtime: the stale on-disk cache purge and the no-cache-location fallback run
+# before numba loads these kernels.
+_kernels = _runtime._import_kernels()
+_k = _kernels.partials
 
 CE_FIELDS = _k.CE_FIELDS
 STAT_FIELDS = _k.STAT_FIELDS
@@ -141,14 +146,19 @@ def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_in
 
 def first_bad_index(target, n_classes, ignore_index):
     """Flat position of the first class index outside [0, n_classes) that is not
-    ``ignore_index``, or -1."""
+    ``ignore_index``, or -1 (the in-memory path's check kernel)."""
     t = np.asarray(target).reshape(-1)
-    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
-    return int(np.argmax(bad)) if bad.any() else -1
+    if t.dtype != np.int64:
+        if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
+            t = np.where(t > n_classes, n_classes, t)  # out of range either way; keep it so
+        t = t.astype(np.int64)
+    bad, _ = _kernels.cross_entropy.check_index_target(np.ascontiguousarray(t), n_classes,
+                                                       ignore_index, _EMPTY[np.dtype(np.float64)])
+    return int(bad)
 
 
-def first_bad_probability(target):
-    """Flat position of the first probability target that is NaN, infinite or negative, or -1."""
-    t = np.asarray(target).reshape(-1)
-    bad = ~(np.isfinite(t) & (t >= 0))
-    return int(np.argmax(bad)) if bad.any() else -1
+def first_bad_probability(target, dtype):
+    """The probability targets in ``dtype`` (flat) and the position of the first one that is
+    NaN, infinite or negative, or -1 (the in-memory path's check kernel)."""
+    flat = np.ascontiguousarray(target, dtype=dtype).reshape(-1)
+    return flat, int(_kernels.checks.first_bad_value(flat, 0.0, np.inf))

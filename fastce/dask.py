@@ -25,7 +25,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "(dask[array,distributed])") from exc
 
 from . import _partials as P
-from ._validate import check_axis, compute_dtype, cross_entropy_problem
+from ._validate import (PROB_TARGET_VALUES, check_axis, check_grad_output, check_numeric_dtype,
+                        compute_dtype, cross_entropy_problem, raise_bad_class_index,
+                        raise_bad_value, raise_not_array_like)
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad"]
 
@@ -40,18 +42,11 @@ def _as_dask(a, name):
         try:
             a = np.asarray(a)
         except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be array-like, got {type(a).__name__}: {exc}") from None
+            raise_not_array_like(a, name, exc)
+        check_numeric_dtype(a.dtype, name)
         a = da.from_array(a, chunks=a.shape if a.ndim else ())
-    if a.dtype.kind in "OSUVMmc":
-        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    check_numeric_dtype(a.dtype, name)
     return a
-
-
-def _floating(a, name):
-    if a.dtype.kind == "b":
-        raise TypeError(f"{name} must be a floating-point array (float32 or float64), "
-                        f"got dtype bool")
-    return compute_dtype(a.dtype, name)
 
 
 def _known_chunks(a, name):
@@ -173,7 +168,7 @@ def _rows_layout(x, axis):
 
 def _softmax_family(x, axis, op, split_every):
     x = _as_dask(x, "x")
-    dt = _floating(x, "x")
+    dt = compute_dtype(x.dtype, "x")
     axis = check_axis(axis, x.ndim)
     _known_chunks(x, "x")
     out_dt = _out_dtype(x.dtype)
@@ -294,27 +289,29 @@ def softmax(x, axis=-1, *, split_every=None):
 # cross-entropy
 
 
+def _global_flat_index(bad, block, info):
+    """The flat index, in the whole array, of element ``bad`` of ``block`` (``info``: the
+    array's ``block_info`` entry)."""
+    local = np.unravel_index(bad, block.shape) if block.ndim else ()
+    pos = tuple(int(lo + i) for (lo, _), i in zip(info["array-location"], local))
+    return int(np.ravel_multi_index(pos, info["shape"])) if pos else 0
+
+
 def _check_index_block(t, *, n_classes, ignore_index, block_info=None):
     bad = P.first_bad_index(t, n_classes, ignore_index)
     if bad >= 0:
         info = block_info[0]
-        local = np.unravel_index(bad, t.shape) if t.ndim else ()
-        pos = tuple(int(lo + i) for (lo, _), i in zip(info["array-location"], local))
-        raise IndexError(
-            f"target holds class index {int(t.reshape(-1)[bad])} at position {pos}; "
-            f"class indices must be in [0, {n_classes - 1}] (C={n_classes}) or equal "
-            f"ignore_index={ignore_index}")
+        raise_bad_class_index(t.reshape(-1)[bad], _global_flat_index(bad, t, info),
+                              info["shape"], n_classes, ignore_index)
     return t
 
 
-def _check_prob_block(t, block_info=None):
-    bad = P.first_bad_probability(t)
+def _check_prob_block(t, *, compute, block_info=None):
+    flat, bad = P.first_bad_probability(t, compute)
     if bad >= 0:
         info = block_info[0]
-        local = np.unravel_index(bad, t.shape) if t.ndim else ()
-        pos = tuple(int(lo + i) for (lo, _), i in zip(info["array-location"], local))
-        raise ValueError(f"target must hold class probabilities (finite and >= 0); found "
-                         f"{t.reshape(-1)[bad]!s} at position {pos}")
+        raise_bad_value("target", PROB_TARGET_VALUES[2], flat[bad],
+                        _global_flat_index(bad, t, info), info["shape"])
     return t
 
 
@@ -325,17 +322,14 @@ def _grad_scale(grad_output, reduction, denom, loss_shape, dt, row_chunks):
         if grad_output is None:
             return None
         go = _as_dask(grad_output, "grad_output")
-        if go.shape != tuple(loss_shape):
-            raise ValueError(f"grad_output must have the loss's shape {tuple(loss_shape)} "
-                             f"for reduction='none', got {go.shape}")
         _known_chunks(go, "grad_output")
+        check_grad_output(go.shape, reduction, loss_shape)
         return _cast(go, dt).reshape(tuple(sum(c) for c in row_chunks)).rechunk(row_chunks)
     g0 = 1.0
     if grad_output is not None:
         go = _as_dask(grad_output, "grad_output")
-        if go.size != 1:
-            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
-                             f"got shape {go.shape}")
+        _known_chunks(go, "grad_output")
+        check_grad_output(go.shape, reduction, loss_shape)
         g0 = go.reshape(()).astype(np.float64)
     if reduction == "mean":
         safe = da.where(denom != 0, denom, 1.0)
@@ -347,7 +341,7 @@ def _grad_scale(grad_output, reduction, denom, loss_shape, dt, row_chunks):
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                    grad_output, want_grad, split_every):
     logits = _as_dask(logits, "logits")
-    _floating(logits, "logits")
+    compute_dtype(logits.dtype, "logits")   # non-floating logits: refused before the target
     target = _as_dask(target, "target")
     if weight is not None:
         weight = _as_dask(weight, "weight")
@@ -369,16 +363,14 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     row_ind = ind[:-1]
     row_chunks = x.chunks[:-1]
     if prob.probs:
-        t = _cast(target.map_blocks(_check_prob_block, dtype=target.dtype), dt)
+        t = _cast(target.map_blocks(_check_prob_block, compute=dt, dtype=target.dtype), dt)
         t = (t[None, :] if logits.ndim == 1 else _rows_layout(t, 1)).rechunk(x.chunks)
         t_ind = ind
         denom = float(prob.N * prob.S)
     else:
-        t = target
-        if t.dtype.kind == "u" and t.dtype.itemsize == 8:
-            t = da.where(t > C, C, t)   # out of range either way; keep it so in int64
-        t = t.map_blocks(_check_index_block, n_classes=C, ignore_index=ignore_index,
-                         dtype=t.dtype).astype(np.int64)
+        # Checked block by block before use (a bad index raises before it reaches a kernel).
+        t = target.map_blocks(_check_index_block, n_classes=C, ignore_index=ignore_index,
+                              dtype=target.dtype).astype(np.int64)
         t = t.reshape(tuple(sum(c) for c in row_chunks)).rechunk(row_chunks)
         t_ind = row_ind
     w_args = ()
