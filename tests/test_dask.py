@@ -133,6 +133,7 @@ def test_cross_entropy_index(dtype, chunking, masked, opt):
 
 
 PROB_OPTIONS = {k: v for k, v in OPTIONS.items() if "ignore_index" not in v}
+PROB_OPTIONS["weight-smooth"] = {"weight": True, "label_smoothing": 0.25}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
