@@ -41,7 +41,8 @@ from ._validate import (bce_problem, broadcastable, check_axis, check_reduction,
                         compute_dtype, cross_entropy_problem, split_at_axis)
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
-           "binary_cross_entropy", "binary_cross_entropy_with_logits"]
+           "binary_cross_entropy", "binary_cross_entropy_with_logits",
+           "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits_with_grad"]
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
@@ -664,19 +665,126 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 # binary cross-entropy
 
 
-def _broadcast_flat(a, shape, dt, name):
+def _bce_operand_rows(a, shape, n_rows, dt, name):
+    """A weight-like operand broadcast to ``shape``, as the kernels take it: a (1, C) row
+    shared by every row when it varies along the last axis only, else the full (R, C)."""
     a = _as_array(a, name)
     broadcastable(a.shape, shape, name)
-    return np.ascontiguousarray(np.broadcast_to(a.astype(dt, copy=False), shape)).reshape(-1)
+    C = shape[-1] if len(shape) else 1
+    if all(d == 1 for d in a.shape[:-1]):
+        row = a.reshape(a.shape[-1:]) if a.ndim else a.reshape(1)
+        return np.ascontiguousarray(np.broadcast_to(row.astype(dt, copy=False), (C,))).reshape(1, C)
+    return np.ascontiguousarray(np.broadcast_to(a.astype(dt, copy=False), shape)).reshape(n_rows, C)
 
 
-def _reduce_elementwise(out, shape, reduction, in_dtype):
+def _bce_upstream(grad_output, reduction, shape, dt, n):
+    """(scalar factor, per-element array or None) of the upstream gradient, validated as
+    cross_entropy_with_grad validates it."""
     if reduction == "none":
-        return _result(out.reshape(shape), in_dtype)
-    total = out[(0,) * out.ndim] if out.size == 1 else out.sum(dtype=out.dtype)
+        if grad_output is None:
+            return 1.0, None
+        go = _as_array(grad_output, "grad_output")
+        if go.shape != shape:
+            raise ValueError(f"grad_output must have the loss's shape {shape} "
+                             f"for reduction='none', got {go.shape}")
+        return 1.0, np.ascontiguousarray(go, dtype=dt)
+    g0 = 1.0
+    if grad_output is not None:
+        go = _as_array(grad_output, "grad_output")
+        if go.size != 1:
+            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                             f"got shape {go.shape}")
+        g0 = float(go.reshape(()))
     if reduction == "mean":
-        total = out.dtype.type(total / out.size) if out.size else out.dtype.type(np.nan)
-    return in_dtype.type(total)
+        return (g0 / n if n else 0.0), None
+    return g0, None
+
+
+def _bce_run(input, target, weight, pos_weight, reduction, grad_output, want_grad, logits):
+    """The CPU path of the BCE family: validate, canonical (R, C) views, one fused kernel pass
+    (loss or its partial sums, gradient, data checks), reduce."""
+    input = _as_array(input, "input")
+    target = _as_array(target, "target")
+    dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
+    shape = input.shape
+    n = input.size
+    x = np.ascontiguousarray(input, dtype=dt)
+    y = np.ascontiguousarray(target, dtype=dt)
+    C = shape[-1] if len(shape) else 1
+    R = n // C if C else 0
+    w = None if weight is None else _bce_operand_rows(weight, shape, R, dt, "weight")
+    pw = None
+    if pos_weight is not None:
+        pw = _bce_operand_rows(pos_weight, shape, R, dt, "pos_weight")
+    if want_grad:
+        g, go = _bce_upstream(grad_output, reduction, shape, dt, n)
+    if n == 0:
+        loss = np.empty(shape, dt)
+        grad = np.empty(shape, dt) if want_grad else None
+    else:
+        shared = [a for a in (w, pw) if a is not None and a.shape[0] == 1]
+        if shared and R > 1 and C < _config.BCE_MIN_ROW:
+            # Short rows cost more in loop overhead than a copy of the shared rows.
+            w = None if w is None else np.ascontiguousarray(np.broadcast_to(w, (R, C)))
+            pw = None if pw is None else np.ascontiguousarray(np.broadcast_to(pw, (R, C)))
+            shared = []
+        if not shared:    # nothing repeats per row: one flat row, cut into chunks
+            R, C = 1, n
+        x2 = x.reshape(R, C)
+        y2 = y.reshape(R, C)
+        if w is not None:
+            w = w.reshape(-1, C)
+        if pw is not None:
+            pw = pw.reshape(-1, C)
+        part = np.empty((R, -(-C // _config.BCE_CHUNK)), dt)
+        out = np.empty((R, C), dt) if reduction == "none" else None
+        grad = np.empty((R, C), dt) if want_grad else None
+        go2 = None
+        if want_grad and go is not None:
+            go2 = go.reshape(R, C)
+        kernels = (_bce.bce_with_logits, _bce.bce_with_logits_serial) if logits else \
+            (_bce.bce, _bce.bce_serial)
+        n_bad = kernels[0 if _parallel(n) else 1](
+            x2, y2, w, pw if logits else None, go2 if want_grad else None,
+            dt.type(g) if want_grad else dt.type(1), out, part, grad)
+        if n_bad > 0:
+            _bce_report_bad(input, target, x.reshape(-1), y.reshape(-1), logits)
+        loss = out if out is not None else part
+    in_dtype = input.dtype
+    if reduction == "none":
+        res = _result(loss.reshape(shape), in_dtype)
+    else:
+        total = loss.sum(dtype=np.float64) if loss.size != 1 else float(loss.reshape(()))
+        if reduction == "mean":
+            total = total / n if n else np.nan
+        res = in_dtype.type(dt.type(total))
+    if not want_grad:
+        return res
+    return res, _result(grad.reshape(shape), in_dtype)
+
+
+def _bce_report_bad(input, target, x, y, logits):
+    """Raise the error for the first invalid element, targets first (the kernel only counted
+    them)."""
+    if logits:
+        bad = _first_bad_value(y, -np.inf, np.inf)
+        _report_bad_value(bad, y, target.shape, "target", "finite values (no NaN or inf)")
+    else:
+        bad = _first_bad_value(y, 0.0, 1.0)
+        # torch: "all elements of target should be between 0 and 1"
+        _report_bad_value(bad, y, target.shape, "target", "values in [0, 1]")
+        bad = _bce.first_outside_unit_interval(x)
+        if bad >= 0:
+            pos = tuple(int(i) for i in np.unravel_index(bad, input.shape)) if input.ndim else ()
+            raise ValueError(f"input must hold probabilities in [0, 1]; found {input[pos]!r} at "
+                             f"position {pos}")
+    raise AssertionError("the BCE kernel counted invalid elements that the checks do not find")
+
+
+def _cuda_not_implemented(name, input):
+    if _is_cuda(input):
+        raise NotImplementedError(f"fastce.{name} has no CUDA kernel yet: call it with NumPy "
+                                  f"arrays, or use fastce.cuda's forward-only BCE functions")
 
 
 def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
@@ -715,23 +823,7 @@ def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
     """
     if _is_cuda(input):
         return _cuda().binary_cross_entropy(input, target, weight=weight, reduction=reduction)
-    input = _as_array(input, "input")
-    target = _as_array(target, "target")
-    dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
-    p = np.ascontiguousarray(input, dtype=dt).reshape(-1)
-    y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
-    bad = _first_bad_value(y, 0.0, 1.0)
-    if bad >= 0:   # torch: "all elements of target should be between 0 and 1"
-        _report_bad_value(bad, y, target.shape, "target", "values in [0, 1]")
-    bad = _bce.first_outside_unit_interval(p)
-    if bad >= 0:
-        pos = tuple(int(i) for i in np.unravel_index(bad, input.shape)) if input.ndim else ()
-        raise ValueError(f"input must hold probabilities in [0, 1]; found {input[pos]!r} at "
-                         f"position {pos}")
-    w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")
-    out = np.empty(p.shape, dt)
-    (_bce.bce if _parallel(p.size) else _bce.bce_serial)(p, y, w, out)
-    return _reduce_elementwise(out, input.shape, reduction, input.dtype)
+    return _bce_run(input, target, weight, None, reduction, None, False, False)
 
 
 def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=None,
@@ -769,25 +861,98 @@ def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=N
     if _is_cuda(input):
         return _cuda().binary_cross_entropy_with_logits(
             input, target, weight=weight, pos_weight=pos_weight, reduction=reduction)
-    input = _as_array(input, "input")
-    target = _as_array(target, "target")
-    dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)
-    x = np.ascontiguousarray(input, dtype=dt).reshape(-1)
-    y = np.ascontiguousarray(target, dtype=dt).reshape(-1)
-    bad = _first_bad_value(y, -np.inf, np.inf)
-    if bad >= 0:
-        _report_bad_value(bad, y, target.shape, "target", "finite values (no NaN or inf)")
-    w = _EMPTY[dt] if weight is None else _broadcast_flat(weight, input.shape, dt, "weight")
-    if pos_weight is None:
-        pw = _EMPTY[dt]
-    else:
-        pw = _as_array(pos_weight, "pos_weight")
-        last = input.shape[-1] if input.ndim else 1
-        if pw.ndim <= 1 and pw.size in (1, last) and x.size:
-            broadcastable(pw.shape, input.shape, "pos_weight")
-            pw = np.ascontiguousarray(pw, dtype=dt).reshape(-1)
-        else:
-            pw = _broadcast_flat(pw, input.shape, dt, "pos_weight")
-    out = np.empty(x.shape, dt)
-    (_bce.bce_with_logits if _parallel(x.size) else _bce.bce_with_logits_serial)(x, y, w, pw, out)
-    return _reduce_elementwise(out, input.shape, reduction, input.dtype)
+    return _bce_run(input, target, weight, pos_weight, reduction, None, False, True)
+
+
+def binary_cross_entropy_with_grad(input, target, *, weight=None, reduction="mean",
+                                   grad_output=None):
+    """Binary cross-entropy on probabilities and its gradient with respect to them, in one
+    fused pass.
+
+    Parameters
+    ----------
+    input, target, weight, reduction
+        As in :func:`binary_cross_entropy`.
+    grad_output : array_like or float, optional
+        The upstream gradient: the loss's shape (the input's) for ``reduction='none'``, a
+        scalar otherwise.  Default: ones.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`binary_cross_entropy` returns it.
+    grad_input : ndarray
+        d(sum(grad_output * loss)) / d(input), the input's shape and dtype: what torch's
+        autograd gives, ``grad_output * weight * (p - y) / max((1 - p) p, 1e-12)`` (divided by
+        the element count for 'mean').
+
+    Raises
+    ------
+    ValueError
+        As :func:`binary_cross_entropy`; a ``grad_output`` of the wrong shape.
+    NotImplementedError
+        For a CUDA input: ``fastce.cuda`` has no fused BCE gradient yet.
+
+    Notes
+    -----
+    One read of input and target, one write of the gradient (and of the loss for 'none'):
+    the loss and its derivative come from the same per-element evaluation.  Like torch's
+    backward, the gradient is not that of the clamped loss: at ``p = 0`` or ``1`` it is
+    ``(p - y) * 1e12``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> loss, g = fastce.binary_cross_entropy_with_grad(np.array([0.8, 0.2]), np.array([1.0, 0.0]))
+    >>> round(float(loss), 4), g.round(4)
+    (0.2231, array([-0.625,  0.625]))
+    """
+    _cuda_not_implemented("binary_cross_entropy_with_grad", input)
+    return _bce_run(input, target, weight, None, reduction, grad_output, True, False)
+
+
+def binary_cross_entropy_with_logits_with_grad(input, target, *, weight=None, pos_weight=None,
+                                               reduction="mean", grad_output=None):
+    """Binary cross-entropy on logits and its gradient with respect to the logits, in one
+    fused pass.
+
+    Parameters
+    ----------
+    input, target, weight, pos_weight, reduction
+        As in :func:`binary_cross_entropy_with_logits`.
+    grad_output : array_like or float, optional
+        The upstream gradient: the loss's shape (the input's) for ``reduction='none'``, a
+        scalar otherwise.  Default: ones.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`binary_cross_entropy_with_logits` returns it.
+    grad_input : ndarray
+        d(sum(grad_output * loss)) / d(input), the input's shape and dtype:
+        ``grad_output * weight * (lw * sigmoid(x) - pos_weight * y)`` with
+        ``lw = 1 + (pos_weight - 1) y`` (divided by the element count for 'mean'), as torch's
+        autograd gives it.
+
+    Raises
+    ------
+    ValueError
+        As :func:`binary_cross_entropy_with_logits`; a ``grad_output`` of the wrong shape.
+    NotImplementedError
+        For a CUDA input: ``fastce.cuda`` has no fused BCE gradient yet.
+
+    Notes
+    -----
+    One read of input and target, one write of the gradient (and of the loss for 'none').
+    The sigmoid is evaluated per sign of ``x`` from ``exp(-|x|)``, the one exponential the
+    loss needs too, so the gradient keeps its relative precision where it is small.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> loss, g = fastce.binary_cross_entropy_with_logits_with_grad(np.zeros(2), np.array([1.0, 0.0]))
+    >>> round(float(loss), 4), g
+    (0.6931, array([-0.25,  0.25]))
+    """
+    _cuda_not_implemented("binary_cross_entropy_with_logits_with_grad", input)
+    return _bce_run(input, target, weight, pos_weight, reduction, grad_output, True, True)
