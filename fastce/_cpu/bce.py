@@ -48,6 +48,10 @@ def _like_impl(x, v):
     return None
 
 
+# torch's BCE backward clamps (1 - p) p at EPSILON, a C++ ``float`` 1e-12 in every dtype.
+_TORCH_BCE_EPS = float(np.float32(1e-12))
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", inline="always")
 def bce_element(p, y, pos_weight):
     """torch's BCE on a probability: loss ``(y - 1) max(log1p(-p), -100) - y max(log p, -100)``,
@@ -64,7 +68,7 @@ def bce_element(p, y, pos_weight):
     lq = lq if lq > floor else floor
     loss = (y - one) * lq - y * lp
     den = (one - p) * p
-    eps = _like(p, 1e-12)
+    eps = _like(p, _TORCH_BCE_EPS)
     grad = (p - y) / (den if den > eps else eps)
     ok = (p >= zero) & (p <= one) & (y >= zero) & (y <= one)
     return loss, grad, ok
@@ -77,18 +81,18 @@ def bce_with_logits_element(x, y, pos_weight):
 
         (1 - y) max(x, 0) + pw y max(-x, 0) + lw log1p(exp(-|x|))
 
-    whose terms are all >= 0 for y in [0, 1] and pw >= 0: no cancellation, so the loss keeps
-    its relative precision for large |x| (torch's form loses it where the loss is small).  A
-    term with a zero coefficient is 0 even for an infinite logit: ``x = +inf, y = 1`` costs 0,
+    whose terms (lw = (1 - y) + pw y too) are all >= 0 for y in [0, 1] and pw >= 0: no
+    cancellation, so the loss keeps its relative precision for large |x| (torch's form loses
+    it where the loss is small).  A term with a zero coefficient is 0 even for an infinite logit: ``x = +inf, y = 1`` costs 0,
     not torch's NaN.  Gradient ``lw sigmoid(x) - pw y``, evaluated per sign of x from
     ``q = sigmoid(-|x|)`` without cancellation; valid: ``y`` finite."""
     one = _like(x, 1.0)
     zero = _like(x, 0.0)
     inf = _like(x, np.inf)
     t = exp(-abs(x))
-    lw = one + (pos_weight - one) * y
     neg = one - y
     pos = pos_weight * y
+    lw = neg + pos      # = 1 + (pw - 1) y, without its cancellation for pw y ~ y
     a = x if x > zero else zero
     b = zero - x if x < zero else zero
     # a zero coefficient gives 0, even against an infinite logit
