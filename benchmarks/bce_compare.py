@@ -36,6 +36,7 @@ def main():
     import numba
     import torch
     import fastce
+    import fastce._runtime
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     jax = jnp = None
@@ -120,7 +121,7 @@ def main():
            ("bce_logits", fwd_logits, False), ("bce_logits+grad", grad_logits, False)]
     peers = ["torch", "numpy", "jax"]
     rng = np.random.default_rng(0)
-    print(f"threads={args.threads} numba layer={fastce._api.threading_layer()} "
+    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()} "
           f"jax={'yes' if jax is not None else 'no'}; times in us, peer/fastce ratios "
           f"(> 1: fastce faster)")
     print("| op | dtype | shape | fastce | torch | numpy | jax | % roof |")

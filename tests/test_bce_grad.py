@@ -8,7 +8,7 @@ import pytest
 import fastce
 
 pytest.importorskip("torch")
-from conftest import DTYPES, assert_close, t64, torch, unchanged
+from helpers import DTYPES, assert_close, t64, torch, unchanged
 
 F = torch.nn.functional
 SHAPE = (4, 3, 5)
