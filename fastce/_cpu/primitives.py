@@ -138,17 +138,17 @@ def _frexp_sqrt2(typingctx, x):
         width = x.bitwidth
         ity = ir.IntType(width)
         mant = 23 if width == 32 else 52
-        bias = 127 if width == 32 else 1023
         mant_mask = (1 << mant) - 1
-        one_bits = bias << mant
-        bits = builder.bitcast(xv, ity)
-        e = builder.sub(builder.lshr(bits, ity(mant)), ity(bias))
-        m = builder.bitcast(builder.or_(builder.and_(bits, ity(mant_mask)), ity(one_bits)),
-                            xv.type)
-        # m in [1, 2): halve it above sqrt(2) so that log(m) stays small on both sides of 0.
-        big = builder.fcmp_ordered(">", m, xv.type(1.4142135623730951))
-        m = builder.select(big, builder.fmul(m, xv.type(0.5)), m)
-        e = builder.select(big, builder.add(e, ity(1)), e)
+        # The bits of the smallest m in [sqrt(1/2), 1): mantissa fields from that of the
+        # dtype's sqrt(2) up belong to m/2 with e + 1.  Subtracting them borrows from the
+        # exponent field exactly when the mantissa lies below, so one integer subtraction
+        # does the split and the halving (no compare, no select).
+        sqrt2_bits = int(np.array(math.sqrt(2), np.float32 if width == 32 else np.float64)
+                         .view(np.uint32 if width == 32 else np.uint64))
+        low = ((sqrt2_bits & mant_mask) + 1) | ((127 - 1 if width == 32 else 1023 - 1) << mant)
+        d = builder.sub(builder.bitcast(xv, ity), ity(low))
+        e = builder.ashr(d, ity(mant))
+        m = builder.bitcast(builder.add(builder.and_(d, ity(mant_mask)), ity(low)), xv.type)
         ef = builder.sitofp(e, xv.type)
         return context.make_tuple(builder, sig.return_type, [m, ef])
 
@@ -187,6 +187,7 @@ def _make_log(dtype, n_terms):
     sub_scale = dtype(2.0 ** sub_bits)
     sub_e = dtype(sub_bits)
     tiny = dtype(np.finfo(dtype).tiny)
+    min_exp = dtype(np.finfo(dtype).minexp)
 
     @njit(fastmath={"contract"}, error_model="numpy")
     def _series(num, den, e):
@@ -220,7 +221,10 @@ def _make_log(dtype, n_terms):
         # series as a correction of u's mantissa, so no second division is needed.
         err = x - (u - one)
         m, e = _frexp_sqrt2(u)
-        err = _scale_by_pow2(err, -e)
+        # err * 2**-e in one step: err is 0 wherever -e would leave the normal range (u that
+        # large has no rounding error left in 1 + x), so clamping -e there changes nothing.
+        ne = zero - e
+        err = _scale_by_pow2_normal(err, ne if ne > min_exp else min_exp)
         r = _series((m - one) + err, (m + one) + err, e)
         # x = -1 -> -inf, +inf -> +inf, x < -1 or NaN -> NaN.
         special = -inf if u == zero else (u if u > zero else nan)
