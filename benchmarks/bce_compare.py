@@ -29,8 +29,9 @@ def main():
     t = str(args.threads)
     os.environ["NUMBA_NUM_THREADS"] = t
     os.environ["OMP_NUM_THREADS"] = t
+    multi = "true" if args.threads > 1 else "false"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
+                               f" --xla_cpu_multi_thread_eigen={multi}"
                                f" intra_op_parallelism_threads={t}")
     import numpy as np
     import numba

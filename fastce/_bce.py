@@ -270,7 +270,8 @@ def binary_cross_entropy_with_logits_with_grad(input, target, *, weight=None, po
     Examples
     --------
     >>> import numpy as np, fastce
-    >>> loss, g = fastce.binary_cross_entropy_with_logits_with_grad(np.zeros(2), np.array([1.0, 0.0]))
+    >>> x, y = np.zeros(2), np.array([1.0, 0.0])
+    >>> loss, g = fastce.binary_cross_entropy_with_logits_with_grad(x, y)
     >>> round(float(loss), 4), g
     (0.6931, array([-0.25,  0.25]))
     """

@@ -83,9 +83,10 @@ def bce_with_logits_element(x, y, pos_weight):
 
     whose terms (lw = (1 - y) + pw y too) are all >= 0 for y in [0, 1] and pw >= 0: no
     cancellation, so the loss keeps its relative precision for large |x| (torch's form loses
-    it where the loss is small).  A term with a zero coefficient is 0 even for an infinite logit: ``x = +inf, y = 1`` costs 0,
-    not torch's NaN.  Gradient ``lw sigmoid(x) - pw y``, evaluated per sign of x from
-    ``q = sigmoid(-|x|)`` without cancellation; valid: ``y`` finite."""
+    it where the loss is small).  A term with a zero coefficient is 0 even for an infinite
+    logit: ``x = +inf, y = 1`` costs 0, not torch's NaN.  Gradient ``lw sigmoid(x) - pw y``,
+    evaluated per sign of x from ``q = sigmoid(-|x|)`` without cancellation; valid: ``y``
+    finite."""
     one = _like(x, 1.0)
     zero = _like(x, 0.0)
     inf = _like(x, np.inf)

@@ -22,8 +22,8 @@ from numba.extending import intrinsic, overload
 from .._config import CLASS_BLOCK, FASTMATH, SHORT_ROW
 
 __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
-           "log_normal", "log_nonneg", "log1p_vec", "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum",
-           "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
+           "log_normal", "log_nonneg", "log1p_vec", "safe_shift", "inv_sum",
+           "lse_from_max_sumexp", "shift_log_sum", "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
 
 
 @intrinsic
