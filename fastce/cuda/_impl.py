@@ -37,7 +37,8 @@ from .kernels.bce import build_bce
 from .kernels.cross_entropy import build_cross_entropy
 from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
 from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
-from .kernels.softmax import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX, build_softmax
+from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
+from .kernels.softmax import build_softmax
 
 SIM = bool(config.ENABLE_CUDASIM)
 _REDUCE_ITEMS_PER_THREAD = 8

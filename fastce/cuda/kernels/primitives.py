@@ -1,6 +1,9 @@
 """Device functions shared by every CUDA kernel: the ``-inf``-safe (max, sum-exp) algebra of
 ``fastce._cpu.primitives`` and the group reductions built on one exchange primitive.
 
+The names are the CPU's (``fastce._cpu.primitives``): ``safe_shift``, ``shift_log_sum``,
+``lse_minus``, ``lse_from_max_sumexp``, ``merge_max_sumexp``, ``row_max_sumexp``, ``inv_sum``.
+
 Everything is built per compute dtype by :func:`build_primitives` so that every constant is a
 value of that dtype: a float32 kernel never meets a float64 literal (numba #888), which the PTX
 test checks by grepping for ``.f64``.
@@ -24,6 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 from numba import config, cuda, from_dtype
+
+from .memory import load3, max_nan_f32
 
 __all__ = ["build_primitives", "use_shuffle", "SHARED_MAX_THREADS"]
 
@@ -158,9 +163,11 @@ def build_primitives(dtype, shuffle=None):
     -------
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
-        ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
-        ``safe_shift``, ``log_sum``, ``lse``, ``inv_sum``, ``merge``, ``push``,
-        ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``, ``row_stats``.
+        ``NAN``, ``UNROLL``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
+        ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
+        ``inv_sum``, ``merge_max_sumexp``, ``push_block``,
+        ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
+        ``row_max_sumexp``.
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -171,10 +178,13 @@ def build_primitives(dtype, shuffle=None):
     INF, NEG_INF, NAN = ftype(np.inf), ftype(-np.inf), ftype(np.nan)
     exp, log, log1p = _math_functions(ftype)
 
-    @cuda.jit(device=True)
-    def nan_max(a, b):
-        """max(a, b) that propagates NaN (``max``/``fmaxf`` drop it)."""
-        return a if (a > b or a != a) else b
+    if dtype == np.float32:
+        nan_max = max_nan_f32
+    else:
+        @cuda.jit(device=True)
+        def nan_max(a, b):
+            """max(a, b) that propagates NaN (``max``/``fmax`` drop it)."""
+            return a if (a > b or a != a) else b
 
     @cuda.jit(device=True)
     def safe_shift(m):
@@ -183,20 +193,28 @@ def build_primitives(dtype, shuffle=None):
         return m if (m != INF and m != NEG_INF) else ZERO
 
     @cuda.jit(device=True)
-    def log_sum(m, s):
-        """``L`` with ``lse = m + L`` (``fastce._cpu.primitives.shift_log_sum``): log(s), or 0
-        when the max is +-inf.  Kernels evaluate ``lse - x`` as ``(m - x) + L``, never as
-        ``(m + L) - x``: with logits of 1e300 (1e8 in float32) ``m + L`` rounds ``L`` away
-        and the loss would be 0 instead of log(C).  A NaN logit makes ``m`` NaN already."""
+    def shift_log_sum(m, s):
+        """``(a, L)`` with ``lse = a + L`` from a (max, sum-exp) pair: ``(m, log(s))``, or
+        ``L = 0`` when the max is +-inf (NaN if a NaN reached the sum).  Kernels evaluate
+        ``lse - x`` with :func:`lse_minus` as ``(a - x) + L``, never as ``(a + L) - x``: with
+        logits of 1e300 (1e8 in float32) ``a + L`` rounds ``L`` away and the loss would be 0
+        instead of log(C)."""
         if m == INF or m == NEG_INF:
-            return ZERO
-        return log(s)
+            return m, (s if s != s else ZERO)
+        return m, log(s)
 
     @cuda.jit(device=True)
-    def lse(m, s):
+    def lse_minus(a, L, x):
+        """``lse - x`` as ``(a - x) + L`` (see :func:`shift_log_sum`); NVVM does not
+        reassociate floating point without fast-math, so the grouping stays."""
+        return (a - x) + L
+
+    @cuda.jit(device=True)
+    def lse_from_max_sumexp(m, s):
         """log-sum-exp from (max, sum of exp(x - safe_shift(max))): -inf for an all-``-inf``
-        row, +inf when the max is +inf, NaN when the max is NaN."""
-        return m + log_sum(m, s)
+        row, +inf when the max is +inf, NaN when the max (or the sum) is NaN."""
+        a, L = shift_log_sum(m, s)
+        return a + L
 
     @cuda.jit(device=True)
     def inv_sum(m, s):
@@ -208,31 +226,41 @@ def build_primitives(dtype, shuffle=None):
         return NAN
 
     @cuda.jit(device=True)
-    def merge(m1, s1, m2, s2):
-        """Merge the (max, sum-exp) partials of two disjoint parts of a row.  A partial whose
-        max is -inf keeps its (zero) sum unscaled: ``exp(0 - sh)`` could overflow."""
+    def merge_max_sumexp(m1, s1, m2, s2):
+        """Merge the (max, sum-exp) partials of two disjoint parts of a row, with one exp:
+        the partial holding the larger max is already relative to the merged shift, the
+        other one is rescaled.  A partial whose max is -inf keeps its (zero or NaN) sum
+        unscaled: ``exp(0 - sh)`` could overflow.  Symmetric: ``merge(a, b)`` and
+        ``merge(b, a)`` give the same bits (the butterfly relies on it)."""
         m = nan_max(m1, m2)
-        sh = safe_shift(m)
-        a = s1 * exp(safe_shift(m1) - sh) if m1 != NEG_INF else s1
-        b = s2 * exp(safe_shift(m2) - sh) if m2 != NEG_INF else s2
-        return m, a + b
+        if m1 >= m2:
+            hs, lm, ls = s1, m2, s2
+        else:
+            hs, lm, ls = s2, m1, s1
+        if lm != NEG_INF:
+            ls = ls * exp(safe_shift(lm) - safe_shift(m))
+        return m, hs + ls
 
     @cuda.jit(device=True)
-    def push(m, s, v):
-        """Add one element to a running (max, sum-exp): one exp per element, plus a rescale
-        of the sum when the max grows (or turns NaN)."""
-        mn = nan_max(m, v)
-        if mn != m:
+    def push_block(m, sh, acc, v0, v1, v2, v3):
+        """Add four elements to a running (max, shift, sum-exp): one exp per element, and
+        one rescale of the sum when the block's max exceeds the running one (or is NaN).
+        ``sh`` is ``safe_shift(m)``, kept so that the common path does not recompute it."""
+        bm = nan_max(nan_max(v0, v1), nan_max(v2, v3))
+        if not (bm <= m):
+            mn = nan_max(m, bm)
+            nsh = safe_shift(mn)
             if m != NEG_INF:
-                s = s * exp(safe_shift(m) - safe_shift(mn))
+                acc = acc * exp(sh - nsh)
             m = mn
-        return m, s + exp(v - safe_shift(m))
+            sh = nsh
+        return m, sh, acc + ((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh)))
 
     @cuda.jit(device=True)
     def add2(a1, b1, a2, b2):
         return a1 + a2, b1 + b2
 
-    allreduce_max_sumexp = _group_allreduce(merge, NEG_INF, ZERO, nbtype, shuffle)
+    allreduce_max_sumexp = _group_allreduce(merge_max_sumexp, NEG_INF, ZERO, nbtype, shuffle)
     allreduce_sum2 = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
 
     @cuda.jit(device=True)
@@ -240,39 +268,64 @@ def build_primitives(dtype, shuffle=None):
         """This thread's work unit: a chunk ``k`` of row ``r = n * S + s`` (``n_split``
         chunks per row), handled by a group of ``G`` threads; ``blockDim // G`` units per
         block.  Returns (valid, lane, r, k, n, s, lo, hi) with the unit's class range
-        [lo, hi); an invalid unit (past the end) gets an empty range at row 0."""
-        t = cuda.threadIdx.x
-        grp = t // G
-        lane = t - grp * G
-        u = cuda.blockIdx.x * (cuda.blockDim.x // G) + grp
+        [lo, hi); an invalid unit (past the end) gets an empty range at row 0.  Divisions
+        by the block-level values are 32-bit; the 64-bit ones are skipped in the common
+        cases (rows not split, S = 1)."""
+        t = np.uint32(cuda.threadIdx.x)
+        g = np.uint32(G)
+        grp = t // g
+        lane = np.int64(t - grp * g)
+        u = np.int64(cuda.blockIdx.x) * np.int64(np.uint32(cuda.blockDim.x) // g) + \
+            np.int64(grp)
         valid = u < n_units
         if not valid:
             return False, lane, 0, 0, 0, 0, 0, 0
-        r = u // n_split
-        k = u - r * n_split
-        n = r // S
-        chunk = (C + n_split - 1) // n_split
-        lo = k * chunk
-        return True, lane, r, k, n, r - n * S, lo, min(lo + chunk, C)
+        if n_split == 1:
+            r = u
+            k = 0
+            lo = 0
+            hi = C
+        else:
+            r = u // n_split
+            k = u - r * n_split
+            chunk = (C + n_split - 1) // n_split
+            lo = k * chunk
+            hi = min(lo + chunk, C)
+        if S == 1:
+            n = r
+            s = 0
+        else:
+            n = r // S
+            s = r - n * S
+        return True, lane, r, k, n, s, lo, hi
 
     @cuda.jit(device=True)
-    def row_stats(x, n, s, lo, hi, lane, G):
+    def row_max_sumexp(x, n, s, lo, hi, lane, G):
         """(max, sum-exp) of ``x[n, lo:hi, s]`` over a group: each thread keeps a running
         pair in registers over a strided share (consecutive lanes read consecutive classes,
-        so loads coalesce), then the group merges the pairs."""
+        so loads coalesce), ``UNROLL`` independent loads per step, then the group merges
+        the pairs."""
         m = NEG_INF
+        sh = ZERO
         acc = ZERO
         c = lo + lane
-        while c < hi:
-            m, acc = push(m, acc, x[n, c, s])
-            c += G
+        end = hi - 3 * G
+        while c < end:
+            m, sh, acc = push_block(m, sh, acc, load3(x, n, c, s), load3(x, n, c + G, s),
+                                    load3(x, n, c + 2 * G, s), load3(x, n, c + 3 * G, s))
+            c += 4 * G
+        if c < hi:  # the last 1-3 elements of this thread
+            v1 = load3(x, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = load3(x, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            m, sh, acc = push_block(m, sh, acc, load3(x, n, c, s), v1, v2, NEG_INF)
         return allreduce_max_sumexp(m, acc, G)
 
     return SimpleNamespace(
-        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
+        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, UNROLL=4,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
-        log_sum=log_sum, lse=lse,
-        inv_sum=inv_sum,
-        merge=merge, push=push, allreduce_max_sumexp=allreduce_max_sumexp,
-        allreduce_sum2=allreduce_sum2, unit=unit, row_stats=row_stats)
+        shift_log_sum=shift_log_sum, lse_minus=lse_minus,
+        lse_from_max_sumexp=lse_from_max_sumexp, inv_sum=inv_sum,
+        merge_max_sumexp=merge_max_sumexp, push_block=push_block,
+        allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
+        unit=unit, row_max_sumexp=row_max_sumexp)

@@ -67,39 +67,88 @@ def build_reduce(P):
     @cuda.jit
     def bad_value_kernel(a, lo, hi, flag):
         """Lower ``flag[0]`` (atomic min) to the C-order flat position of any element of the
-        3-D ``a`` that is NaN, infinite, or outside [lo, hi]."""
+        3-D ``a`` that is NaN, infinite, or outside [lo, hi].  Grid-stride over flat
+        positions; the index (i0, i1, i2) advances by the stride's own decomposition with
+        carries, so the loop divides nothing."""
         d0, d1, d2 = a.shape
+        total = d0 * d1 * d2
         i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
         stride = int64(cuda.gridsize(1))
-        while i < d0 * d1 * d2:
-            q = i // d2
-            v = a[q // d1, q - (q // d1) * d1, i - q * d2]
+        if i >= total:
+            return
+        q = i // d2
+        i2 = i - q * d2
+        i0 = q // d1
+        i1 = q - i0 * d1
+        sq = stride // d2
+        s2 = stride - sq * d2
+        s0 = sq // d1
+        s1 = sq - s0 * d1
+        while i < total:
+            v = a[i0, i1, i2]
             if not (v >= lo and v <= hi and v > NEG_INF and v < INF):
                 cuda.atomic.min(flag, 0, i)
             i += stride
+            i2 += s2
+            i1 += s1
+            i0 += s0
+            if i2 >= d2:
+                i2 -= d2
+                i1 += 1
+            if i1 >= d1:
+                i1 -= d1
+                i0 += 1
 
     return SimpleNamespace(sum_kernel=sum_kernel, rowsum_kernel=rowsum_kernel,
                            bad_value_kernel=bad_value_kernel)
 
 
+@cuda.jit(device=True)
+def _carry(i, d, up):
+    """One digit of a mixed-radix counter: (i mod d, up + carry) for 0 <= i < 2 * d."""
+    if i >= d:
+        return i - d, up + 1
+    return i, up
+
+
 @cuda.jit
 def copy_kernel(src, dst):
-    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous."""
+    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous.
+    Grid-stride over flat positions; the 6-D index advances by the stride's own
+    decomposition with carries (divisions once per thread, none per element)."""
     d0, d1, d2, d3, d4, d5 = dst.shape
     i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
     stride = int64(cuda.gridsize(1))
     total = d0 * d1 * d2 * d3 * d4 * d5
+    if i >= total:
+        return
+    q = i
+    i5 = q % d5
+    q //= d5
+    i4 = q % d4
+    q //= d4
+    i3 = q % d3
+    q //= d3
+    i2 = q % d2
+    q //= d2
+    i1 = q % d1
+    i0 = q // d1
+    q = stride
+    s5 = q % d5
+    q //= d5
+    s4 = q % d4
+    q //= d4
+    s3 = q % d3
+    q //= d3
+    s2 = q % d2
+    q //= d2
+    s1 = q % d1
+    s0 = q // d1
     while i < total:
-        q = i
-        i5 = q % d5
-        q //= d5
-        i4 = q % d4
-        q //= d4
-        i3 = q % d3
-        q //= d3
-        i2 = q % d2
-        q //= d2
-        i1 = q % d1
-        i0 = q // d1
         dst[i0, i1, i2, i3, i4, i5] = src[i0, i1, i2, i3, i4, i5]
         i += stride
+        i5, i4 = _carry(i5 + s5, d5, i4 + s4)
+        i4, i3 = _carry(i4, d4, i3 + s3)
+        i3, i2 = _carry(i3, d3, i2 + s2)
+        i2, i1 = _carry(i2, d2, i1 + s1)
+        i1, i0 = _carry(i1, d1, i0 + s0)
