@@ -241,11 +241,13 @@ def collect():
         for dt in (np.float32, np.float64):
             K = kernels(np.dtype(dt), True)
             for name, (kern, sig) in launch_signatures(K, dt).items():
-                ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=CC)
+                ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=CC, launch_bounds=getattr(
+                    kern, "targetoptions", {}).get("launch_bounds"))
                 report[f"{np.dtype(dt).name}/{name}"] = analyze(
                     name, ptx, np.dtype(dt).itemsize, threads, tools, wd)
         for name, sig in copy_signatures().items():
-            ptx, _ = cuda.compile_ptx(copy_kernel.py_func, sig, cc=CC)
+            ptx, _ = cuda.compile_ptx(copy_kernel.py_func, sig, cc=CC, launch_bounds=getattr(
+                copy_kernel, "targetoptions", {}).get("launch_bounds"))
             itemsize = 2 if name.endswith("f16") else 4
             report[f"copy/copy_{name}"] = analyze(f"copy_{name}", ptx, itemsize, threads,
                                                   tools, wd)

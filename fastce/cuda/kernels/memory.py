@@ -7,6 +7,11 @@ intrinsics here take the in-row index ``c`` as a 32-bit unsigned value (a row ha
 hoisted, and the access is one wide multiply-add and a global load:
 
 * ``load3(x, n, c, s)`` / ``store3(out, n, c, s, v)``: element ``[n, c, s]`` of a 3-D array;
+* a cursor for walking a row: ``addr3(x, n, c, s)`` is the byte address of ``x[n, c, s]``,
+  ``load_at(x, p, n, c, s)`` / ``store_at(out, p, n, c, s, v)`` access the element at address
+  ``p`` (the hot loops advance ``p`` by a byte step, so an access costs one 64-bit add);
+  ``(n, c, s)`` is the same element's index, which only the simulator's twin reads;
+  ``addr1(a, i)`` and ``load1_at(a, p, i)`` are the same for a 1-D array;
 * ``load1(a, i)`` / ``store1(a, i, v)``: element ``i`` (``0 <= i``, 64-bit) of a 1-D array.
 
 ``max_nan_f32(a, b)``: PTX ``max.NaN.f32``, one instruction (sm_80+), where the comparison
@@ -17,7 +22,9 @@ indexing and the comparison max.
 """
 from numba import config, cuda
 
-__all__ = ["load3", "store3", "load1", "store1", "max_nan_f32"]
+__all__ = ["load3", "store3", "addr3", "load_at", "store_at", "addr1", "load1_at",
+           "load1", "store1",
+           "max_nan_f32"]
 
 
 def _sim_twins():
@@ -28,6 +35,26 @@ def _sim_twins():
     @cuda.jit(device=True)
     def store3(out, n, c, s, v):
         out[n, c, s] = v
+
+    @cuda.jit(device=True)
+    def addr3(x, n, c, s):
+        return 0
+
+    @cuda.jit(device=True)
+    def load_at(x, p, n, c, s):
+        return x[n, c, s]
+
+    @cuda.jit(device=True)
+    def store_at(out, p, n, c, s, v):
+        out[n, c, s] = v
+
+    @cuda.jit(device=True)
+    def addr1(a, i):
+        return 0
+
+    @cuda.jit(device=True)
+    def load1_at(a, p, i):
+        return a[i]
 
     @cuda.jit(device=True)
     def load1(a, i):
@@ -41,7 +68,7 @@ def _sim_twins():
     def max_nan_f32(a, b):
         return a if (a > b or a != a) else b
 
-    return load3, store3, load1, store1, max_nan_f32
+    return load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, max_nan_f32
 
 
 def _intrinsics():
@@ -96,6 +123,52 @@ def _intrinsics():
             return context.get_dummy_value()
         return types.void(out, n, c, s, v), codegen
 
+    @intrinsic
+    def addr3(typingctx, x, n, c, s):
+        def codegen(context, builder, sig, args):
+            aryty, nty, cty, sty = sig.args
+            arr = context.make_array(aryty)(context, builder, value=args[0])
+            st = cgutils.unpack_tuple(builder, arr.strides, 3)
+            off = None
+            for v, ty, stride in zip(args[1:], sig.args[1:], st):
+                term = builder.mul(_int64(context, builder, v, ty), stride, flags=["nsw"])
+                off = term if off is None else builder.add(off, term, flags=["nsw"])
+            return builder.add(builder.ptrtoint(arr.data, i64), off)
+        return types.int64(x, n, c, s), codegen
+
+    def _at(context, builder, aryty, p):
+        elt = context.get_data_type(aryty.dtype)
+        return builder.inttoptr(p, ir.PointerType(elt, 1))
+
+    @intrinsic
+    def load_at(typingctx, x, p, n, c, s):
+        def codegen(context, builder, sig, args):
+            return builder.load(_at(context, builder, sig.args[0], args[1]))
+        return x.dtype(x, p, n, c, s), codegen
+
+    @intrinsic
+    def store_at(typingctx, out, p, n, c, s, v):
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[5], sig.args[5], sig.args[0].dtype)
+            builder.store(val, _at(context, builder, sig.args[0], args[1]))
+            return context.get_dummy_value()
+        return types.void(out, p, n, c, s, v), codegen
+
+    @intrinsic
+    def addr1(typingctx, a, i):
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            off = builder.mul(_int64(context, builder, args[1], sig.args[1]),
+                              cgutils.unpack_tuple(builder, arr.strides, 1)[0], flags=["nsw"])
+            return builder.add(builder.ptrtoint(arr.data, i64), off)
+        return types.int64(a, i), codegen
+
+    @intrinsic
+    def load1_at(typingctx, a, p, i):
+        def codegen(context, builder, sig, args):
+            return builder.load(_at(context, builder, sig.args[0], args[1]))
+        return a.dtype(a, p, i), codegen
+
     def _offset1(context, builder, sig, args):
         itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
         return builder.mul(_int64(context, builder, args[1], sig.args[1]),
@@ -126,8 +199,9 @@ def _intrinsics():
             return builder.call(asm, list(args))
         return types.float32(types.float32, types.float32), codegen
 
-    return load3, store3, load1, store1, max_nan_f32
+    return load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, max_nan_f32
 
 
-load3, store3, load1, store1, max_nan_f32 = (_sim_twins() if config.ENABLE_CUDASIM
-                                             else _intrinsics())
+(load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1,
+ max_nan_f32) = (
+    _sim_twins() if config.ENABLE_CUDASIM else _intrinsics())

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import config, cuda, from_dtype
 
-from .memory import load3, max_nan_f32
+from .memory import addr3, load_at, max_nan_f32
 
 __all__ = ["build_primitives", "use_shuffle", "SHARED_MAX_THREADS"]
 
@@ -163,9 +163,9 @@ def build_primitives(dtype, shuffle=None):
     -------
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
-        ``NAN``, ``UNROLL``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
+        ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
         ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
-        ``inv_sum``, ``merge_max_sumexp``, ``push_block``,
+        ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
         ``row_max_sumexp``.
     """
@@ -226,35 +226,61 @@ def build_primitives(dtype, shuffle=None):
         return NAN
 
     @cuda.jit(device=True)
+    def rescaled(s, mj, m):
+        """A partial's sum ``s`` (relative to its max ``mj``) made relative to a merged max
+        ``m >= mj``: the rule of :func:`merge_max_sumexp` for one partial of a many-way
+        merge."""
+        if mj != NEG_INF and mj != m:
+            return s * exp(mj - m)
+        return s
+
+    @cuda.jit(device=True)
     def merge_max_sumexp(m1, s1, m2, s2):
         """Merge the (max, sum-exp) partials of two disjoint parts of a row, with one exp:
         the partial holding the larger max is already relative to the merged shift, the
-        other one is rescaled.  A partial whose max is -inf keeps its (zero or NaN) sum
-        unscaled: ``exp(0 - sh)`` could overflow.  Symmetric: ``merge(a, b)`` and
+        other one is rescaled by exp(its max - the merged max).  Never ``exp(-inf - (-inf))``
+        or ``exp(inf - inf)``: a partial whose max is -inf keeps its (zero or NaN) sum
+        unscaled, one whose max equals the merged max is not scaled.  (With a +inf max
+        the sums matter only for carrying a NaN.)  Symmetric: ``merge(a, b)`` and
         ``merge(b, a)`` give the same bits (the butterfly relies on it)."""
         m = nan_max(m1, m2)
         if m1 >= m2:
             hs, lm, ls = s1, m2, s2
         else:
             hs, lm, ls = s2, m1, s1
-        if lm != NEG_INF:
-            ls = ls * exp(safe_shift(lm) - safe_shift(m))
+        if lm != NEG_INF and lm != m:
+            ls = ls * exp(lm - m)
         return m, hs + ls
 
     @cuda.jit(device=True)
-    def push_block(m, sh, acc, v0, v1, v2, v3):
-        """Add four elements to a running (max, shift, sum-exp): one exp per element, and
-        one rescale of the sum when the block's max exceeds the running one (or is NaN).
+    def rescale(m, sh, acc, bm):
+        """Move a running (max, shift, sum-exp) to a block max ``bm`` above the running max
+        (or NaN): the sum is rescaled to the new shift (one exp)."""
+        mn = nan_max(m, bm)
+        nsh = safe_shift(mn)
+        if m != NEG_INF:
+            acc = acc * exp(sh - nsh)
+        return mn, nsh, acc
+
+    @cuda.jit(device=True)
+    def push_block4(m, sh, acc, v0, v1, v2, v3):
+        """Add four elements to a running (max, shift, sum-exp): one exp per element, and a
+        rescale of the sum only when the block's max exceeds the running one (or is NaN).
         ``sh`` is ``safe_shift(m)``, kept so that the common path does not recompute it."""
         bm = nan_max(nan_max(v0, v1), nan_max(v2, v3))
         if not (bm <= m):
-            mn = nan_max(m, bm)
-            nsh = safe_shift(mn)
-            if m != NEG_INF:
-                acc = acc * exp(sh - nsh)
-            m = mn
-            sh = nsh
+            m, sh, acc = rescale(m, sh, acc, bm)
         return m, sh, acc + ((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh)))
+
+    @cuda.jit(device=True)
+    def push_block8(m, sh, acc, v0, v1, v2, v3, v4, v5, v6, v7):
+        """:func:`push_block4` for eight elements (one max test for eight)."""
+        bm = nan_max(nan_max(nan_max(v0, v1), nan_max(v2, v3)),
+                     nan_max(nan_max(v4, v5), nan_max(v6, v7)))
+        if not (bm <= m):
+            m, sh, acc = rescale(m, sh, acc, bm)
+        return m, sh, acc + (((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh))) +
+                             ((exp(v4 - sh) + exp(v5 - sh)) + (exp(v6 - sh) + exp(v7 - sh))))
 
     @cuda.jit(device=True)
     def add2(a1, b1, a2, b2):
@@ -300,32 +326,76 @@ def build_primitives(dtype, shuffle=None):
         return True, lane, r, k, n, s, lo, hi
 
     @cuda.jit(device=True)
-    def row_max_sumexp(x, n, s, lo, hi, lane, G):
-        """(max, sum-exp) of ``x[n, lo:hi, s]`` over a group: each thread keeps a running
-        pair in registers over a strided share (consecutive lanes read consecutive classes,
-        so loads coalesce), ``UNROLL`` independent loads per step, then the group merges
-        the pairs."""
+    def thread_max_sumexp8(x, n, s, lo, hi, lane, G):
+        """This thread's (max, sum-exp) partial of ``x[n, lo:hi, s]`` for a group of ``G``
+        threads: a running pair in registers over a strided share (consecutive lanes read
+        consecutive classes, so loads coalesce), eight independent loads per step through a
+        byte cursor (float32)."""
         m = NEG_INF
         sh = ZERO
         acc = ZERO
         c = lo + lane
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]  # bytes between a thread's consecutive elements
+        end = hi - 7 * G
+        while c < end:
+            m, sh, acc = push_block8(
+                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
+                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s),
+                load_at(x, p + 4 * d, n, c + 4 * G, s), load_at(x, p + 5 * d, n, c + 5 * G, s),
+                load_at(x, p + 6 * d, n, c + 6 * G, s), load_at(x, p + 7 * d, n, c + 7 * G, s))
+            c += 8 * G
+            p += 8 * d
+        if c < hi:  # the last 1-7 elements of this thread
+            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s) if c + 3 * G < hi else NEG_INF
+            v4 = load_at(x, p + 4 * d, n, c + 4 * G, s) if c + 4 * G < hi else NEG_INF
+            v5 = load_at(x, p + 5 * d, n, c + 5 * G, s) if c + 5 * G < hi else NEG_INF
+            v6 = load_at(x, p + 6 * d, n, c + 6 * G, s) if c + 6 * G < hi else NEG_INF
+            m, sh, acc = push_block8(m, sh, acc, load_at(x, p, n, c, s), v1, v2, v3, v4, v5,
+                                     v6, NEG_INF)
+        return m, acc
+
+    @cuda.jit(device=True)
+    def thread_max_sumexp4(x, n, s, lo, hi, lane, G):
+        """:func:`thread_max_sumexp8` four elements a step (float64: its exp needs more
+        registers, and four 8-byte loads already put 32 bytes in flight)."""
+        m = NEG_INF
+        sh = ZERO
+        acc = ZERO
+        c = lo + lane
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]
         end = hi - 3 * G
         while c < end:
-            m, sh, acc = push_block(m, sh, acc, load3(x, n, c, s), load3(x, n, c + G, s),
-                                    load3(x, n, c + 2 * G, s), load3(x, n, c + 3 * G, s))
+            m, sh, acc = push_block4(
+                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
+                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s))
             c += 4 * G
+            p += 4 * d
         if c < hi:  # the last 1-3 elements of this thread
-            v1 = load3(x, n, c + G, s) if c + G < hi else NEG_INF
-            v2 = load3(x, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
-            m, sh, acc = push_block(m, sh, acc, load3(x, n, c, s), v1, v2, NEG_INF)
+            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            m, sh, acc = push_block4(m, sh, acc, load_at(x, p, n, c, s), v1, v2, NEG_INF)
+        return m, acc
+
+    thread_max_sumexp = thread_max_sumexp8 if dtype == np.float32 else thread_max_sumexp4
+
+    @cuda.jit(device=True)
+    def row_max_sumexp(x, n, s, lo, hi, lane, G):
+        """(max, sum-exp) of ``x[n, lo:hi, s]`` over a group: the threads' partials
+        (:func:`thread_max_sumexp`), merged."""
+        m, acc = thread_max_sumexp(x, n, s, lo, hi, lane, G)
         return allreduce_max_sumexp(m, acc, G)
 
     return SimpleNamespace(
-        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, UNROLL=4,
+        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, 
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
         shift_log_sum=shift_log_sum, lse_minus=lse_minus,
         lse_from_max_sumexp=lse_from_max_sumexp, inv_sum=inv_sum,
-        merge_max_sumexp=merge_max_sumexp, push_block=push_block,
+        merge_max_sumexp=merge_max_sumexp, rescaled=rescaled, push_block4=push_block4,
+        push_block8=push_block8,
         allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
-        unit=unit, row_max_sumexp=row_max_sumexp)
+        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp)
