@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Arrays a kernel's non-storing hot loops read per element (a storing loop counts its stores).
 READ_STREAMS = {"stats_kernel": 1, "softmax_kernel": 1, "softmax_kernel_strided": 1,
-                "index_kernel": 1, "prob_kernel": 2, "prepare_kernel": 1,
+                "index_kernel": 1, "prob_kernel": 3, "prepare_kernel": 1,
                 "prepare_kernel_int32": 1, "sum_kernel": 1, "rowsum_kernel": 1,
                 "bad_value_kernel": 1, "bce_kernel": 2, "bce_logits_kernel": 2,
                 "copy_f16_to_f32": 1, "copy_f32_to_f16": 1, "copy_f32_to_f32": 1}
