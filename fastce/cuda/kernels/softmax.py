@@ -28,7 +28,7 @@ def build_softmax(P):
         part_s)``: ``out`` is (N, 1, S) for logsumexp, (N, C, S) otherwise; ``mode`` is one of
         ``fastce._modes``.
     """
-    unit, row_max_sumexp, merge_max_sumexp = P.unit, P.row_max_sumexp, P.merge_max_sumexp
+    unit, row_max_sumexp = P.unit, P.row_max_sumexp
     thread_max_sumexp, rescaled, nan_max = P.thread_max_sumexp, P.rescaled, P.nan_max
     lse_from_max_sumexp, shift_log_sum, lse_minus = (P.lse_from_max_sumexp, P.shift_log_sum,
                                                       P.lse_minus)
