@@ -20,6 +20,11 @@ CLASS_BLOCK = 1024
 # the work.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
+# Before numba's threading layer launches, load libtbb from where pip/conda put it so that
+# the "threadsafe" choice (tbb, else omp) finds tbb: tbb stays fast when the other core is
+# busy, omp does not (docs/performance.md).  False: numba's own search only.
+PREFER_TBB = True
+
 # With fewer rows than this many per thread, rows are split into chunks that run on different
 # threads and their (max, sum-exp) partials are merged.
 SPLIT_ROWS_PER_THREAD = 2
