@@ -10,7 +10,8 @@ import numpy as np
 
 from . import _config
 from ._arrays import EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array
-from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
+                       _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_grad_output, check_out, compute_dtype,
                         cross_entropy_problem, position, raise_bad_class_index,
                         raise_bad_value, result_dtype)
@@ -34,7 +35,7 @@ def _few_classes_many_rows(N, C):
 
 def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=None):
     """The common small call in one jitted entry (``ce_index_small``), or None when the call
-    is not one: C-contiguous native float32/float64 (N, C) logits below the parallel size,
+    is not one: (N, C) logits that ``_runtime._small_call`` accepts,
     int64 (N,) targets, no weight, no smoothing, "mean"/"sum", no grad_output.
 
     For tiny inputs the general path's Python checks and NumPy glue cost several times the
@@ -42,13 +43,12 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     (NumPy's builtin descriptors are singletons; a false "no" only means the general path).
     Any error (an invalid target included) is left to the general path, which raises it.
     """
-    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
+    if not _small_call(logits) or type(target) is not np.ndarray:
         return None
     dt = logits.dtype
-    if not ((dt is _F32 or dt is _F64) and target.dtype is _I64 and logits.ndim == 2
+    if not (target.dtype is _I64 and logits.ndim == 2
             and target.ndim == 1 and len(logits) == len(target)
-            and 0 < logits.size < _config.PARALLEL_MIN_ELEMENTS
-            and logits.flags.c_contiguous and target.flags.c_contiguous
+            and target.flags.c_contiguous
             and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
             and not _few_classes_many_rows(*logits.shape)):
         return None

@@ -256,6 +256,23 @@ def _parallel(n_elements):
     return False
 
 
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def _small_call(a):
+    """Whether ``a`` qualifies for an op's small path (one jitted entry, none of the general
+    path's Python glue): an ndarray (no subclass) of native float32/float64, C-contiguous,
+    with 0 < size < ``PARALLEL_MIN_ELEMENTS`` (the serial kernels).  Cheap on purpose:
+    dtypes are compared by identity (NumPy's builtin descriptors are singletons; a false
+    "no" only means the general path)."""
+    if type(a) is not np.ndarray:
+        return False
+    dt = a.dtype
+    return ((dt is _F32 or dt is _F64) and 0 < a.size < _config.PARALLEL_MIN_ELEMENTS
+            and a.flags.c_contiguous)
+
+
 def _row_chunks(N, C):
     """How many chunks to cut each row into so that few, long rows still use every thread."""
     if C < 2 * _config.SPLIT_MIN_CHUNK:

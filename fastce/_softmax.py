@@ -7,14 +7,35 @@ the axis is the last (inner == 1), the spatial kernel otherwise, serial or paral
 """
 import numpy as np
 
-from ._arrays import _as_array, _canonical_3d, _into, _out_buffer, _result, is_device_array
+from ._arrays import EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result, is_device_array
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
-from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
+                       _split_stats)
 from ._validate import check_axis, check_out, compute_dtype, result_dtype
 
 __all__ = ["logsumexp", "log_softmax", "softmax"]
 
 _sm = _import_kernels().softmax
+
+
+def _small_rows(x, axis, mode):
+    """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
+    reduced along its last axis -- in one jitted entry (the serial rows kernel), or None
+    when the call is not one.  The general path's Python glue (checks, canonical views,
+    the serial/parallel choice) costs many times the kernel on inputs like (1, 10)
+    (docs/performance.md)."""
+    if not _small_call(x) or x.ndim > 2 or type(axis) is not int or not (
+            axis == -1 or axis == x.ndim - 1):
+        return None
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    lse = mode == MODE_LOGSUMEXP
+    o = np.empty((x2.shape[0], 1 if lse else C), x.dtype)
+    empty = EMPTY[x.dtype]
+    _sm.softmax_rows_serial(x2, o, mode, 1, empty, empty)
+    if lse:
+        return o[0, 0] if x.ndim == 1 else o.reshape(x2.shape[0])
+    return o.reshape(x.shape)
 
 
 def _softmax_family(x, axis, mode, out=None):
@@ -83,6 +104,9 @@ def logsumexp(x, axis=-1):
     >>> float(fastce.logsumexp(np.array([1000.0, 1000.0])))  # no overflow
     1000.6931471805599
     """
+    small = _small_rows(x, axis, MODE_LOGSUMEXP)
+    if small is not None:
+        return small
     if is_device_array(x):
         return _cuda().logsumexp(x, axis=axis)
     return _softmax_family(x, axis, MODE_LOGSUMEXP)
@@ -120,6 +144,10 @@ def log_softmax(x, axis=-1, *, out=None):
     >>> np.round(fastce.log_softmax(np.array([0.0, 0.0])), 4)
     array([-0.6931, -0.6931])
     """
+    if out is None:
+        small = _small_rows(x, axis, MODE_LOG_SOFTMAX)
+        if small is not None:
+            return small
     if is_device_array(x):
         return _cuda().log_softmax(x, axis=axis, out=out)
     return _softmax_family(x, axis, MODE_LOG_SOFTMAX, out)
@@ -156,6 +184,10 @@ def softmax(x, axis=-1, *, out=None):
     >>> fastce.softmax(np.array([[1.0, 1.0]]))
     array([[0.5, 0.5]])
     """
+    if out is None:
+        small = _small_rows(x, axis, MODE_SOFTMAX)
+        if small is not None:
+            return small
     if is_device_array(x):
         return _cuda().softmax(x, axis=axis, out=out)
     return _softmax_family(x, axis, MODE_SOFTMAX, out)
