@@ -20,9 +20,10 @@ CLASS_BLOCK = 1024
 # the work.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
-# Before numba's threading layer launches, load libtbb from where pip/conda put it so that
-# the "threadsafe" choice (tbb, else omp) finds tbb: tbb stays fast when the other core is
-# busy, omp does not (docs/performance.md).  False: numba's own search only.
+# At import (unless numba's threading layer already runs), load libtbb from where pip/conda
+# put it, so that the layer, whoever launches it, finds tbb: tbb stays fast when the other
+# core is busy, omp does not (docs/performance.md).  False: numba's own search only (read
+# once, when fastce is imported).
 PREFER_TBB = True
 
 # With fewer rows than this many per thread, rows are split into chunks that run on different

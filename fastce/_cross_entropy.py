@@ -340,6 +340,10 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]))
     >>> g
     array([[-0.5,  0.5]])
+    >>> buf = np.empty((1, 2))
+    >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]), grad_input=buf)
+    >>> g is buf
+    True
     """
     if weight is None and label_smoothing == 0.0 and grad_output is None:
         out = _ce_small(logits, target, ignore_index, reduction, True, grad_input)

@@ -7,7 +7,8 @@ the axis is the last (inner == 1), the spatial kernel otherwise, serial or paral
 """
 import numpy as np
 
-from ._arrays import EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result, is_device_array
+from ._arrays import (EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result,
+                      is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
                        _split_stats)
@@ -183,6 +184,9 @@ def softmax(x, axis=-1, *, out=None):
     >>> import numpy as np, fastce
     >>> fastce.softmax(np.array([[1.0, 1.0]]))
     array([[0.5, 0.5]])
+    >>> buf = np.empty((1, 2))
+    >>> fastce.softmax(np.array([[0.0, 0.0]]), out=buf) is buf
+    True
     """
     if out is None:
         small = _small_rows(x, axis, MODE_SOFTMAX)
