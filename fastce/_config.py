@@ -26,6 +26,11 @@ BCE_CHUNK = 8192
 # A weight or pos_weight that repeats along rows shorter than this is materialized to the
 # input's full shape so that the kernel runs over one flat row instead of many short ones.
 BCE_MIN_ROW = 64
+# At import (unless numba's threading layer already runs), load libtbb from where pip/conda
+# put it, so that the layer, whoever launches it, finds tbb: tbb stays fast when the other
+# core is busy, omp does not (docs/performance.md).  False: numba's own search only (read
+# once, when fastce is imported).
+PREFER_TBB = True
 
 # With fewer rows than this many per thread, rows are split into chunks that run on different
 # threads and their (max, sum-exp) partials are merged.

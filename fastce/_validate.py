@@ -32,6 +32,13 @@ def compute_dtype(dtype, name):
                     f"got dtype {dtype}")
 
 
+def result_dtype(dtype):
+    """The dtype of an elementwise result for an input of ``dtype``: the same, in native
+    byte order (float16 is computed in float32 and cast back)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
@@ -266,3 +273,36 @@ def broadcastable(shape, to, name):
     except ValueError:
         raise ValueError(f"{name} of shape {tuple(shape)} cannot be broadcast to the input's "
                          f"shape {tuple(to)}") from None
+
+
+def check_out(out, name, shape, dtype, inputs, like):
+    """An output array given by the caller (``out=`` / ``grad_input=``): a writeable ndarray
+    of exactly the result's ``shape`` and ``dtype`` (no casting: a float64 result is not
+    silently rounded into a float32 buffer), sharing no memory with any of ``inputs``
+    ((name, array) pairs).  Any memory layout is accepted.  ``like`` names what the
+    shape and dtype come from ("x's", "the logits'")."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of shape {tuple(shape)} and dtype "
+                        f"{np.dtype(dtype)}, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have {like} shape {tuple(shape)}, got "
+                         f"{out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have {like} dtype {np.dtype(dtype)}, got "
+                        f"{out.dtype} (fastce does not cast into an output array)")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for in_name, a in inputs:
+        if isinstance(a, np.ndarray) and _overlap(out, a):
+            raise ValueError(f"{name} shares memory with {in_name}: the kernels read "
+                             f"{in_name} while they write {name}; pass a separate array")
+
+
+def _overlap(a, b):
+    if not np.may_share_memory(a, b):
+        return False
+    too_hard = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
+    try:
+        return np.shares_memory(a, b, max_work=100_000)
+    except too_hard:     # interleaved strides too costly to decide: assume they overlap
+        return True
