@@ -7,8 +7,10 @@ semantics value for value.
 from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
                    cross_entropy_with_grad, log_softmax, logsumexp, softmax)
 from ._nll import nll_loss, nll_loss_with_grad
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
-           "binary_cross_entropy", "binary_cross_entropy_with_logits", "nll_loss", "nll_loss_with_grad"]
+           "binary_cross_entropy", "binary_cross_entropy_with_logits", "nll_loss", "nll_loss_with_grad",
+           "linear_cross_entropy", "linear_cross_entropy_with_grad"]

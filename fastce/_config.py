@@ -41,3 +41,9 @@ CUDA_SMALL_C = 64
 CUDA_SPLIT_TARGET_BLOCKS = 264
 # ... in chunks of at least this many classes (no GPU figures yet: a starting point).
 CUDA_SPLIT_MIN_CHUNK = 4096
+
+# Linear cross-entropy: rows per chunk are chosen so that one chunk's logits hold about this
+# many values (64 MB of float32); the weight gradient is accumulated in vocabulary slabs of
+# this many rows (a temporary of LINEAR_VOCAB_SLAB x H instead of V x H).
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+LINEAR_VOCAB_SLAB = 4096

@@ -1,0 +1,210 @@
+"""Linear cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without the N x V logits.
+
+Rows are processed in chunks: a chunk's logits come from one BLAS matmul (NumPy ``@``) into a
+reused buffer, fastce's fused kernel turns them into the chunk's loss and d_logits, and two
+more matmuls fold d_logits into ``d_hidden`` (``g @ W``) and ``d_weight`` (``g.T @ h``).  Each
+chunk holds whole rows, so no cross-chunk merge of softmax statistics is needed; peak memory
+is the outputs plus two chunks of logits, independent of N.
+"""
+import numpy as np
+
+from . import _config
+from ._api import _as_array, _ce, _result, cross_entropy, cross_entropy_with_grad
+from ._validate import linear_cross_entropy_problem
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+
+def _rows_per_chunk(N, V):
+    return max(1, min(N, _config.LINEAR_CHUNK_ELEMENTS // max(V, 1)))
+
+
+def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_output,
+         want_grad):
+    hidden = _as_array(hidden, "hidden")
+    weight = _as_array(weight, "weight")
+    target = _as_array(target, "target")
+    if bias is not None:
+        bias = _as_array(bias, "bias")
+    for name, a in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if a is not None and a.dtype.kind == "b":
+            raise TypeError(f"{name} must be a floating-point array, got dtype bool")
+    N, H, V, dt = linear_cross_entropy_problem(
+        hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape, target.dtype,
+        None if bias is None else bias.shape, None if bias is None else bias.dtype,
+        ignore_index, reduction, label_smoothing)
+    h = np.ascontiguousarray(hidden, dtype=dt)
+    W = np.ascontiguousarray(weight, dtype=dt)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dt)
+    t = target
+    if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
+        t = np.where(t > V, V, t)                    # out of range either way; keep it so
+    t = np.ascontiguousarray(t, dtype=np.int64)
+    bad, denom = _ce.check_index_target(t, V, ignore_index, np.empty(0, dt))
+    if bad >= 0:
+        raise IndexError(f"target holds class index {int(target[bad])} at position ({bad},); "
+                         f"class indices must be in [0, {V - 1}] (V={V}) or equal "
+                         f"ignore_index={ignore_index}")
+
+    # The upstream gradient, per chunk: a scalar for 'mean'/'sum' (the mean's 1/denominator
+    # folded in), the rows' own slice for 'none'.
+    row_go = None
+    scale = 1.0
+    if want_grad:
+        if reduction == "none":
+            if grad_output is not None:
+                go = _as_array(grad_output, "grad_output")
+                if go.shape != (N,):
+                    raise ValueError(f"grad_output must have the loss's shape ({N},) for "
+                                     f"reduction='none', got {go.shape}")
+                row_go = np.ascontiguousarray(go, dtype=dt)
+        else:
+            if grad_output is not None:
+                go = _as_array(grad_output, "grad_output")
+                if go.size != 1:
+                    raise ValueError(f"grad_output must be a scalar for reduction="
+                                     f"{reduction!r}, got shape {go.shape}")
+                scale = float(go.reshape(()))
+            if reduction == "mean":
+                scale = scale / denom if denom != 0 else 0.0
+
+    rows = _rows_per_chunk(N, V)
+    logits = np.empty((rows, V), dt)
+    per_row = np.empty(N, dt) if reduction == "none" else None
+    total = 0.0
+    if want_grad:
+        d_h = np.empty((N, H), dt)
+        d_W = np.zeros((V, H), dt) if N == 0 else np.empty((V, H), dt)
+        d_b = None if b is None else np.zeros(V, dt)
+        slab = min(V, _config.LINEAR_VOCAB_SLAB)
+        acc = np.empty((slab, H), dt)
+    part = "none" if reduction == "none" else "sum"
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h_c = h[r0:r1]
+        z = logits[:r1 - r0]
+        np.matmul(h_c, W.T, out=z)
+        if b is not None:
+            z += b
+        opts = dict(ignore_index=ignore_index, reduction=part, label_smoothing=label_smoothing)
+        if not want_grad:
+            loss_c = cross_entropy(z, t[r0:r1], **opts)
+        else:
+            go_c = (row_go[r0:r1] if row_go is not None else None) if part == "none" else scale
+            loss_c, g = cross_entropy_with_grad(z, t[r0:r1], grad_output=go_c, **opts)
+            np.matmul(g, W, out=d_h[r0:r1])
+            if r0 == 0:
+                np.matmul(g.T, h_c, out=d_W)
+            else:
+                for v0 in range(0, V, slab):
+                    v1 = min(V, v0 + slab)
+                    a = acc[:v1 - v0]
+                    np.matmul(g[:, v0:v1].T, h_c, out=a)
+                    d_W[v0:v1] += a
+            if d_b is not None:
+                d_b += g.sum(axis=0)
+            del g
+        if per_row is not None:
+            per_row[r0:r1] = loss_c
+        else:
+            total += float(loss_c)
+    del logits
+
+    in_dtype = hidden.dtype
+    if per_row is not None:
+        loss = _result(per_row, in_dtype)
+    elif reduction == "mean":
+        loss = in_dtype.type(total / denom if denom != 0 else np.nan)
+    else:
+        loss = in_dtype.type(total)
+    if not want_grad:
+        return loss
+    out = (loss, _result(d_h, in_dtype), _result(d_W, in_dtype))
+    return out if d_b is None else out + (_result(d_b, in_dtype),)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0):
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` without holding the N x V logits.
+
+    Parameters
+    ----------
+    hidden : array_like
+        (N, H) activations (float32 or float64).
+    weight : array_like
+        (V, H) output-layer weight, as ``torch.nn.Linear(H, V).weight``; the hidden's dtype.
+    target : array_like of int
+        (N,) class indices in [0, V) or ``ignore_index``.
+    bias : array_like, optional
+        (V,).
+    ignore_index : int, optional
+        Target value that contributes neither loss nor gradient (default -100).
+    reduction : {'mean', 'sum', 'none'}, optional
+        'mean' divides by the number of non-ignored targets.
+    label_smoothing : float, optional
+        In [0, 1], as in :func:`fastce.cross_entropy`.
+
+    Returns
+    -------
+    numpy scalar or ndarray
+        The loss, as ``fastce.cross_entropy(hidden @ weight.T + bias, target, ...)``.
+
+    Notes
+    -----
+    Rows are processed in chunks of about ``fastce._config.LINEAR_CHUNK_ELEMENTS`` logits: one
+    matmul per chunk into a reused buffer, then fastce's one-pass cross-entropy kernel.  The
+    extra memory is one chunk of logits, whatever N is.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> rng = np.random.default_rng(0)
+    >>> h, w = rng.standard_normal((4, 8)), rng.standard_normal((10, 8))
+    >>> t = np.array([1, 2, 3, 4])
+    >>> bool(np.isclose(fastce.linear_cross_entropy(h, w, t), fastce.cross_entropy(h @ w.T, t)))
+    True
+    """
+    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, None,
+                False)
+
+
+def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_index=-100,
+                                   reduction="mean", label_smoothing=0.0, grad_output=None):
+    """:func:`linear_cross_entropy` and its gradients, in one chunked pass.
+
+    Parameters
+    ----------
+    hidden, weight, target, bias, ignore_index, reduction, label_smoothing
+        As in :func:`linear_cross_entropy`.
+    grad_output : array_like or float, optional
+        The upstream gradient: (N,) for ``reduction='none'``, a scalar otherwise.  Default:
+        ones.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+    d_hidden : ndarray
+        (N, H): ``g @ weight`` with ``g`` the gradient with respect to the logits.
+    d_weight : ndarray
+        (V, H): ``g.T @ hidden``.
+    d_bias : ndarray
+        (V,): ``g.sum(0)``; returned only when ``bias`` is given.
+
+    Notes
+    -----
+    Per chunk of rows: logits by one matmul, the fused cross-entropy kernel writes the chunk's
+    d_logits (the upstream gradient folded in), then ``d_hidden[chunk] = g @ W`` and
+    ``d_weight += g.T @ h[chunk]`` (accumulated in vocabulary slabs, so the temporary is a
+    slab, not V x H).  Three matmuls in all, as autograd does, and no N x V array.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> rng = np.random.default_rng(0)
+    >>> h, w = rng.standard_normal((4, 8)), rng.standard_normal((10, 8))
+    >>> loss, d_h, d_w = fastce.linear_cross_entropy_with_grad(h, w, np.array([1, 2, 3, 4]))
+    >>> d_h.shape, d_w.shape
+    ((4, 8), (10, 8))
+    """
+    return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                grad_output, True)
