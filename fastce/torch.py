@@ -463,14 +463,16 @@ def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, gr
 
 
 @torch.library.custom_op("fastce::scale_grads", mutates_args=())
-def _scale_grads_op(grad_loss: Tensor, d_hidden: Tensor, d_weight: Tensor,
-                    d_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The saved gradients of a scalar loss times the upstream scalar gradient."""
+def _scale_grads_op(grad_loss: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
+                    hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The saved gradients of a scalar loss times the upstream scalar gradient.  ``hidden``
+    and ``weight`` are unused here: they connect the result to the inputs, so a second
+    derivative reaches the refusal below instead of silently counting as zero."""
     return d_hidden * grad_loss, d_weight * grad_loss, d_bias * grad_loss
 
 
 @_scale_grads_op.register_fake
-def _(grad_loss, d_hidden, d_weight, d_bias):
+def _(grad_loss, d_hidden, d_weight, d_bias, hidden, weight):
     return torch.empty_like(d_hidden), torch.empty_like(d_weight), torch.empty_like(d_bias)
 
 
@@ -479,7 +481,7 @@ def _lce_setup(ctx, inputs, output):
     _, d_hidden, d_weight, d_bias = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
-    ctx.save_for_backward(d_hidden, d_weight, d_bias)
+    ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight)
 
 
 def _lce_backward(ctx, grad_loss, *unused):
