@@ -34,10 +34,8 @@ import fastce as _fc
 from . import linear as _linear
 from ._validate import check_reduction
 
-__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy",
-           "binary_cross_entropy_with_logits", "log_softmax", "softmax", "logsumexp",
-           "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss", "BCELoss",
-           "BCEWithLogitsLoss"]
+__all__ = ["cross_entropy", "nll_loss", "log_softmax", "softmax", "logsumexp",
+           "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss"]
 
 
 # ---------------------------------------------------------------------------------------------
