@@ -87,6 +87,12 @@ def _legacy_reduction(size_average, reduce, reduction):
     return reduction
 
 
+def _torch_equivalent(op):
+    if op == "linear_cross_entropy":
+        return "torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target)"
+    return f"torch.nn.functional.{op}"
+
+
 def _refuse_grad(op, **tensors):
     """NotImplementedError if autograd would need a gradient fastce does not compute."""
     if not torch.is_grad_enabled():
@@ -95,13 +101,13 @@ def _refuse_grad(op, **tensors):
         if t is not None and t.requires_grad:
             raise NotImplementedError(
                 f"fastce.torch.{op} computes the gradient with respect to the input only; "
-                f"{name} requires grad (detach it, or use torch.nn.functional.{op})")
+                f"{name} requires grad (detach it, or use {_torch_equivalent(op)})")
 
 
 def _no_double_backward(op):
     def backward(ctx, *grads):
         raise NotImplementedError(f"fastce.torch.{op}: double backward (second derivatives) "
-                                  f"is not supported; use torch.nn.functional.{op} for it")
+                                  f"is not supported; use {_torch_equivalent(op)} for it")
     return backward
 
 
@@ -460,39 +466,36 @@ def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, gr
             hidden.new_empty(0) if bias is None else torch.empty_like(bias))
 
 
-@torch.library.custom_op("fastce::scale_grads", mutates_args=())
-def _scale_grads_op(grad_loss: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
-                    hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The saved gradients of a scalar loss times the upstream scalar gradient.  ``hidden``
-    and ``weight`` are unused here: they connect the result to the inputs, so a second
-    derivative reaches the refusal below instead of silently counting as zero."""
-    return d_hidden * grad_loss, d_weight * grad_loss, d_bias * grad_loss
-
-
-@_scale_grads_op.register_fake
-def _(grad_loss, d_hidden, d_weight, d_bias, hidden, weight):
-    return torch.empty_like(d_hidden), torch.empty_like(d_weight), torch.empty_like(d_bias)
-
-
 def _lce_setup(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, reduction, label_smoothing, _ = inputs
     _, d_hidden, d_weight, d_bias = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
-    ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight)
+    ctx.save_for_backward(d_hidden, d_weight, d_bias)
 
 
 def _lce_backward(ctx, grad_loss, *unused):
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[7]:
         raise NotImplementedError("fastce.torch.linear_cross_entropy differentiates hidden, "
                                   "weight and bias only")
-    d_hidden, d_weight, d_bias = _scale_grads_op(grad_loss, *ctx.saved_tensors)
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and not compiling:
+        # create_graph=True: the saved gradients are constants here, so a second derivative
+        # through them would silently be zero.
+        _no_double_backward("linear_cross_entropy")(ctx)
+    grads = ctx.saved_tensors
+    # The usual upstream gradient of a scalar loss is 1 (loss.backward()): then the saved
+    # gradients are returned as they are (never modified: autograd copies them into .grad),
+    # sparing a scaled copy of d_weight (V x H).  Under torch.compile the check would be a
+    # data-dependent branch: always scale there.
+    if compiling or grad_loss.item() != 1.0:
+        grads = tuple(g * grad_loss for g in grads)
+    d_hidden, d_weight, d_bias = grads
     return (d_hidden, d_weight, None, d_bias if ctx.has_bias else None,
             None, None, None, None)
 
 
 _linear_ce_grad_op.register_autograd(_lce_backward, setup_context=_lce_setup)
-_scale_grads_op.register_autograd(_no_double_backward("linear_cross_entropy"))
 
 
 @torch.library.custom_op("fastce::linear_cross_entropy_backward", mutates_args=())

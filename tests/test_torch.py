@@ -281,9 +281,26 @@ def test_gradient_to_soft_targets_or_weights_is_refused():
 ])
 def test_double_backward_is_refused(call):
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    g, = torch.autograd.grad(call(x), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
+        # (linear_cross_entropy refuses create_graph=True already in the first backward)
+        g, = torch.autograd.grad(call(x), x, create_graph=True)
         g.sum().backward()
+
+
+def test_linear_cross_entropy_backward_twice_through_one_graph():
+    """The saved gradients are returned unscaled for an upstream 1: they must stay intact."""
+    h = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(5, 4)
+    t = torch.tensor([0, 1, 2])
+    loss = ft.linear_cross_entropy(h, w, t)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad.mul_(100.0)                  # an optimizer touching .grad in place
+    loss.backward(torch.tensor(2.0))    # accumulates 2 * gradient
+    torch.testing.assert_close(h.grad, 102.0 * first)
+    ref = h.detach().requires_grad_(True)
+    F.cross_entropy(ref @ w.T, t).backward()
+    torch.testing.assert_close(first, ref.grad)
 
 
 def test_bad_arguments_raise_fastce_errors():
