@@ -19,8 +19,30 @@ def _rows_per_chunk(N, V):
     return max(1, min(N, _config.LINEAR_CHUNK_ELEMENTS // max(V, 1)))
 
 
+class NumpyBLAS:
+    """The matmuls, through NumPy's BLAS.  ``matmul_add`` accumulates ``out += a @ b`` in
+    slabs of ``out``'s rows: NumPy has no GEMM with beta = 1, and a whole ``a @ b`` temporary
+    would be V x H."""
+
+    @staticmethod
+    def matmul(a, b, out):
+        np.matmul(a, b, out=out)
+
+    @staticmethod
+    def matmul_add(a, b, out):
+        slab = min(out.shape[0], _config.LINEAR_VOCAB_SLAB)
+        acc = np.empty((slab, out.shape[1]), out.dtype)
+        for v0 in range(0, out.shape[0], slab):
+            v1 = min(out.shape[0], v0 + slab)
+            tmp = acc[:v1 - v0]
+            np.matmul(a[v0:v1], b, out=tmp)
+            out[v0:v1] += tmp
+
+
 def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_output,
-         want_grad):
+         want_grad, blas=NumpyBLAS):
+    """The implementation; ``blas`` does the matmuls on the arrays' memory (``fastce.torch``
+    passes torch's, which accumulates in place with GEMM's beta = 1)."""
     hidden = _as_array(hidden, "hidden")
     weight = _as_array(weight, "weight")
     target = _as_array(target, "target")
@@ -76,14 +98,12 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         d_h = np.empty((N, H), dt)
         d_W = np.zeros((V, H), dt) if N == 0 else np.empty((V, H), dt)
         d_b = None if b is None else np.zeros(V, dt)
-        slab = min(V, _config.LINEAR_VOCAB_SLAB)
-        acc = np.empty((slab, H), dt)
     part = "none" if reduction == "none" else "sum"
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h_c = h[r0:r1]
         z = logits[:r1 - r0]
-        np.matmul(h_c, W.T, out=z)
+        blas.matmul(h_c, W.T, z)
         if b is not None:
             z += b
         opts = dict(ignore_index=ignore_index, reduction=part, label_smoothing=label_smoothing)
@@ -92,15 +112,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         else:
             go_c = (row_go[r0:r1] if row_go is not None else None) if part == "none" else scale
             loss_c, g = cross_entropy_with_grad(z, t[r0:r1], grad_output=go_c, **opts)
-            np.matmul(g, W, out=d_h[r0:r1])
-            if r0 == 0:
-                np.matmul(g.T, h_c, out=d_W)
-            else:
-                for v0 in range(0, V, slab):
-                    v1 = min(V, v0 + slab)
-                    a = acc[:v1 - v0]
-                    np.matmul(g[:, v0:v1].T, h_c, out=a)
-                    d_W[v0:v1] += a
+            blas.matmul(g, W, d_h[r0:r1])
+            (blas.matmul if r0 == 0 else blas.matmul_add)(g.T, h_c, d_W)
             if d_b is not None:
                 d_b += g.sum(axis=0)
             del g

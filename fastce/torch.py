@@ -429,8 +429,7 @@ def logsumexp(input, dim, keepdim=False):
 def _linear_ce_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                   ignore_index: int, reduction: str, label_smoothing: float) -> Tensor:
     _cpu_only(hidden, "linear_cross_entropy")
-    return _run(_linear.linear_cross_entropy, hidden, weight, target,
-                None if bias is None else bias, ignore_index=ignore_index,
+    return _run(_linear_ce_numpy, hidden, weight, target, bias, ignore_index=ignore_index,
                 reduction=reduction, label_smoothing=label_smoothing)
 
 
@@ -451,9 +450,9 @@ def _linear_ce_grad_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Opt
 def _lce_with_grad(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
                    grad_loss):
     _cpu_only(hidden, "linear_cross_entropy")
-    out = _run(_linear.linear_cross_entropy_with_grad, hidden, weight, target, bias,
-               ignore_index=ignore_index, reduction=reduction,
-               label_smoothing=label_smoothing, grad_output=grad_loss)
+    out = _run(_linear_ce_numpy, hidden, weight, target, bias, ignore_index=ignore_index,
+               reduction=reduction, label_smoothing=label_smoothing, grad_output=grad_loss,
+               want_grad=True)
     if bias is None:
         out = out + (hidden.new_empty(0),)
     return out
@@ -528,6 +527,25 @@ def _lce_none_backward(ctx, grad_loss):
 
 _linear_ce_op.register_autograd(_lce_none_backward, setup_context=_lce_none_setup)
 _linear_ce_backward_op.register_autograd(_no_double_backward("linear_cross_entropy"))
+
+
+class _TorchBLAS:
+    """fastce.linear's matmuls through torch's BLAS on the same memory (``torch.from_numpy``
+    views): ``matmul_add`` is one GEMM with beta = 1 (``addmm_``), no temporary."""
+
+    @staticmethod
+    def matmul(a, b, out):
+        torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+
+    @staticmethod
+    def matmul_add(a, b, out):
+        torch.from_numpy(out).addmm_(torch.from_numpy(a), torch.from_numpy(b))
+
+
+def _linear_ce_numpy(hidden, weight, target, bias, *, ignore_index, reduction,
+                     label_smoothing, grad_output=None, want_grad=False):
+    return _linear._run(hidden, weight, target, bias, ignore_index, reduction,
+                        label_smoothing, grad_output, want_grad, blas=_TorchBLAS)
 
 
 def _cpu_only(x, op):
