@@ -4,8 +4,9 @@ The public functions take NumPy arrays (CPU kernels) or CUDA arrays (anything wi
 ``__cuda_array_interface__``: the CUDA kernels) and follow ``torch.nn.functional``'s
 semantics value for value.
 """
-from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
-                   cross_entropy_with_grad, log_softmax, logsumexp, softmax)
+from ._bce import binary_cross_entropy, binary_cross_entropy_with_logits
+from ._cross_entropy import cross_entropy, cross_entropy_with_grad
+from ._softmax import log_softmax, logsumexp, softmax
 from ._nll import nll_loss, nll_loss_with_grad
 from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 

@@ -1,7 +1,10 @@
 """Tuning knobs shared by the kernels: fastmath flags, block sizes, thresholds, launch sizes.
 
-Every value here was chosen by measurement on the project's 2-vCPU znver4 machines; see
-``docs/performance.md`` for the figures.
+The CPU values were chosen by measurement on the project's 2-vCPU znver4 machines, where
+``docs/performance.md`` gives the figures; the CUDA launch values are starting points that no
+GPU measurement has confirmed yet (``docs/gpu.md``).  The kernels read these as compile-time
+constants (change them before the first call); the CUDA host reads its launch values at
+call time.
 """
 
 # LLVM fast-math flags for every CPU kernel.  Deliberately not numba's blanket fast-math: that implies
@@ -14,7 +17,7 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 CLASS_BLOCK = 1024
 
 # Below this many logits a call runs the serial kernel: waking the thread pool costs more than
-# the work (~5 us to ~8 ms on the project's machines).
+# the work.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 # With fewer rows than this many per thread, rows are split into chunks that run on different
@@ -25,13 +28,20 @@ SPLIT_MIN_CHUNK = 1 << 14
 
 # (N, C) cross-entropy with at most FEW_CLASSES classes and at least FEW_CLASSES_MIN_ROWS rows
 # runs as the K-dim layout (1, C, N): vectorized across rows instead of paying a row's fixed
-# cost (~90 ns) for 2-16 classes ((4096, 2) float32: 374 -> 39 us; torch 69 us).  Tried up
-# to 128 classes: no gain from 32 on.
+# cost for 2-16 classes.  Tried up to 128 classes: no gain from 32 on.
 FEW_CLASSES = 16
 FEW_CLASSES_MIN_ROWS = 64
 
+# Rows of at most this many classes skip the block machinery of ``row_max_sumexp`` (prefetch,
+# stale-shift bookkeeping): a max, then an exp-sum.
+SHORT_ROW = 64
+
 # K-dim inputs (N, C, S): spatial positions processed together per class (vectorized across S).
 SPATIAL_BLOCK = 256
+
+# The data checks (``_cpu.checks``) test values in blocks of this many: a branch-free
+# and-reduction per block, the position search only in a block that failed.
+CHECK_BLOCK = 4096
 
 # CUDA launch configuration.
 CUDA_THREADS_PER_BLOCK = 256
@@ -39,8 +49,12 @@ CUDA_SMALL_C = 64
 # Rows with a huge C are split over several blocks when there are fewer rows than this many
 # blocks (about two per SM of an H100) ...
 CUDA_SPLIT_TARGET_BLOCKS = 264
-# ... in chunks of at least this many classes (no GPU figures yet: a starting point).
+# ... in chunks of at least this many classes.
 CUDA_SPLIT_MIN_CHUNK = 4096
+# Device-side sums (the 'mean'/'sum' reductions, the weight totals): each thread of the first
+# pass adds at least this many values, over at most this many blocks.
+CUDA_REDUCE_ITEMS_PER_THREAD = 8
+CUDA_REDUCE_MAX_BLOCKS = 1024
 
 # Linear cross-entropy: rows per chunk are chosen so that one chunk's logits hold about this
 # many values (64 MB of float32); the weight gradient is accumulated in vocabulary slabs of

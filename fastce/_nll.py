@@ -2,16 +2,20 @@
 as ``torch.nn.functional.nll_loss`` (class-index targets, per-class weight, ignore_index)."""
 import numpy as np
 
-from ._api import _as_array, _ce, _is_cuda, _result
-from ._cpu import nll as _nll
+from ._arrays import EMPTY, _as_array, _reduce_loss, _result, is_device_array
+from ._cross_entropy import _check_targets, _upstream_gradient
+from ._runtime import _import_kernels
 from ._validate import nll_loss_problem
 
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
-          np.dtype(np.float64): np.empty(0, np.float64)}
+__all__ = ["nll_loss", "nll_loss_with_grad"]
+
+_nll = _import_kernels().nll
 
 
 def _nll_run(log_probs, target, weight, ignore_index, reduction, grad_output, want_grad):
-    if _is_cuda(log_probs):
+    """Validate, check the class indices (and find the 'mean' denominator) and form the
+    upstream gradient as cross-entropy does, then one gather pass."""
+    if is_device_array(log_probs):
         raise TypeError("fastce.nll_loss runs on the CPU only (NumPy arrays); got a CUDA "
                         "array for log_probs")
     log_probs = _as_array(log_probs, "log_probs")
@@ -25,54 +29,19 @@ def _nll_run(log_probs, target, weight, ignore_index, reduction, grad_output, wa
                             None if weight is None else weight.shape, ignore_index, reduction)
     N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
     x3 = np.ascontiguousarray(log_probs, dtype=dt).reshape(N, C, S)
-    w = _EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
-    t = target
-    if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
-        t = np.where(t > C, C, t)                  # out of range either way; keep it so
-    t_flat = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
-    bad, denom = _ce.check_index_target(t_flat, C, ignore_index, w)
-    if bad >= 0:
-        pos = tuple(int(p) for p in np.unravel_index(bad, target.shape)) if target.ndim else ()
-        raise IndexError(f"target holds class index {int(target[pos])} at position {pos}; "
-                         f"class indices must be in [0, {C - 1}] (C={C}) or equal "
-                         f"ignore_index={ignore_index}")
+    w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
+    t_flat, denom = _check_targets(target, prob, ignore_index, w)
     if want_grad:
-        if reduction == "none":
-            go = np.ones(1, dt) if grad_output is None else _as_array(grad_output, "grad_output")
-            if grad_output is not None and go.shape != prob.loss_shape:
-                raise ValueError(f"grad_output must have the loss's shape {prob.loss_shape} "
-                                 f"for reduction='none', got {go.shape}")
-            gscale = np.ascontiguousarray(go, dtype=dt).reshape(-1)
-            if gscale.size == 1 and N * S != 1:
-                gscale = np.full(1, gscale[0], dt)
-        else:
-            g0 = 1.0
-            if grad_output is not None:
-                go = _as_array(grad_output, "grad_output")
-                if go.size != 1:
-                    raise ValueError(f"grad_output must be a scalar for reduction="
-                                     f"{reduction!r}, got shape {go.shape}")
-                g0 = float(go.reshape(()))
-            if reduction == "mean":
-                g0 = g0 / denom if denom != 0 else 0.0
-            gscale = np.array([g0], dt)
+        gscale = _upstream_gradient(grad_output, reduction, prob, denom)
         grad = np.zeros((N, C, S), dt)
     else:
-        gscale = _EMPTY[dt]
-        grad = _EMPTY[dt].reshape(0, 0, 0)
+        gscale, grad = EMPTY[dt], EMPTY[dt].reshape(0, 0, 0)
     loss = np.empty((N, S), dt)
     _nll.nll_gather(x3, t_flat.reshape(N, S), ignore_index, w, gscale, grad, loss)
-    in_dtype = log_probs.dtype
-    if reduction == "none":
-        out = _result(loss.reshape(prob.loss_shape), in_dtype)
-    else:
-        total = loss.sum(dtype=dt)
-        if reduction == "mean":
-            total = dt.type(total / denom) if denom != 0 else dt.type(np.nan)
-        out = in_dtype.type(total)
+    out = _reduce_loss(loss, reduction, denom, prob.loss_shape, log_probs.dtype)
     if not want_grad:
         return out
-    return out, _result(grad.reshape(log_probs.shape), in_dtype)
+    return out, _result(grad.reshape(log_probs.shape), log_probs.dtype)
 
 
 def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):

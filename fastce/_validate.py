@@ -1,8 +1,11 @@
-"""Argument checks shared by the CPU and CUDA front ends.
+"""Every argument check and every error message, for the CPU and the CUDA backends alike.
 
-Everything here looks only at shapes, dtypes and scalar options, never at array data, so the
-same checks (and the same error messages) serve NumPy arrays and device arrays alike.  Data
-checks (class indices in range, probabilities in [0, 1]) happen inside the kernels' first pass.
+The checks here look only at shapes, dtypes and scalar options, never at array data, so they
+serve NumPy arrays and device arrays alike.  The data checks (class indices in range, targets
+and probabilities in their intervals, no NaN) are kernels of each backend -- on the CPU
+separate passes over the data before the compute kernel (``fastce._cpu.checks`` and the
+``check_*``/``first_*`` kernels), on the GPU flags set by device kernels -- and both report
+what they find through the ``raise_*`` functions here, so the messages are the same.
 """
 from typing import NamedTuple
 
@@ -73,7 +76,7 @@ _CE_PROBLEMS = {}
 def cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtype,
                           weight_shape, ignore_index, reduction, label_smoothing):
     """Validate a cross-entropy call's metadata; the result for a combination seen before
-    comes from a small memo (validating costs ~2 us, a lookup ~0.3 us: tiny calls matter).
+    comes from a small memo (a lookup costs far less than validating: tiny calls matter).
     The options' types are part of the key, so ``True`` never passes for ``1``."""
     key = (logits_shape, logits_dtype, target_shape, target_dtype, weight_shape,
            ignore_index, type(ignore_index), reduction, type(reduction), label_smoothing,
@@ -168,6 +171,85 @@ def bce_problem(input_shape, input_dtype, target_shape, target_dtype, reduction,
                          f"got {tuple(target_shape)}")
     check_reduction(reduction)
     return dtype
+
+
+def check_numeric_dtype(dtype, name):
+    """What the front ends take as an array at all: real numbers (bool and ints included;
+    the per-argument checks narrow it down)."""
+    if dtype.kind in "OSUVMmc":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+
+
+def raise_not_array_like(a, name, exc):
+    raise TypeError(f"{name} must be array-like, got {type(a).__name__}: {exc}") from None
+
+
+def position(flat_index, shape):
+    """The index tuple of element ``flat_index`` of a C-ordered array of ``shape``."""
+    shape = tuple(shape)
+    if not shape:
+        return ()
+    return tuple(int(i) for i in np.unravel_index(flat_index, shape))
+
+
+def raise_bad_class_index(value, flat_index, target_shape, C, ignore_index):
+    """A class-index target outside [0, C) that is not ``ignore_index``."""
+    raise IndexError(
+        f"target holds class index {int(value)} at position {position(flat_index, target_shape)}; "
+        f"class indices must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
+
+
+def raise_bad_value(name, what, value, flat_index, shape):
+    """A value that fails a data check: NaN, infinite, or outside the argument's interval
+    (``what`` says what was expected, e.g. "values in [0, 1]")."""
+    raise ValueError(f"{name} must hold {what}; found {value!s} at position "
+                     f"{position(flat_index, shape)}")
+
+
+def raise_bad_probability(value, flat_index, shape):
+    """binary_cross_entropy's input outside [0, 1] or NaN (``value`` a scalar of the input's
+    dtype)."""
+    raise ValueError(f"input must hold probabilities in [0, 1]; found {value!r} at position "
+                     f"{position(flat_index, shape)}")
+
+
+# What the data checks accept (the ``what`` of :func:`raise_bad_value`), per argument.
+PROB_TARGET_VALUES = (0.0, np.inf, "class probabilities (finite and >= 0)")
+BCE_TARGET_VALUES = (0.0, 1.0, "values in [0, 1]")    # torch: "between 0 and 1"
+BCE_LOGITS_TARGET_VALUES = (-np.inf, np.inf, "finite values (no NaN or inf)")
+
+
+def check_grad_output(shape, reduction, loss_shape):
+    """``grad_output``'s shape: the loss's for reduction='none', one element otherwise."""
+    shape = tuple(shape)
+    if reduction == "none":
+        if shape != tuple(loss_shape):
+            raise ValueError(f"grad_output must have the loss's shape {tuple(loss_shape)} "
+                             f"for reduction='none', got {shape}")
+        return
+    size = 1
+    for d in shape:
+        size *= int(d)
+    if size != 1:
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                         f"got shape {shape}")
+
+
+def pos_weight_is_compact(pw_shape, input_shape):
+    """Check ``pos_weight``'s shape against the input's, and say how the kernels take it:
+    True for a scalar or one weight per entry of the input's last axis (passed as is; the
+    kernels index it modulo its length), False when it must be broadcast to the input's
+    shape first."""
+    pw_shape, input_shape = tuple(pw_shape), tuple(input_shape)
+    broadcastable(pw_shape, input_shape, "pos_weight")
+    n = 1
+    for d in input_shape:
+        n *= int(d)
+    size = 1
+    for d in pw_shape:
+        size *= int(d)
+    last = input_shape[-1] if input_shape else 1
+    return len(pw_shape) <= 1 and size in (1, last) and n > 0
 
 
 def broadcastable(shape, to, name):

@@ -9,8 +9,10 @@ is the outputs plus two chunks of logits, independent of N.
 import numpy as np
 
 from . import _config
-from ._api import _as_array, _ce, _result, cross_entropy, cross_entropy_with_grad
-from ._validate import linear_cross_entropy_problem
+from ._arrays import EMPTY, _as_array, _result
+from ._cross_entropy import (_check_targets, _upstream_gradient, cross_entropy,
+                             cross_entropy_with_grad)
+from ._validate import CrossEntropyProblem, linear_cross_entropy_problem
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
@@ -58,37 +60,15 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     h = np.ascontiguousarray(hidden, dtype=dt)
     W = np.ascontiguousarray(weight, dtype=dt)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dt)
-    t = target
-    if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
-        t = np.where(t > V, V, t)                    # out of range either way; keep it so
-    t = np.ascontiguousarray(t, dtype=np.int64)
-    bad, denom = _ce.check_index_target(t, V, ignore_index, np.empty(0, dt))
-    if bad >= 0:
-        raise IndexError(f"target holds class index {int(target[bad])} at position ({bad},); "
-                         f"class indices must be in [0, {V - 1}] (V={V}) or equal "
-                         f"ignore_index={ignore_index}")
-
-    # The upstream gradient, per chunk: a scalar for 'mean'/'sum' (the mean's 1/denominator
-    # folded in), the rows' own slice for 'none'.
-    row_go = None
-    scale = 1.0
+    # The targets' check and the upstream gradient are cross-entropy's, on the (N, V) logits
+    # this computes: a scalar for 'mean'/'sum' (the mean's 1/denominator folded in), one per
+    # row for 'none'.
+    prob = CrossEntropyProblem(N, V, 1, False, dt, (N,))
+    t, denom = _check_targets(target, prob, ignore_index, EMPTY[dt])
     if want_grad:
-        if reduction == "none":
-            if grad_output is not None:
-                go = _as_array(grad_output, "grad_output")
-                if go.shape != (N,):
-                    raise ValueError(f"grad_output must have the loss's shape ({N},) for "
-                                     f"reduction='none', got {go.shape}")
-                row_go = np.ascontiguousarray(go, dtype=dt)
-        else:
-            if grad_output is not None:
-                go = _as_array(grad_output, "grad_output")
-                if go.size != 1:
-                    raise ValueError(f"grad_output must be a scalar for reduction="
-                                     f"{reduction!r}, got shape {go.shape}")
-                scale = float(go.reshape(()))
-            if reduction == "mean":
-                scale = scale / denom if denom != 0 else 0.0
+        gscale = _upstream_gradient(grad_output, reduction, prob, denom)
+        row_go = gscale if gscale.size == N and reduction == "none" else None
+        scale = float(gscale[0]) if row_go is None else 1.0
 
     rows = _rows_per_chunk(N, V)
     logits = np.empty((rows, V), dt)
@@ -110,7 +90,10 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         if not want_grad:
             loss_c = cross_entropy(z, t[r0:r1], **opts)
         else:
-            go_c = (row_go[r0:r1] if row_go is not None else None) if part == "none" else scale
+            if part == "none":
+                go_c = None if row_go is None else row_go[r0:r1]
+            else:
+                go_c = scale
             loss_c, g = cross_entropy_with_grad(z, t[r0:r1], grad_output=go_c, **opts)
             blas.matmul(g, W, d_h[r0:r1])
             (blas.matmul if r0 == 0 else blas.matmul_add)(g.T, h_c, d_W)

@@ -1,14 +1,14 @@
 """binary_cross_entropy and binary_cross_entropy_with_logits against torch: weight and
 pos_weight broadcasting, all reductions, both dtypes, layouts, the parallel kernels, and every
-bad argument."""
+bad argument (NaN, inf and out-of-interval targets included)."""
 import numpy as np
 import pytest
 
 import fastce
 
 pytest.importorskip("torch")
-from conftest import (DTYPES, LAYOUTS, assert_close, make_layout, torch, torch_bce,
-                      torch_bce_logits, unchanged)
+from helpers import (DTYPES, INF, LAYOUTS, NAN, assert_close, make_layout, t64, torch,
+                     torch_bce, torch_bce_logits, unchanged)
 
 SHAPE = (4, 3, 5)
 WEIGHT_SHAPES = [None, (), (5,), (3, 1), (1, 3, 5), SHAPE]
@@ -155,3 +155,54 @@ def test_non_float(f, dt):
 def test_unknown_reduction(f):
     with pytest.raises(ValueError, match="reduction"):
         f(P, P, reduction="batchmean")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad targets, aliasing, byte order
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_bce_target_nan(bad):
+    """NaN/inf targets are an error for both BCE forms (torch: an error for BCE on
+    probabilities, NaN propagation with logits)."""
+    y = np.full((2, 3), 0.5)
+    y[1, 1] = bad
+    with unchanged(y):
+        with pytest.raises(ValueError, match=r"target must hold finite values.*\(1, 1\)"):
+            fastce.binary_cross_entropy_with_logits(np.zeros((2, 3)), y)
+        with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\].*\(1, 1\)"):
+            fastce.binary_cross_entropy(np.full((2, 3), 0.5), y)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5])
+def test_bce_target_outside_unit_interval(bad):
+    """BCE on probabilities: targets must be in [0, 1], as torch requires; with logits any
+    finite target is accepted, as in torch."""
+    y = np.full((2, 3), 0.5)
+    y[0, 2] = bad
+    with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\].*\(0, 2\)"):
+        fastce.binary_cross_entropy(np.full((2, 3), 0.5), y)
+    with pytest.raises(RuntimeError, match="between 0 and 1"):
+        torch.nn.functional.binary_cross_entropy(t64(np.full((2, 3), 0.5)), t64(y))
+    x = np.linspace(-2, 2, 6).reshape(2, 3)
+    assert_close(fastce.binary_cross_entropy_with_logits(x, y, reduction="none"),
+                 torch_bce_logits(x, y, reduction="none"))
+
+
+
+def test_outputs_never_alias_inputs(rng):
+    """No function writes into caller memory or returns a view of it."""
+    x = rng.standard_normal((4, 5))
+    p = np.full((4, 5), 0.2)
+    outs = [fastce.binary_cross_entropy_with_logits(x, p, reduction="none"),
+            fastce.binary_cross_entropy(p, p, reduction="none")]
+    for o in outs:
+        for i in (x, p):
+            assert not np.shares_memory(o, i)
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_big_endian_inputs(order, rng):
+    x = rng.standard_normal((4, 5)).astype(order + "f8")
+    p = np.full((4, 5), 0.2, order + "f8")
+    assert_close(fastce.binary_cross_entropy_with_logits(x, p),
+                 torch_bce_logits(x.astype(float), p.astype(float)))

@@ -1,5 +1,5 @@
 """Threads, child processes, the threading layer, the numba cache location, and the import
-footprint (issue 6, "Concurrency and processes").
+footprint.
 
 Everything that needs a fresh interpreter runs in a subprocess; this module does not import
 torch (spawned children re-import it)."""
@@ -9,7 +9,6 @@ import sys
 import textwrap
 import threading
 
-import numba
 import numpy as np
 import pytest
 
@@ -99,7 +98,7 @@ def test_threads_8x50_parallel_kernels():
         th.join(300)
     assert not errors, errors
     assert sorted(done) == list(range(n_threads))
-    assert fastce._api.threading_layer() in ("omp", "tbb")
+    assert fastce._runtime.threading_layer() in ("omp", "tbb")
 
 
 THREAD_SCRIPT = """

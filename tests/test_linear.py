@@ -7,7 +7,7 @@ import pytest
 import fastce
 from fastce import _config
 
-from conftest import F, assert_close, t64, torch
+from helpers import F, assert_close, t64, torch
 
 pytestmark = pytest.mark.skipif(torch is None, reason="torch is the reference")
 

@@ -1,12 +1,14 @@
 """logsumexp / log_softmax / softmax against torch: every axis of 1-D..4-D inputs, both
-dtypes, every memory layout, the serial, parallel and split-row kernels."""
+dtypes, every memory layout, the serial, parallel and split-row kernels, and the numerical
+corners (masked rows, +inf, NaN, huge and denormal logits) against torch and mpmath."""
 import numpy as np
 import pytest
 
 import fastce
 
 pytest.importorskip("torch")
-from conftest import DTYPES, LAYOUTS, assert_close, make_layout, t64, torch, unchanged
+from helpers import (DTYPES, INF, LAYOUTS, NAN, NINF, assert_close, lse_mp, make_layout, t64,
+                     torch, unchanged)
 
 FUNCS = {
     "logsumexp": (fastce.logsumexp, lambda x, d: torch.logsumexp(x, dim=d)),
@@ -124,3 +126,125 @@ def test_0d_error():
     for f in (fastce.logsumexp, fastce.log_softmax, fastce.softmax):
         with pytest.raises(ValueError, match="x must have at least 1 dimension"):
             f(np.float64(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical corners (docs/semantics.md): -inf (masked), +inf and NaN logits, extreme magnitudes
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 6), (2, 6, 3)])
+def test_partially_masked_rows_match_torch(shape, dtype, rng):
+    x = rng.standard_normal(shape).astype(dtype)
+    x[:, 0] = NINF
+    x[:, 3] = NINF
+    for f, ref in ((fastce.log_softmax, torch.log_softmax), (fastce.softmax, torch.softmax)):
+        assert_close(f(x, axis=1), ref(t64(x), 1).numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (300, 257), (1, 40000)])
+def test_fully_masked_rows(shape, dtype):
+    """logsumexp = -inf (torch too); softmax/log_softmax = NaN like torch (the loss: see
+    test_cross_entropy.py)."""
+    x = np.zeros(shape, dtype)
+    x[0] = NINF
+    lse = fastce.logsumexp(x)
+    assert lse[0] == NINF and np.all(np.isfinite(lse[1:]))
+    assert torch.logsumexp(t64(x), -1)[0] == NINF
+    for f in (fastce.log_softmax, fastce.softmax):
+        out = f(x)
+        assert np.all(np.isnan(out[0])) and not np.any(np.isnan(out[1:]))
+
+
+def test_fully_masked_kdim():
+    x = np.zeros((2, 3, 4))
+    x[1, :, 2] = NINF
+    lse = fastce.logsumexp(x, axis=1)
+    assert lse[1, 2] == NINF and np.isfinite(np.delete(lse.ravel(), 6)).all()
+
+
+def test_split_row_merge_never_nan():
+    """Few long rows are cut into chunks whose (max, sum) partials are merged: a chunk that
+    is entirely -inf must not produce exp(-inf - (-inf)) = NaN (flash-attn #1930)."""
+    C = 80000
+    x = np.full((1, C), NINF, np.float32)
+    x[0, -5:] = np.arange(5, dtype=np.float32)
+    ref = lse_mp(np.arange(5))
+    assert fastce.logsumexp(x)[0] == pytest.approx(ref, rel=1e-6)
+    x2 = x[:, ::-1].copy()                         # the -inf chunk last
+    assert fastce.logsumexp(x2)[0] == pytest.approx(ref, rel=1e-6)
+    p = fastce.softmax(x2)
+    assert not np.any(np.isnan(p)) and p.sum() == pytest.approx(1, rel=1e-6)
+
+
+def test_plus_inf_logits():
+    """Decided: a +inf logit never gives a finite-looking row.
+    logsumexp = +inf (torch too); softmax is NaN at the +inf entries (the rest of the row is
+    NaN as in torch, or its 0 limit); log_softmax is NaN at the +inf entries and -inf (its
+    limit) or NaN elsewhere."""
+    x = np.array([[INF, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    lse = fastce.logsumexp(x)
+    assert lse[0] == INF and torch.logsumexp(t64(x), -1)[0] == INF
+    ls = fastce.log_softmax(x)
+    assert np.isnan(ls[0, 0]) and not np.any(np.isfinite(ls[0]))
+    sm = fastce.softmax(x)
+    assert np.isnan(sm[0, 0]) and np.all(np.isnan(sm[0, 1:]) | (sm[0, 1:] == 0))
+    assert_close(ls[1], torch.log_softmax(t64(x), -1)[1].numpy())
+    assert_close(sm[1], torch.softmax(t64(x), -1)[1].numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((4, 7), 1), ((300, 257), 1), ((1, 40000), 1),
+                                        ((3, 7, 5), 1), ((60, 9, 130), 1)])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_nan_logits_propagate(where, shape, axis, dtype, rng):
+    """A NaN logit makes its whole row NaN in every output, in every kernel path; never
+    silently dropped (torch agrees)."""
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    c = {"first": 0, "middle": C // 2, "last": C - 1}[where]
+    idx = [0] * len(shape)
+    idx[axis] = c
+    x[tuple(idx)] = NAN
+    row = tuple(slice(None) if d == axis else 0 for d in range(len(shape)))
+    assert np.isnan(fastce.logsumexp(x, axis=axis).flat[0])
+    for f in (fastce.log_softmax, fastce.softmax):
+        out = f(x, axis=axis)
+        assert np.all(np.isnan(out[row]))
+        assert np.isnan(out).sum() == C
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float32, 1e4), (np.float64, 1e300),
+                                       (np.float32, 3.0e38), (np.float64, 1.7e308)])
+def test_huge_logits_do_not_overflow(dtype, big):
+    x = np.array([[big, 0.0, -big], [-big, -big, -big], [big, big, 0.0],
+                  [big, big * 0.5, big * 0.25]], dtype)
+    lse = fastce.logsumexp(x)
+    ref = np.array([lse_mp(r) for r in x.astype(np.float64)])
+    assert np.all(np.isfinite(lse))
+    np.testing.assert_allclose(lse.astype(np.float64), ref, rtol=1e-6)
+    ls = fastce.log_softmax(x)
+    assert ls[0, 0] == 0 and ls[2, 2] == pytest.approx(-big - np.log(2), rel=1e-6)
+    p = fastce.softmax(x)
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
+    assert_close(p, torch.softmax(t64(x), -1).numpy(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_denormals(dtype, rng):
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([[tiny, -tiny, 0.0], [0.0, -100.0, -110.0 if dtype == np.float32 else -740.0]],
+                 dtype)
+    assert_close(fastce.log_softmax(x), torch.log_softmax(t64(x), -1).numpy())
+    p = fastce.softmax(x)
+    ref = torch.softmax(t64(x), -1).numpy()
+    np.testing.assert_allclose(p.astype(np.float64), ref, rtol=1e-5,
+                               atol=4 * float(np.finfo(dtype).tiny))
+
+
+def test_outputs_never_alias_inputs(rng):
+    """No function writes into caller memory or returns a view of it."""
+    x = rng.standard_normal((4, 5))
+    for o in (fastce.log_softmax(x), fastce.softmax(x), fastce.logsumexp(x)):
+        assert not np.shares_memory(o, x)

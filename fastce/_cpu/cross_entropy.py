@@ -13,7 +13,7 @@ and its gradient, scaled by the upstream factor g_i (1/denominator for "mean"),
     g_i * (A * p_c - eps / C * w[c] - (1 - eps) * w[t] * [c == t]),
     A = (1 - eps) * w[t] + eps / C * sum_c w[c].
 
-Rows are unnormalized here; ``fastce._api`` applies the reduction.  Gradient rows are written
+Rows are unnormalized here; ``fastce._cross_entropy`` applies the reduction.  Gradient rows are written
 right after the row's statistics, while the row is still in L2: one read of the logits from
 memory and one write.  Targets arrive validated (in range or ``ignore_index``).
 """

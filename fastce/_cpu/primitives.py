@@ -19,7 +19,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .._config import CLASS_BLOCK, FASTMATH
+from .._config import CLASS_BLOCK, FASTMATH, SHORT_ROW
 
 __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
            "log_normal", "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum",
@@ -31,8 +31,8 @@ def wide_vectors(typingctx):
     """Mark the calling function ``"prefer-vector-width"="512"``.
 
     LLVM vectorizes to 256 bits on Intel AVX-512 parts by default (a tuning against old
-    clock throttling); the exp-bound loops here run ~1.5x faster with 512-bit vectors
-    (docs/performance.md).  Call it first thing in every function that holds a hot loop.
+    clock throttling); the exp-bound loops here run markedly faster with 512-bit vectors
+    (docs/performance.md has the figures).  Call it first thing in every function that holds a hot loop.
     A no-op where the CPU has no 512-bit vectors.
     """
     def codegen(context, builder, sig, args):
@@ -396,12 +396,6 @@ def _block_sumexp(blk, sh):
     return acc
 
 
-# Rows this short skip the block machinery (prefetch, stale-shift bookkeeping): ~10 % less time
-# for (4096, 2) float32.  The rest of a short row's fixed cost (~90 ns) is why few-class
-# inputs run transposed (_config.FEW_CLASSES).
-_SHORT_ROW = 64
-
-
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _short_row_max_sumexp(row):
     """:func:`row_max_sumexp` for a short row: its max, then its exp-sum."""
@@ -428,7 +422,7 @@ def row_max_sumexp(row):
     """
     wide_vectors()
     n = row.shape[0]
-    if n <= _SHORT_ROW:
+    if n <= SHORT_ROW:
         return _short_row_max_sumexp(row)
     limit = _BLOCK_SUM_LIMIT_F32 if row.dtype.type is np.float32 else _BLOCK_SUM_LIMIT_F64
     sh = row.dtype.type(-np.inf)

@@ -1,6 +1,6 @@
 """CPU kernels for logsumexp, log_softmax and softmax.
 
-Inputs arrive in the canonical layout of ``fastce._api``: C-contiguous (N, C) rows when the
+Inputs arrive in the canonical layout of ``fastce._softmax``: C-contiguous (N, C) rows when the
 reduced axis is the last one, or a C-contiguous (N, C, S) block when it is not (the class axis
 is then strided and the kernels vectorize across S instead).  Each kernel reads a row's logits
 once from memory for its statistics and, for the elementwise outputs, writes them while the
@@ -8,13 +8,10 @@ row is still in cache.
 """
 from numba import prange
 
+from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, lse_minus,
                          row_max_sumexp, safe_shift, shift_log_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
-
-MODE_LOGSUMEXP = 0
-MODE_LOG_SOFTMAX = 1
-MODE_SOFTMAX = 2
 
 
 def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):

@@ -41,7 +41,8 @@ def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
     over the (C, s1 - s0) slab, which is sized to stay in L1/L2.
 
     Every slab row is taken as ``x[n, c, s0:s1]``: numba types that 1-D view C-contiguous,
-    so the loops vectorize (a 2-D slab view's rows are typed strided and run ~8x slower).
+    so the loops vectorize (a 2-D slab view's rows are typed strided and run several times
+    slower: docs/performance.md).
     """
     wide_vectors()
     C = x.shape[1]

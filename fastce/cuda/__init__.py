@@ -17,6 +17,11 @@ float32 and float64 are computed in their own precision, float16 (and other floa
 in float32, converted back on output.
 """
 import importlib.util
+import inspect
+import textwrap
+
+from .. import _bce, _cross_entropy, _softmax
+from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
            "binary_cross_entropy", "binary_cross_entropy_with_logits", "is_available"]
@@ -58,182 +63,63 @@ def is_available():
     return True
 
 
+_ON_DEVICE = ("On the GPU: takes CUDA arrays (host arrays are copied to the device), runs on "
+              "the input's stream and returns a device array of the input's kind; 'mean' and "
+              "'sum' stay on the device as 0-d arrays.")
+_WAITS = (" Bad {what} are found on the device and raised once the call's kernels are "
+          "queued: raising waits for the stream.")
+
+
+def _documented_by(front, waits=None):
+    """Give a ``fastce.cuda`` function the summary of ``front`` (its ``fastce`` twin), a
+    note on what differs on the GPU, and a pointer to the full docstring: the parameters,
+    semantics and errors are the same and documented once."""
+    def decorate(f):
+        summary = inspect.cleandoc(front.__doc__).split("\n\n")[0]
+        note = textwrap.fill(_ON_DEVICE + (_WAITS.format(what=waits) if waits else ""), 92)
+        f.__doc__ = (f"{summary}\n\n{note}\n\nSee Also\n--------\nfastce.{front.__name__} : "
+                     f"parameters, semantics, errors and examples.\n")
+        return f
+    return decorate
+
+
+@_documented_by(_softmax.logsumexp)
 def logsumexp(x, axis=-1):
-    """Log of the sum of exponentials along an axis, on the GPU.
-
-    Parameters
-    ----------
-    x : CUDA array
-        Floating-point input.
-    axis : int, optional
-        The axis to reduce.  Default: the last.
-
-    Returns
-    -------
-    device array
-        ``x``'s shape without ``axis``, ``x``'s dtype (0-d for 1-D input).
-
-    See Also
-    --------
-    fastce.logsumexp : the semantics (``-inf`` rows, ``+inf``, NaN, empty axes).
-    """
-    return _backend().softmax_family(x, axis, "logsumexp")
+    return _backend().softmax_family(x, axis, MODE_LOGSUMEXP)
 
 
+@_documented_by(_softmax.log_softmax)
 def log_softmax(x, axis=-1):
-    """Logarithm of the softmax along an axis, on the GPU.
-
-    Parameters
-    ----------
-    x : CUDA array
-        Floating-point input.
-    axis : int, optional
-        The class axis.  Default: the last.
-
-    Returns
-    -------
-    device array
-        Same shape and dtype as ``x``.
-
-    See Also
-    --------
-    fastce.log_softmax
-    """
-    return _backend().softmax_family(x, axis, "log_softmax")
+    return _backend().softmax_family(x, axis, MODE_LOG_SOFTMAX)
 
 
+@_documented_by(_softmax.softmax)
 def softmax(x, axis=-1):
-    """Softmax along an axis, on the GPU.
-
-    Parameters
-    ----------
-    x : CUDA array
-        Floating-point input.
-    axis : int, optional
-        The class axis.  Default: the last.
-
-    Returns
-    -------
-    device array
-        Same shape and dtype as ``x``.
-
-    See Also
-    --------
-    fastce.softmax
-    """
-    return _backend().softmax_family(x, axis, "softmax")
+    return _backend().softmax_family(x, axis, MODE_SOFTMAX)
 
 
+@_documented_by(_cross_entropy.cross_entropy, waits="class indices and probability targets")
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0):
-    """Cross-entropy between logits and targets, on the GPU.
-
-    Parameters
-    ----------
-    logits : CUDA array
-        (C,), (N, C) or (N, C, d1, ..., dk).
-    target : CUDA array or array_like
-        Class indices of the logits' shape without the class axis, or class probabilities of
-        the logits' shape and dtype.
-    weight : CUDA array or array_like, optional
-        Per-class weight of shape (C,).
-    ignore_index : int, optional
-    reduction : {'mean', 'sum', 'none'}, optional
-    label_smoothing : float, optional
-
-    Returns
-    -------
-    device array
-        0-d for 'mean'/'sum' (computed on the device), the target's shape for 'none'.
-
-    Raises
-    ------
-    IndexError
-        A class index outside [0, C) that is not ``ignore_index``: checked on the device,
-        raised after the call's kernels are queued (this waits for the stream).
-
-    See Also
-    --------
-    fastce.cross_entropy : the semantics.
-    """
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
-                                 label_smoothing, None, False)
+                                    label_smoothing, None, False)
 
 
+@_documented_by(_cross_entropy.cross_entropy_with_grad,
+                waits="class indices and probability targets")
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, grad_output=None):
-    """Cross-entropy and its gradient with respect to the logits, on the GPU, in one pass.
-
-    Parameters
-    ----------
-    logits, target, weight, ignore_index, reduction, label_smoothing
-        As in :func:`cross_entropy`.
-    grad_output : CUDA array, array_like or float, optional
-        The upstream gradient: the loss's shape for 'none', a scalar otherwise.
-
-    Returns
-    -------
-    loss : device array
-    grad_logits : device array
-        The logits' shape and dtype.
-
-    See Also
-    --------
-    fastce.cross_entropy_with_grad
-    """
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
-                                 label_smoothing, grad_output, True)
+                                    label_smoothing, grad_output, True)
 
 
+@_documented_by(_bce.binary_cross_entropy, waits="inputs and targets")
 def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
-    """Binary cross-entropy between probabilities and targets, on the GPU.
-
-    Parameters
-    ----------
-    input : CUDA array
-        Probabilities in [0, 1].
-    target : CUDA array or array_like
-        The input's shape.
-    weight : CUDA array or array_like, optional
-        Broadcastable to the input's shape.
-    reduction : {'mean', 'sum', 'none'}, optional
-
-    Returns
-    -------
-    device array
-
-    Raises
-    ------
-    ValueError
-        An input outside [0, 1] or NaN (checked on the device; raising waits for the stream).
-
-    See Also
-    --------
-    fastce.binary_cross_entropy
-    """
     return _backend().binary_cross_entropy(input, target, weight, reduction)
 
 
+@_documented_by(_bce.binary_cross_entropy_with_logits, waits="targets")
 def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=None,
                                      reduction="mean"):
-    """Binary cross-entropy on logits, on the GPU.
-
-    Parameters
-    ----------
-    input : CUDA array
-        Logits.
-    target : CUDA array or array_like
-        The input's shape.
-    weight, pos_weight : CUDA array or array_like, optional
-    reduction : {'mean', 'sum', 'none'}, optional
-
-    Returns
-    -------
-    device array
-
-    See Also
-    --------
-    fastce.binary_cross_entropy_with_logits
-    """
     return _backend().binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                    reduction)
+                                                       reduction)

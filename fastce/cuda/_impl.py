@@ -30,18 +30,20 @@ import numpy as np
 from numba import config, cuda
 
 from .. import _config
-from .._api import _as_array
-from .._validate import (bce_problem, broadcastable, check_axis, compute_dtype,
-                         cross_entropy_problem, split_at_axis)
+from .._arrays import _as_array, is_device_array
+from .._modes import MODE_LOGSUMEXP
+from .._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, PROB_TARGET_VALUES,
+                         bce_problem, broadcastable, check_axis, check_grad_output,
+                         compute_dtype, cross_entropy_problem, pos_weight_is_compact,
+                         raise_bad_class_index, raise_bad_probability, raise_bad_value,
+                         split_at_axis)
 from .kernels.bce import build_bce
 from .kernels.cross_entropy import build_cross_entropy
 from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
 from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
-from .kernels.softmax import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX, build_softmax
+from .kernels.softmax import build_softmax
 
 SIM = bool(config.ENABLE_CUDASIM)
-_REDUCE_ITEMS_PER_THREAD = 8
-_REDUCE_MAX_BLOCKS = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,14 +101,6 @@ def plan(rows, C, S, allow_split=True):
 
 # ---------------------------------------------------------------------------------------------
 # arrays
-
-
-def is_device_array(a):
-    """Anything with ``__cuda_array_interface__``, or a Numba device array (the simulator's
-    have no interface: numba #7505)."""
-    if isinstance(a, np.ndarray):
-        return False
-    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
 
 
 def _is_torch(a):
@@ -358,9 +352,11 @@ class Call:
     def flag(self, sentinel):
         return self.to_device(np.array([sentinel], np.int64))
 
-    def check_values(self, K, a3, lo, hi):
-        """Queue the CPU path's value check of the 3-D ``a3``: NaN, infinite or outside
-        [lo, hi] is an error (see ``bad_value_kernel``); returns the error flag."""
+    def check_values(self, K, a3, values):
+        """Queue the CPU path's value check of the 3-D ``a3`` against ``values`` = (lo, hi,
+        what) of ``fastce._validate``: NaN, infinite or outside [lo, hi] is an error (see
+        ``bad_value_kernel``); returns the error flag."""
+        lo, hi, _ = values
         n = a3.size
         flag = self.flag(n)
         if n:
@@ -370,16 +366,14 @@ class Call:
                 a3, dt.type(lo), dt.type(hi), flag)
         return flag
 
-    def raise_bad_value(self, flag, a3, shape, name, what):
+    def raise_bad_value(self, flag, a3, shape, name, values):
         """Raise the CPU path's ValueError if ``check_values`` found a bad value."""
-        n = a3.size
-        bad = self.first_error(flag, n)
+        bad = self.first_error(flag, a3.size)
         if bad is not None:
             d0, d1, d2 = a3.shape
             q, k = divmod(bad, d2)
             value = self.read(a3, (q // d1, q % d1, k))
-            pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if len(shape) else ()
-            raise ValueError(f"{name} must hold {what}; found {value!s} at position {pos}")
+            raise_bad_value(name, values[2], value, bad, shape)
 
     def first_error(self, flag, sentinel):
         """The position recorded in a device error flag, or None (waits for the stream)."""
@@ -411,7 +405,8 @@ def _sum(call, K, vals, reduction, stats, denom):
     out = call.empty((1,), dt)
     mode = SUM_MEAN if reduction == "mean" else SUM_TOTAL
     n = vals.shape[0]
-    nb = min(-(-n // (tpb * _REDUCE_ITEMS_PER_THREAD)), _REDUCE_MAX_BLOCKS)
+    nb = min(-(-n // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
+             _config.CUDA_REDUCE_MAX_BLOCKS)
     stats = _empty(dt) if stats is None else stats
     denom = dt.type(denom)
     if nb > 1:
@@ -425,11 +420,8 @@ def _sum(call, K, vals, reduction, stats, denom):
 # ---------------------------------------------------------------------------------------------
 # softmax family
 
-_MODES = {"logsumexp": MODE_LOGSUMEXP, "log_softmax": MODE_LOG_SOFTMAX, "softmax": MODE_SOFTMAX}
-
-
-def softmax_family(x, axis, which):
-    mode = _MODES[which]
+def softmax_family(x, axis, mode):
+    """``mode``: one of ``fastce._modes``' MODE_* ints."""
     with Call(x) as call:
         xd = call.x
         dt = compute_dtype(xd.dtype, "x")
@@ -473,18 +465,11 @@ def _grad_output(call, grad_output, reduction, loss_shape, dt):
     if grad_output is None:
         return one, _empty(dt)
     go, on_dev = call.meta(grad_output, "grad_output")
-    shape = tuple(go.shape)
-    size = int(np.prod(shape, dtype=np.int64))
+    check_grad_output(tuple(go.shape), reduction, loss_shape)
     if reduction == "none":
-        if shape != tuple(loss_shape):
-            raise ValueError(f"grad_output must have the loss's shape {tuple(loss_shape)} "
-                             f"for reduction='none', got {shape}")
-        if size == 0:
+        if int(np.prod(tuple(go.shape), dtype=np.int64)) == 0:
             return one, _empty(dt)
         return one, (call.flat(go, dt) if on_dev else call.to_device(go.reshape(-1), dt))
-    if size != 1:
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
-                         f"got shape {shape}")
     if on_dev:
         return one, call.flat(go, dt)
     return dt.type(float(go.reshape(()))), _empty(dt)
@@ -525,7 +510,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             loss = call.empty((rows,), dt)
             t3 = call.grouped(tgt, cuts, dt) if rows else None
             if rows:
-                t_flag = call.check_values(K, t3, 0.0, np.inf)
+                t_flag = call.check_values(K, t3, PROB_TARGET_VALUES)
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
                 K.prob_kernel[blocks, tpb, call.stream](
                     x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G)
@@ -536,7 +521,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             flag = call.flag(rows)
             if rows:
                 t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
-                nbp = min(-(-rows // (tpb * _REDUCE_ITEMS_PER_THREAD)), _REDUCE_MAX_BLOCKS)
+                nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
+                          _config.CUDA_REDUCE_MAX_BLOCKS)
                 partials = call.empty((nbp,), dt)
                 K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag,
                                                          partials)
@@ -570,17 +556,12 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             out = call.result(_sum(call, K, loss, reduction, stats, denom), (), x.dtype)
 
         if prob.probs and rows:
-            call.raise_bad_value(t_flag, t3, tuple(tgt.shape), "target",
-                                 "class probabilities (finite and >= 0)")
+            call.raise_bad_value(t_flag, t3, tuple(tgt.shape), "target", PROB_TARGET_VALUES)
         if flag is not None:
             bad = call.first_error(flag, rows)
             if bad is not None:
-                tshape = tuple(tgt.shape)
-                pos = tuple(int(p) for p in np.unravel_index(bad, tshape)) if tshape else ()
-                value = call.read(t2, divmod(bad, S))
-                raise IndexError(
-                    f"target holds class index {int(value)} at position {pos}; class indices "
-                    f"must be in [0, {C - 1}] (C={C}) or equal ignore_index={ignore_index}")
+                raise_bad_class_index(call.read(t2, divmod(bad, S)), bad, tuple(tgt.shape), C,
+                                      ignore_index)
         if not want_grad:
             return out
         return out, call.result(grad, tuple(x.shape), x.dtype)
@@ -618,20 +599,17 @@ def binary_cross_entropy(input, target, weight, reduction):
         K = kernels(dt)
         n = p.shape[0]
         y3 = call.reshape(y, (1, n, 1))
-        y_flag = call.check_values(K, y3, 0.0, 1.0)  # torch: targets between 0 and 1
+        y_flag = call.check_values(K, y3, BCE_TARGET_VALUES)
         out = call.empty((n,), dt)
         flag = call.flag(n)
         if n:
             tpb = _threads()
             K.bce_kernel[min(-(-n // tpb), 65535), tpb, call.stream](p, y, w, out, flag)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
-        call.raise_bad_value(y_flag, y3, shape, "target", "values in [0, 1]")
+        call.raise_bad_value(y_flag, y3, shape, "target", BCE_TARGET_VALUES)
         bad = call.first_error(flag, n)
         if bad is not None:
-            pos = tuple(int(i) for i in np.unravel_index(bad, shape)) if shape else ()
-            value = call.x.dtype.type(call.read(p, (bad,)))
-            raise ValueError(f"input must hold probabilities in [0, 1]; found {value!r} at "
-                             f"position {pos}")
+            raise_bad_probability(call.x.dtype.type(call.read(p, (bad,))), bad, shape)
         return res
 
 
@@ -644,23 +622,16 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
             pw = _empty(dt)
         else:
             pwa, pw_dev = call.meta(pos_weight, "pos_weight")
-            pw_shape = tuple(pwa.shape)
-            pw_size = int(np.prod(pw_shape, dtype=np.int64))
-            last = shape[-1] if shape else 1
+            compact = pos_weight_is_compact(tuple(pwa.shape), shape)
             if not pw_dev:
                 pwa = call.to_device(pwa, dt)
-            if len(pw_shape) <= 1 and pw_size in (1, last) and n:
-                broadcastable(pw_shape, shape, "pos_weight")
-                pw = call.flat(pwa, dt)
-            else:
-                broadcastable(pw_shape, shape, "pos_weight")
-                pw = call.broadcast(pwa, shape, dt)
+            pw = call.flat(pwa, dt) if compact else call.broadcast(pwa, shape, dt)
         y3 = call.reshape(y, (1, n, 1))
-        y_flag = call.check_values(K, y3, -np.inf, np.inf)
+        y_flag = call.check_values(K, y3, BCE_LOGITS_TARGET_VALUES)
         out = call.empty((n,), dt)
         if n:
             tpb = _threads()
             K.bce_logits_kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, out)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
-        call.raise_bad_value(y_flag, y3, shape, "target", "finite values (no NaN or inf)")
+        call.raise_bad_value(y_flag, y3, shape, "target", BCE_LOGITS_TARGET_VALUES)
         return res

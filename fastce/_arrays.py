@@ -1,0 +1,88 @@
+"""Array plumbing shared by the front ends and the CUDA host: bringing arguments in as
+arrays, telling device arrays from host arrays, the kernels' canonical (outer, C, inner)
+views, and bringing results back (reduction, the caller's dtype).
+
+Checks and their messages live in ``_validate``; this module only moves and reshapes.
+"""
+import numpy as np
+
+from . import _validate
+
+EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
+         np.dtype(np.float64): np.empty(0, np.float64)}
+"""An empty array per compute dtype: what the kernels get for an absent optional array."""
+
+
+def is_device_array(a):
+    """Whether ``a`` is a CUDA array: anything with ``__cuda_array_interface__``, or a Numba
+    device array (``__cuda_ndarray__``: the CUDA simulator's have no interface, numba
+    #7505)."""
+    return not isinstance(a, np.ndarray) and (hasattr(a, "__cuda_array_interface__")
+                                              or getattr(a, "__cuda_ndarray__", False) is True)
+
+
+def _as_array(a, name):
+    """``a`` as an ndarray; anything NumPy accepts is accepted, object arrays are not."""
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # ragged lists and the like
+            _validate.raise_not_array_like(a, name, exc)
+    _validate.check_numeric_dtype(a.dtype, name)
+    return a
+
+
+def _drop(shape, axis):
+    return shape[:axis] + shape[axis + 1:]
+
+
+def _canonical_3d(x, axis):
+    """``x`` viewed as a C-contiguous (outer, C, inner) array -- without a copy when ``x`` is
+    C- or Fortran-contiguous -- and a function taking an output of that layout (with the class
+    axis kept, or reduced away) back to ``x``'s axes."""
+    if x.ndim > 1 and not x.flags.c_contiguous and x.flags.f_contiguous:
+        # A Fortran array is the C-contiguous transpose: work on the mirrored axis.
+        xt = x.T
+        ax = x.ndim - 1 - axis
+        x3 = xt.reshape(_validate.split_at_axis(xt.shape, ax))
+
+        def back(o, keep):
+            return o.reshape(xt.shape if keep else _drop(xt.shape, ax)).T
+        return x3, back
+    x = np.ascontiguousarray(x)
+    x3 = x.reshape(_validate.split_at_axis(x.shape, axis))
+
+    def back(o, keep):
+        return o.reshape(x.shape if keep else _drop(x.shape, axis))
+    return x3, back
+
+
+def _broadcast_flat(a, shape, dtype, name):
+    """``a`` broadcast to ``shape`` (checked), as a flat C-contiguous array of ``dtype``."""
+    a = _as_array(a, name)
+    _validate.broadcastable(a.shape, shape, name)
+    return np.ascontiguousarray(np.broadcast_to(a.astype(dtype, copy=False), shape)).reshape(-1)
+
+
+def _result(out, dtype):
+    """Cast back to the caller's dtype (float16 etc. are computed in float32) in native byte
+    order; 0-d -> scalar."""
+    if not dtype.isnative:
+        dtype = dtype.newbyteorder("=")
+    if out.dtype != dtype:
+        out = out.astype(dtype)
+    return out[()] if out.ndim == 0 else out
+
+
+def _reduce_loss(loss, reduction, denom, shape, dtype):
+    """torch's reduction of the per-element ``loss`` (in the compute dtype): 'none' gives it
+    back in ``shape`` and the caller's ``dtype``; 'sum' its sum, 'mean' the sum divided by
+    ``denom`` (NaN when ``denom`` is 0, as torch's 0/0), as a scalar of ``dtype``."""
+    if reduction == "none":
+        return _result(loss.reshape(shape), dtype)
+    dt = loss.dtype
+    # One element (the tiny calls): skip NumPy's reduction machinery.
+    total = loss[(0,) * loss.ndim] if loss.size == 1 else loss.sum(dtype=dt)
+    if reduction == "mean":
+        total = dt.type(total / denom) if denom != 0 else dt.type(np.nan)
+    return dtype.type(total)

@@ -1,0 +1,322 @@
+"""Cross-entropy: cross_entropy and cross_entropy_with_grad (torch's semantics).
+
+A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validate``), check
+the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
+(few classes, rows, or K-dim spatial), launch the CPU kernel of ``fastce._cpu.cross_entropy``
+on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
+(:func:`_ce_small`); CUDA arrays go to ``fastce.cuda``.
+"""
+import numpy as np
+
+from . import _config
+from ._arrays import EMPTY, _as_array, _reduce_loss, _result, is_device_array
+from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
+from ._validate import (PROB_TARGET_VALUES, check_grad_output, compute_dtype,
+                        cross_entropy_problem, position, raise_bad_class_index,
+                        raise_bad_value)
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad"]
+
+_kernels = _import_kernels()
+_ce, _checks = _kernels.cross_entropy, _kernels.checks
+
+_EMPTY_2D = {k: v.reshape(0, 0) for k, v in EMPTY.items()}
+_EMPTY_3D = {k: v.reshape(0, 0, 0) for k, v in EMPTY.items()}
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
+_SCALAR = {_F32: np.float32, _F64: np.float64}
+
+
+def _few_classes_many_rows(N, C):
+    return C <= _config.FEW_CLASSES and N >= _config.FEW_CLASSES_MIN_ROWS
+
+
+def _ce_small(logits, target, ignore_index, reduction, want_grad):
+    """The common small call in one jitted entry (``ce_index_small``), or None when the call
+    is not one: C-contiguous native float32/float64 (N, C) logits below the parallel size,
+    int64 (N,) targets, no weight, no smoothing, "mean"/"sum", no grad_output.
+
+    For tiny inputs the general path's Python checks and NumPy glue cost several times the
+    kernel (docs/performance.md).  These tests are cheap: they compare dtypes by identity
+    (NumPy's builtin descriptors are singletons; a false "no" only means the general path).
+    Any error (an invalid target included) is left to the general path, which raises it.
+    """
+    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
+        return None
+    dt = logits.dtype
+    if not ((dt is _F32 or dt is _F64) and target.dtype is _I64 and logits.ndim == 2
+            and target.ndim == 1 and len(logits) == len(target)
+            and 0 < logits.size < _config.PARALLEL_MIN_ELEMENTS
+            and logits.flags.c_contiguous and target.flags.c_contiguous
+            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
+            and not _few_classes_many_rows(*logits.shape)):
+        return None
+    if want_grad:
+        grad = np.empty(logits.shape, dt)
+        loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
+    else:
+        loss, bad = _ce.ce_index_small_forward(logits, target, ignore_index, reduction == "mean")
+    if bad >= 0:
+        return None
+    loss = _SCALAR[dt](loss)
+    return (loss, grad) if want_grad else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the general path, step by step
+
+
+def _validate_call(logits, target, weight, ignore_index, reduction, label_smoothing):
+    """The arguments as arrays, and the validated problem (``CrossEntropyProblem``)."""
+    logits = _as_array(logits, "logits")
+    compute_dtype(logits.dtype, "logits")   # non-floating logits: refused before the target
+    target = _as_array(target, "target")
+    if weight is not None:
+        weight = _as_array(weight, "weight")
+    prob = cross_entropy_problem(logits.shape, logits.dtype, target.shape, target.dtype,
+                                 None if weight is None else weight.shape,
+                                 ignore_index, reduction, label_smoothing)
+    return logits, target, weight, prob
+
+
+def _check_targets(target, prob, ignore_index, w):
+    """The targets as the kernels take them -- (N, C, S) probabilities in the compute dtype,
+    or flat int64 class indices -- after the data check, and the denominator of 'mean' (the
+    number of loss elements, or the summed weights of the non-ignored targets)."""
+    N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
+    if prob.probs:
+        t3 = np.ascontiguousarray(target, dtype=dt).reshape(N, C, S)
+        flat = t3.reshape(-1)
+        lo, hi, what = PROB_TARGET_VALUES
+        bad = _checks.first_bad_value(flat, lo, hi)
+        if bad >= 0:
+            raise_bad_value("target", what, flat[bad], bad, target.shape)
+        return t3, float(N * S)
+    t_flat = np.ascontiguousarray(target).reshape(-1)
+    if t_flat.dtype != np.int64:
+        if t_flat.dtype.kind == "u" and t_flat.size and t_flat.max() > np.iinfo(np.int64).max:
+            t_flat = np.where(t_flat > C, C, t_flat)  # out of range either way; keep it so
+        t_flat = t_flat.astype(np.int64)
+    bad, denom = _ce.check_index_target(t_flat, C, ignore_index, w)
+    if bad >= 0:
+        raise_bad_class_index(target[position(bad, target.shape)], bad, target.shape, C,
+                              ignore_index)
+    return t_flat, denom
+
+
+def _upstream_gradient(grad_output, reduction, prob, denom):
+    """The factor each loss element's gradient is scaled by, as the kernels read it: one
+    value (a scalar ``grad_output``, divided by the denominator for 'mean') or one per loss
+    element ('none')."""
+    dt = prob.dtype
+    if reduction == "none":
+        if grad_output is None:
+            return np.ones(1, dt)
+        go = _as_array(grad_output, "grad_output")
+        check_grad_output(go.shape, reduction, prob.loss_shape)
+        gscale = np.ascontiguousarray(go, dtype=dt).reshape(-1)
+        return gscale.copy() if gscale.size == 1 else gscale
+    g0 = 1.0
+    if grad_output is not None:
+        go = _as_array(grad_output, "grad_output")
+        check_grad_output(go.shape, reduction, prob.loss_shape)
+        g0 = float(go.reshape(()))
+    if reduction == "mean":
+        g0 = g0 / denom if denom != 0 else 0.0
+    return np.array([g0], dt)
+
+
+def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+    """(N, C) with a few classes and many rows, run as the K-dim layout (1, C, N): vectorized
+    across rows instead of paying each row's fixed cost, at the price of an N x C copy."""
+    N, C, dt = prob.N, prob.C, prob.dtype
+    xT = np.ascontiguousarray(x3.reshape(N, C).T).reshape(1, C, N)
+    gT = np.empty((1, C, N), dt) if grad is not None else _EMPTY_3D[dt]
+    loss = np.empty((1, N), dt)
+    if prob.probs:
+        tT = np.ascontiguousarray(t.reshape(N, C).T).reshape(1, C, N)
+        (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
+            xT, tT, w, eps, gscale, gT, loss)
+    else:
+        (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
+            xT, t.reshape(1, N), ignore_index, w, dt.type(w_total), eps, gscale, gT, loss)
+    if grad is not None:
+        grad.reshape(N, C)[...] = gT.reshape(C, N).T
+    return loss
+
+
+def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+    """(N, C) rows; with few, long rows (class-index targets) each row is cut into chunks run
+    on different threads."""
+    N, C, dt = prob.N, prob.C, prob.dtype
+    x2 = x3.reshape(N, C)
+    g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
+    if prob.probs:
+        loss = np.empty(N, dt)
+        (_ce.ce_prob_rows if par else _ce.ce_prob_rows_serial)(
+            x2, t.reshape(N, C), w, eps, gscale, g2, loss)
+        return loss
+    n_chunks = _row_chunks(N, C) if par else 1
+    m, s = _split_stats(x2, n_chunks)
+    part = np.empty((N, n_chunks), dt)
+    # With split statistics the forward has little left to do: the serial twin saves a
+    # second thread-pool wake-up.
+    rows_par = par and (grad is not None or n_chunks == 1 or eps > 0)
+    (_ce.ce_index_rows if rows_par else _ce.ce_index_rows_serial)(
+        x2, t, ignore_index, w, dt.type(w_total), eps, gscale, g2, part, n_chunks, m, s)
+    return part[:, 0] if n_chunks == 1 else part.sum(axis=1)
+
+
+def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+    """(N, C, S): the class axis strided, the kernels vectorized across positions."""
+    N, S, dt = prob.N, prob.S, prob.dtype
+    g3 = grad if grad is not None else _EMPTY_3D[dt]
+    loss = np.empty((N, S), dt)
+    if prob.probs:
+        (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
+            x3, t, w, eps, gscale, g3, loss)
+    else:
+        (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
+            x3, t.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3, loss)
+    return loss
+
+
+def _choose_layout(prob):
+    if prob.S != 1:                    # K-dim, or no positions at all (S == 0)
+        return _spatial_layout
+    if _few_classes_many_rows(prob.N, prob.C):
+        return _few_classes_layout
+    return _rows_layout
+
+
+def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, grad_output,
+            want_grad):
+    """The general path: every option, layout and dtype."""
+    logits, target, weight, prob = _validate_call(logits, target, weight, ignore_index,
+                                                  reduction, label_smoothing)
+    N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
+    x3 = np.ascontiguousarray(logits, dtype=dt).reshape(N, C, S)
+    w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
+    w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
+    t, denom = _check_targets(target, prob, ignore_index, w)
+    gscale = _upstream_gradient(grad_output, reduction, prob, denom) if want_grad else EMPTY[dt]
+    grad = np.empty((N, C, S), dt) if want_grad else None
+    launch = _choose_layout(prob)
+    loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
+                  _parallel(x3.size))
+    out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
+    if not want_grad:
+        return out
+    return out, _result(grad.reshape(logits.shape), logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0):
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    logits : array_like or CUDA array
+        Unnormalized scores of shape (C,), (N, C) or (N, C, d1, ..., dk): the class axis is 1
+        for 2-D and up, as in torch.  float32 and float64 are computed in their own precision.
+    target : array_like
+        Integer class indices of shape (), (N,) or (N, d1, ..., dk), or class probabilities
+        with the logits' shape and dtype.
+    weight : array_like, optional
+        Per-class weight of shape (C,).
+    ignore_index : int, optional
+        Class-index target value that contributes neither loss nor gradient (default -100).
+        Not used with probability targets.
+    reduction : {'mean', 'sum', 'none'}, optional
+        'mean' divides by the summed weights of the non-ignored targets (their count without
+        ``weight``); with probability targets by the number of loss elements.
+    label_smoothing : float, optional
+        In [0, 1]: the target is mixed with the uniform distribution, exactly as torch does.
+
+    Returns
+    -------
+    numpy scalar or ndarray
+        A scalar of the logits' dtype for 'mean'/'sum'; the per-element loss (the target's
+        shape) for 'none'.
+
+    Raises
+    ------
+    IndexError
+        A class index outside [0, C) that is not ``ignore_index`` (its position is named).
+    ValueError, TypeError
+        Shapes, dtypes or options that do not fit (see the README).
+
+    Notes
+    -----
+    One read of the logits: per row the running (max, sum-exp) pair gives
+    ``lse = max + log(sum)``, and the loss is ``w[t] * (lse - x[t])`` plus the smoothing term
+    ``eps / C * sum_c w[c] * (lse - x[c])``.  No (N, C) temporary is allocated.  A target on
+    a ``-inf`` logit costs ``+inf``.  With every target ignored, 'mean' is NaN (0/0), as in
+    torch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> x = np.array([[0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.8, 0.1, 0.1]], np.float32)
+    >>> round(float(fastce.cross_entropy(x, np.array([1, 0, 2]))), 4)
+    1.2037
+    """
+    if weight is None and label_smoothing == 0.0:
+        out = _ce_small(logits, target, ignore_index, reduction, False)
+        if out is not None:
+            return out
+    if is_device_array(logits):
+        return _cuda().cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=label_smoothing)
+    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, None, False)
+
+
+def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, grad_output=None):
+    """Cross-entropy and its gradient with respect to the logits, in one fused call.
+
+    Parameters
+    ----------
+    logits, target, weight, ignore_index, reduction, label_smoothing
+        As in :func:`cross_entropy`.
+    grad_output : array_like or float, optional
+        The upstream gradient: the loss's shape for ``reduction='none'``, a scalar otherwise.
+        Default: ones.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`cross_entropy` returns it.
+    grad_logits : ndarray
+        d(sum(grad_output * loss)) / d(logits), the logits' shape and dtype: what
+        ``loss.backward(grad_output)`` leaves in ``logits.grad`` in torch.
+
+    Notes
+    -----
+    Each row is read once from memory for its statistics and the gradient row
+    ``g * (A * softmax(x) - eps / C * w - (1 - eps) * w[t] * onehot(t))`` is written while the
+    row is still in cache: one read and one write of N x C values.  Ignored rows get a zero
+    gradient.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]))
+    >>> g
+    array([[-0.5,  0.5]])
+    """
+    if weight is None and label_smoothing == 0.0 and grad_output is None:
+        out = _ce_small(logits, target, ignore_index, reduction, True)
+        if out is not None:
+            return out
+    if is_device_array(logits):
+        return _cuda().cross_entropy_with_grad(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, grad_output=grad_output)
+    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing,
+                   grad_output, True)
