@@ -12,6 +12,7 @@ just before (inputs allocated, kernels compiled on a small warm-up): Linux reset
 buffers.  For the NumPy path, tracemalloc's peak is printed too as a cross-check.
 
     python benchmarks/linear_peak.py [N H V] [--rounds 3]
+    python benchmarks/linear_peak.py [N H V] --interleave 4   # time only, one process
 """
 import argparse
 import json
@@ -86,18 +87,46 @@ def child(impl, N, H, V, repeats):
     print(json.dumps(out))
 
 
+def interleaved(impls, N, H, V, pairs):
+    """Times in one process, the implementations alternating call by call, so that a busy
+    machine slows them alike: the per-round ratios are the figure to trust there."""
+    runs = {i: _step(i) for i in impls}
+    for run in runs.values():
+        run(*_make(8, 16, 64))
+    h, w, t = _make(N, H, V)
+    times = {i: [] for i in impls}
+    for k in range(pairs):
+        for impl in impls:
+            t0 = time.perf_counter()
+            runs[impl](h, w, t)
+            times[impl].append(time.perf_counter() - t0)
+        print(f"round {k}: " + ", ".join(f"{i} {times[i][-1]:.2f} s" for i in impls), flush=True)
+    ref = times[impls[0]]
+    print(f"\nN={N} H={H} V={V} float32, forward + backward, one process, {pairs} rounds "
+          f"interleaved")
+    for impl in impls:
+        ratios = [a / b for a, b in zip(times[impl], ref)]
+        print(f"{impl:13s} median {statistics.median(times[impl]):7.2f} s   median ratio to "
+              f"{impls[0]} {statistics.median(ratios):.2f} (per round "
+              f"{', '.join('%.2f' % r for r in ratios)})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shape", nargs="*", type=int, default=[4096, 1024, 32000])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per process")
     p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="time only, in one process, alternating the implementations")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     N, H, V = a.shape
     if a.child:
         return child(a.child, N, H, V, a.repeats)
     impls = a.impls.split(",")
+    if a.interleave:
+        return interleaved(impls, N, H, V, a.interleave)
     res = {i: {"times": [], "peaks": [], "tm": []} for i in impls}
     for rnd in range(a.rounds):
         for impl in impls:
