@@ -58,7 +58,7 @@ class _LinearSetup:
 
         def build():
             C.configure_threads()
-            _call(impl, *_make(4, 8, 16))()          # compile / warm up on a tiny problem
+            _call(impl, *_make(64, 16, 2048))()  # compile / warm up (parallel kernels too)
             return _call(impl, *_make(N, H, V))
         self.call = C.memoize(("LinearCrossEntropy", impl, shape), build)
 

@@ -66,7 +66,7 @@ def _step(impl):
 def child(impl, N, H, V, repeats):
     import tracemalloc
     run = _step(impl)
-    run(*_make(8, 16, 64))                       # compile / warm up on a tiny problem
+    run(*_make(64, 16, 2048))  # compile / warm up: big enough for the parallel kernels
     h, w, t = _make(N, H, V)
     out = {"impl": impl, "times": []}
     for r in range(repeats):
@@ -92,7 +92,7 @@ def interleaved(impls, N, H, V, pairs):
     machine slows them alike: the per-round ratios are the figure to trust there."""
     runs = {i: _step(i) for i in impls}
     for run in runs.values():
-        run(*_make(8, 16, 64))
+        run(*_make(64, 16, 2048))
     h, w, t = _make(N, H, V)
     times = {i: [] for i in impls}
     for k in range(pairs):
