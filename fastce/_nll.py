@@ -2,8 +2,9 @@
 as ``torch.nn.functional.nll_loss`` (class-index targets, per-class weight, ignore_index)."""
 import numpy as np
 
-from ._arrays import EMPTY, _as_array, _reduce_loss, _result, is_device_array
-from ._cross_entropy import _check_targets, _upstream_gradient
+from ._arrays import (EMPTY, _as_array, _reduce_loss, _result, is_device_array,
+                      upstream_gradient)
+from ._cross_entropy import _check_targets
 from ._runtime import _import_kernels
 from ._validate import nll_loss_problem
 
@@ -32,7 +33,7 @@ def _nll_run(log_probs, target, weight, ignore_index, reduction, grad_output, wa
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
     t_flat, denom = _check_targets(target, prob, ignore_index, w)
     if want_grad:
-        gscale = _upstream_gradient(grad_output, reduction, prob, denom)
+        gscale = upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
         grad = np.zeros((N, C, S), dt)
     else:
         gscale, grad = EMPTY[dt], EMPTY[dt].reshape(0, 0, 0)

@@ -9,9 +9,8 @@ is the outputs plus two chunks of logits, independent of N.
 import numpy as np
 
 from . import _config
-from ._arrays import EMPTY, _as_array, _result
-from ._cross_entropy import (_check_targets, _upstream_gradient, cross_entropy,
-                             cross_entropy_with_grad)
+from ._arrays import EMPTY, _as_array, _result, upstream_gradient
+from ._cross_entropy import _check_targets, cross_entropy, cross_entropy_with_grad
 from ._validate import CrossEntropyProblem, linear_cross_entropy_problem
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
@@ -66,7 +65,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     prob = CrossEntropyProblem(N, V, 1, False, dt, (N,))
     t, denom = _check_targets(target, prob, ignore_index, EMPTY[dt])
     if want_grad:
-        gscale = _upstream_gradient(grad_output, reduction, prob, denom)
+        gscale = upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
         row_go = gscale if gscale.size == N and reduction == "none" else None
         scale = float(gscale[0]) if row_go is None else 1.0
 

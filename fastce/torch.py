@@ -34,8 +34,10 @@ import fastce as _fc
 from . import linear as _linear
 from ._validate import check_reduction
 
-__all__ = ["cross_entropy", "nll_loss", "log_softmax", "softmax", "logsumexp",
-           "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss"]
+__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy",
+           "binary_cross_entropy_with_logits", "log_softmax", "softmax", "logsumexp",
+           "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss", "BCELoss",
+           "BCEWithLogitsLoss"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +288,164 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _refuse_grad("nll_loss", weight=weight)
     return _nll_loss_op(input, target, weight, int(ignore_index), reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary cross-entropy (probabilities) and binary cross-entropy with logits
+
+
+@torch.library.custom_op("fastce::binary_cross_entropy", mutates_args=())
+def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    return _run(_fc.binary_cross_entropy, input, target, weight=weight, reduction=reduction)
+
+
+@_bce_op.register_fake
+def _(input, target, weight, reduction):
+    return _loss_fake(input, reduction, input.shape)
+
+
+@torch.library.custom_op("fastce::binary_cross_entropy_backward", mutates_args=())
+def _bce_backward_op(grad_loss: Tensor, input: Tensor, target: Tensor, weight: Optional[Tensor],
+                     reduction: str) -> Tensor:
+    return _run(_fc.binary_cross_entropy_with_grad, input, target, weight=weight,
+                reduction=reduction, grad_output=grad_loss)[1]
+
+
+@_bce_backward_op.register_fake
+def _(grad_loss, input, target, weight, reduction):
+    return torch.empty_like(input)
+
+
+def _bce_setup(ctx, inputs, output):
+    input, target, weight, *opts = inputs
+    ctx.save_for_backward(input, target, weight)
+    ctx.opts = opts
+
+
+def _bce_backward(ctx, grad):
+    _needs_only_input("binary_cross_entropy", ctx, 3)
+    input, target, weight = ctx.saved_tensors
+    return _bce_backward_op(grad, input, target, weight, *ctx.opts), None, None, None
+
+
+_bce_op.register_autograd(_bce_backward, setup_context=_bce_setup)
+_bce_backward_op.register_autograd(_no_double_backward("binary_cross_entropy"))
+
+
+@torch.library.custom_op("fastce::binary_cross_entropy_with_logits", mutates_args=())
+def _bce_logits_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                   pos_weight: Optional[Tensor], reduction: str) -> Tensor:
+    return _run(_fc.binary_cross_entropy_with_logits, input, target, weight=weight,
+                pos_weight=pos_weight, reduction=reduction)
+
+
+@_bce_logits_op.register_fake
+def _(input, target, weight, pos_weight, reduction):
+    return _loss_fake(input, reduction, input.shape)
+
+
+@torch.library.custom_op("fastce::binary_cross_entropy_with_logits_backward", mutates_args=())
+def _bce_logits_backward_op(grad_loss: Tensor, input: Tensor, target: Tensor,
+                            weight: Optional[Tensor], pos_weight: Optional[Tensor],
+                            reduction: str) -> Tensor:
+    return _run(_fc.binary_cross_entropy_with_logits_with_grad, input, target, weight=weight,
+                pos_weight=pos_weight, reduction=reduction, grad_output=grad_loss)[1]
+
+
+@_bce_logits_backward_op.register_fake
+def _(grad_loss, input, target, weight, pos_weight, reduction):
+    return torch.empty_like(input)
+
+
+def _bce_logits_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction = inputs
+    ctx.save_for_backward(input, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+def _bce_logits_backward(ctx, grad):
+    _needs_only_input("binary_cross_entropy_with_logits", ctx, 4)
+    input, target, weight, pos_weight = ctx.saved_tensors
+    return (_bce_logits_backward_op(grad, input, target, weight, pos_weight, ctx.reduction),
+            None, None, None, None)
+
+
+_bce_logits_op.register_autograd(_bce_logits_backward, setup_context=_bce_logits_setup)
+_bce_logits_backward_op.register_autograd(
+    _no_double_backward("binary_cross_entropy_with_logits"))
+
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
+    """``torch.nn.functional.binary_cross_entropy`` (probabilities in) on fastce's kernels.
+
+    Parameters
+    ----------
+    input : Tensor
+        Probabilities in [0, 1].
+    target : Tensor
+        Targets of the input's shape.
+    weight, size_average, reduce, reduction
+        As in torch.
+
+    Returns
+    -------
+    Tensor
+
+    Examples
+    --------
+    >>> import torch, fastce.torch as ft
+    >>> round(ft.binary_cross_entropy(torch.tensor([0.8, 0.2]), torch.tensor([1.0, 0.0])).item(), 4)
+    0.2231
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _refuse_grad("binary_cross_entropy", target=target, weight=weight)
+    return _bce_op(input, target, weight, reduction)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None,
+                                     reduce=None, reduction="mean", pos_weight=None):
+    """``torch.nn.functional.binary_cross_entropy_with_logits`` on fastce's kernels.
+
+    Parameters
+    ----------
+    input : Tensor
+        Logits.
+    target : Tensor
+        Targets of the input's shape.
+    weight, size_average, reduce, reduction, pos_weight
+        As in torch.
+
+    Returns
+    -------
+    Tensor
+
+    Examples
+    --------
+    >>> import torch, fastce.torch as ft
+    >>> round(ft.binary_cross_entropy_with_logits(torch.zeros(2), torch.ones(2)).item(), 4)
+    0.6931
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _refuse_grad("binary_cross_entropy_with_logits", target=target, weight=weight,
+                 pos_weight=pos_weight)
+    return _bce_logits_op(input, target, weight, pos_weight, reduction)
+
+
+class BCELoss(torch.nn.BCELoss):
+    """``torch.nn.BCELoss`` computed by :func:`binary_cross_entropy`."""
+
+    def forward(self, input, target):
+        return binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` computed by :func:`binary_cross_entropy_with_logits`."""
+
+    def forward(self, input, target):
+        return binary_cross_entropy_with_logits(input, target, weight=self.weight,
+                                                reduction=self.reduction,
+                                                pos_weight=self.pos_weight)
 
 
 # ---------------------------------------------------------------------------------------------

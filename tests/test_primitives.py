@@ -4,8 +4,8 @@ import pytest
 from numba import njit
 
 from fastce._config import FASTMATH
-from fastce._cpu.primitives import (exp, exp_term, log_normal, merge_max_sumexp, nan_max,
-                                    row_max_sumexp, shift_log_sum)
+from fastce._cpu.primitives import (exp, exp_term, log1p_vec, log_nonneg, log_normal,
+                                    merge_max_sumexp, nan_max, row_max_sumexp, shift_log_sum)
 
 DTYPES = [np.float32, np.float64]
 
@@ -21,6 +21,8 @@ def _elementwise(fn):
 _exp = _elementwise(exp)
 _exp_term = _elementwise(exp_term)
 _log = _elementwise(log_normal)
+_log_nonneg = _elementwise(log_nonneg)
+_log1p_vec = _elementwise(log1p_vec)
 
 
 def _ulp_error(got, x, ref_fn, dtype):
@@ -73,6 +75,48 @@ def test_log_normal_accuracy(dtype):
     nan = np.array([np.nan], dtype)
     _log(nan, nan)
     assert np.isnan(nan[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_nonneg_accuracy_subnormals_and_specials(dtype):
+    fi = np.finfo(dtype)
+    x = np.concatenate([np.geomspace(fi.smallest_subnormal, fi.max / 4, 400_001),
+                        np.linspace(0.5, 2.0, 200_001)]).astype(dtype)
+    out = np.empty_like(x)
+    _log_nonneg(x, out)
+    assert _ulp_error(out, x, np.log, dtype) <= 3.0
+    special = np.array([0.0, -0.0, np.inf, -1.0, np.nan, fi.smallest_subnormal], dtype)
+    out = np.empty_like(special)
+    _log_nonneg(special, out)
+    assert out[0] == -np.inf and out[1] == -np.inf and out[2] == np.inf
+    assert np.isnan(out[3]) and np.isnan(out[4])
+    assert out[5] == pytest.approx(np.log(float(fi.smallest_subnormal)), rel=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log1p_vec_accuracy_whole_domain(dtype):
+    """log1p over (-1, max]: tiny arguments of both signs (where log(1 + x) loses every
+    digit), the neighbourhood of -1 and huge values, <= 3 ulp."""
+    fi = np.finfo(dtype)
+    tiny_to_max = np.geomspace(fi.smallest_subnormal, fi.max / 4, 400_001)
+    x = np.concatenate([tiny_to_max, -np.geomspace(fi.smallest_subnormal, 1 - fi.epsneg, 400_001),
+                        np.linspace(-0.999, 3.0, 400_001)]).astype(dtype)
+    out = np.empty_like(x)
+    _log1p_vec(x, out)
+    assert _ulp_error(out, x, np.log1p, dtype) <= 3.0
+    small = np.array([1e-30, -1e-30, fi.tiny], dtype)
+    out = np.empty_like(small)
+    _log1p_vec(small, out)
+    np.testing.assert_array_equal(out, small)   # log1p(x) = x to the last bit
+    sub = np.geomspace(fi.smallest_subnormal, fi.tiny, 1000).astype(dtype)
+    out = np.empty_like(sub)
+    _log1p_vec(sub, out)    # subnormal: within one subnormal step (x / 2 is rounded once)
+    assert np.max(np.abs(out - sub)) <= fi.smallest_subnormal
+    special = np.array([-1.0, np.inf, -1.5, np.nan, 0.0], dtype)
+    out = np.empty_like(special)
+    _log1p_vec(special, out)
+    assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2]) and np.isnan(out[3])
+    assert out[4] == 0
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -327,6 +327,92 @@ def test_import_fastce_does_not_import_torch():
 
 
 # ---------------------------------------------------------------------------------------------
+# binary cross-entropy (probabilities) and with logits
+
+# pos_weight is an option of the logits form only: the probability form runs without it.
+BCE_GRADCHECK = [c for c in itertools.product(["probs", "logits"], [None, "full", "row"],
+                                              [False, True], REDUCTIONS)
+                 if not (c[0] == "probs" and c[2])]
+
+
+@pytest.mark.parametrize("kind,weight_kind,with_pos_weight,reduction", BCE_GRADCHECK)
+def test_gradcheck_bce(kind, weight_kind, with_pos_weight, reduction):
+    gen = torch.Generator().manual_seed(17)
+    shape = (4, 3)
+    y = torch.rand(shape, dtype=torch.float64, generator=gen)
+    w = {None: None, "full": torch.rand(shape, dtype=torch.float64, generator=gen) + 0.5,
+         "row": torch.rand(3, dtype=torch.float64, generator=gen) + 0.5}[weight_kind]
+    if kind == "probs":
+        x = (torch.rand(shape, dtype=torch.float64, generator=gen) * 0.8 + 0.1)
+        x.requires_grad_(True)
+        _gradcheck(lambda z: ft.binary_cross_entropy(z, y, weight=w, reduction=reduction), x)
+    else:
+        x = _rand(*shape, gen=gen)
+        pw = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5 if with_pos_weight else None
+        _gradcheck(lambda z: ft.binary_cross_entropy_with_logits(
+            z, y, weight=w, reduction=reduction, pos_weight=pw), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_matches_torch_on_random_configurations(dtype):
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        shape = tuple(int(d) for d in rng.integers(1, 6, int(rng.integers(1, 4))))
+        reduction = str(rng.choice(REDUCTIONS))
+        y = torch.rand(shape, dtype=dtype, generator=gen)
+        w = torch.rand(shape[-1:], dtype=dtype, generator=gen) if rng.random() < 0.5 else None
+        pw = torch.rand(shape[-1:], dtype=dtype, generator=gen) * 2 if rng.random() < 0.5 else None
+        p = (torch.rand(shape, dtype=dtype, generator=gen) * 0.98 + 0.01).requires_grad_(True)
+        x = (torch.randn(shape, dtype=dtype, generator=gen) * 4).requires_grad_(True)
+        go = torch.rand(shape if reduction == "none" else (), dtype=dtype, generator=gen)
+        for ours, ref, inp in (
+                (ft.binary_cross_entropy(p, y, weight=w, reduction=reduction),
+                 F.binary_cross_entropy(p, y, weight=w, reduction=reduction), p),
+                (ft.binary_cross_entropy_with_logits(x, y, weight=w, reduction=reduction,
+                                                     pos_weight=pw),
+                 F.binary_cross_entropy_with_logits(x, y, weight=w, reduction=reduction,
+                                                    pos_weight=pw), x)):
+            torch.testing.assert_close(ours, ref)
+            torch.testing.assert_close(torch.autograd.grad(ours, inp, go)[0],
+                                       torch.autograd.grad(ref, inp, go)[0])
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", [
+    (ft.BCELoss, torch.nn.BCELoss, dict(weight=torch.rand(3) + 0.5, reduction="sum")),
+    (ft.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss,
+     dict(weight=torch.rand(3) + 0.5, reduction="none", pos_weight=torch.rand(3) + 0.5)),
+    (ft.BCELoss, torch.nn.BCELoss, {}),
+    (ft.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, {}),
+])
+def test_bce_modules_are_drop_ins(ours, theirs, kwargs):
+    a, b = ours(**kwargs), theirs(**kwargs)
+    assert isinstance(a, theirs)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 3, generator=gen) * 0.9 + 0.05
+    y = torch.rand(5, 3, generator=gen)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la, lb = a(xa, y), b(xb, y)
+    torch.testing.assert_close(la, lb)
+    la.sum().backward()
+    lb.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_bce_refuses_gradients_to_target_weight_and_pos_weight():
+    x = torch.randn(3, requires_grad=True)
+    y = torch.rand(3)
+    with pytest.raises(NotImplementedError, match="target requires grad"):
+        ft.binary_cross_entropy_with_logits(x, y.clone().requires_grad_(True))
+    with pytest.raises(NotImplementedError, match="pos_weight requires grad"):
+        ft.binary_cross_entropy_with_logits(x, y, pos_weight=torch.ones(3, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="weight requires grad"):
+        ft.binary_cross_entropy(torch.rand(3, requires_grad=True), y,
+                                weight=torch.ones(3, requires_grad=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.compile
 
 
@@ -335,6 +421,9 @@ def _uses_every_op(x, t, h, w):
     loss = ft.CrossEntropyLoss(label_smoothing=0.1)(out, t)
     loss = loss + ft.nll_loss(ft.log_softmax(out, 1), t) + ft.logsumexp(out, 1).mean()
     loss = loss + ft.softmax(out, 1).max() + ft.linear_cross_entropy(h, w, t)
+    y = torch.sigmoid(x.detach())
+    loss = loss + ft.BCEWithLogitsLoss(pos_weight=torch.ones(5))(out, y)
+    loss = loss + ft.binary_cross_entropy(torch.sigmoid(out), y)
     return loss
 
 

@@ -22,8 +22,8 @@ from numba.extending import intrinsic, overload
 from .._config import CLASS_BLOCK, FASTMATH, SHORT_ROW
 
 __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
-           "log_normal", "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum",
-           "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
+           "log_normal", "log_nonneg", "log1p_vec", "safe_shift", "inv_sum",
+           "lse_from_max_sumexp", "shift_log_sum", "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
 
 
 @intrinsic
@@ -138,17 +138,17 @@ def _frexp_sqrt2(typingctx, x):
         width = x.bitwidth
         ity = ir.IntType(width)
         mant = 23 if width == 32 else 52
-        bias = 127 if width == 32 else 1023
         mant_mask = (1 << mant) - 1
-        one_bits = bias << mant
-        bits = builder.bitcast(xv, ity)
-        e = builder.sub(builder.lshr(bits, ity(mant)), ity(bias))
-        m = builder.bitcast(builder.or_(builder.and_(bits, ity(mant_mask)), ity(one_bits)),
-                            xv.type)
-        # m in [1, 2): halve it above sqrt(2) so that log(m) stays small on both sides of 0.
-        big = builder.fcmp_ordered(">", m, xv.type(1.4142135623730951))
-        m = builder.select(big, builder.fmul(m, xv.type(0.5)), m)
-        e = builder.select(big, builder.add(e, ity(1)), e)
+        # The bits of the smallest m in [sqrt(1/2), 1): mantissa fields from that of the
+        # dtype's sqrt(2) up belong to m/2 with e + 1.  Subtracting them borrows from the
+        # exponent field exactly when the mantissa lies below, so one integer subtraction
+        # does the split and the halving (no compare, no select).
+        sqrt2_bits = int(np.array(math.sqrt(2), np.float32 if width == 32 else np.float64)
+                         .view(np.uint32 if width == 32 else np.uint64))
+        low = ((sqrt2_bits & mant_mask) + 1) | ((127 - 1 if width == 32 else 1023 - 1) << mant)
+        d = builder.sub(builder.bitcast(xv, ity), ity(low))
+        e = builder.ashr(d, ity(mant))
+        m = builder.bitcast(builder.add(builder.and_(d, ity(mant_mask)), ity(low)), xv.type)
         ef = builder.sitofp(e, xv.type)
         return context.make_tuple(builder, sig.return_type, [m, ef])
 
@@ -172,30 +172,71 @@ def _by_dtype(stub, impl_f32, impl_f64):
 
 
 def _make_log(dtype, n_terms):
+    """The logs of one dtype: ``log_normal``'s, and the whole-domain ``log_nonneg`` and
+    ``log1p_vec``, all ending in one series (``_series``)."""
     ln2_hi = dtype(0.693359375) if dtype is np.float32 else dtype(6.93147180369123816490e-01)
     ln2_lo = dtype(-2.12194440e-4) if dtype is np.float32 else dtype(1.90821492927058770002e-10)
     # log(m) = 2 atanh(z), z = (m - 1)/(m + 1), |z| <= 0.1716: 2z * sum z^(2k) / (2k + 1).
     c = tuple(dtype(2.0 / (2 * k + 1)) for k in range(n_terms))
     one = dtype(1)
+    zero = dtype(0)
+    inf = dtype(np.inf)
+    nan = dtype(np.nan)
+    # Subnormal inputs of log_nonneg are scaled into the normal range first.
+    sub_bits = 24 if dtype is np.float32 else 54
+    sub_scale = dtype(2.0 ** sub_bits)
+    sub_e = dtype(sub_bits)
+    tiny = dtype(np.finfo(dtype).tiny)
+    min_exp = dtype(np.finfo(dtype).minexp)
 
     @njit(fastmath={"contract"}, error_model="numpy")
-    def _log(x):
-        m, e = _frexp_sqrt2(x)
-        z = (m - one) / (m + one)
+    def _series(num, den, e):
+        """e*ln2 + log(m) for (m - 1, m + 1) given as (num, den)."""
+        z = num / den
         z2 = z * z
         q = c[n_terms - 1]
         for k in range(n_terms - 2, -1, -1):
             q = q * z2 + c[k]
-        r = e * ln2_hi + (e * ln2_lo + z * q)
+        return e * ln2_hi + (e * ln2_lo + z * q)
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log(x):
+        m, e = _frexp_sqrt2(x)
+        r = _series(m - one, m + one, e)
         return r if x == x else x  # NaN in, NaN out (the bit tricks alone give a number)
 
-    return _log
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log_nonneg(x):
+        sub = x < tiny
+        m, e = _frexp_sqrt2(x * sub_scale if sub else x)
+        r = _series(m - one, m + one, e - (sub_e if sub else zero))
+        # 0 -> -inf, +inf -> +inf, negative or NaN -> NaN.
+        special = -inf if x == zero else (x if x > zero else nan)
+        return r if (x > zero) & (x < inf) else special
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log1p(x):
+        u = one + x
+        # u's rounding error, exact ("contract" only: nothing regroups it); it enters the
+        # series as a correction of u's mantissa, so no second division is needed.
+        err = x - (u - one)
+        m, e = _frexp_sqrt2(u)
+        # err * 2**-e in one step: err is 0 wherever -e would leave the normal range (u that
+        # large has no rounding error left in 1 + x), so clamping -e there changes nothing.
+        ne = zero - e
+        err = _scale_by_pow2_normal(err, ne if ne > min_exp else min_exp)
+        r = _series((m - one) + err, (m + one) + err, e)
+        # x = -1 -> -inf, +inf -> +inf, x < -1 or NaN -> NaN.
+        special = -inf if u == zero else (u if u > zero else nan)
+        return r if (u > zero) & (u < inf) else special
+
+    return _log, _log_nonneg, _log1p
 
 
 # Truncation error 2 z^(2n+1) / (2n+1) at |z| = 0.1716: 5e-10 (float32, n = 5), 1e-17
 # (float64, n = 10).
-_log_f32 = _make_log(np.float32, 5)
-_log_f64 = _make_log(np.float64, 10)
+_log_f32, _log_nonneg_f32, _log1p_f32 = _make_log(np.float32, 5)
+_log_f64, _log_nonneg_f64, _log1p_f64 = _make_log(np.float64, 10)
 
 
 def log_normal(x):
@@ -205,6 +246,27 @@ def log_normal(x):
 
 
 _by_dtype(log_normal, _log_f32, _log_f64)
+
+
+def log_nonneg(x):
+    """Vectorizing natural log for ``x >= 0``, subnormals included: 0 gives ``-inf``, inf
+    gives inf, a negative ``x`` or NaN gives NaN; <= 3 ulp.  A few selects dearer than
+    :func:`log_normal`.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.log_nonneg is for jitted code")
+
+
+_by_dtype(log_nonneg, _log_nonneg_f32, _log_nonneg_f64)
+
+
+def log1p_vec(x):
+    """Vectorizing ``log(1 + x)`` for ``x >= -1``, accurate for tiny ``x`` (``log1p_vec(x) = x``
+    to the last bit there): -1 gives ``-inf``, inf gives inf, ``x < -1`` or NaN gives NaN;
+    <= 3 ulp.  One division, like :func:`log_normal`: the rounding error of ``1 + x`` is
+    folded into the series' argument.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.log1p_vec is for jitted code")
+
+
+_by_dtype(log1p_vec, _log1p_f32, _log1p_f64)
 
 
 # Cody-Waite reduction: x = n*ln2 + r with |r| <= ln2/2; ln2 split so n*LN2_HI is exact.
