@@ -4,8 +4,9 @@ import pytest
 from numba import njit
 
 from fastce._config import FASTMATH
-from fastce._cpu.primitives import (exp, exp_term, log1p_vec, log_nonneg, log_normal,
-                                    merge_max_sumexp, nan_max, row_max_sumexp, shift_log_sum)
+from fastce._cpu.primitives import (exp, exp_term, log1p, log1p_vec, log_nonneg, log_normal,
+                                    merge_max_sumexp, nan_max, rest_sum, row_max_sumexp,
+                                    shift_log_sum, two_sum)
 
 DTYPES = [np.float32, np.float64]
 
@@ -23,6 +24,7 @@ _exp_term = _elementwise(exp_term)
 _log = _elementwise(log_normal)
 _log_nonneg = _elementwise(log_nonneg)
 _log1p_vec = _elementwise(log1p_vec)
+_log1p = _elementwise(log1p)
 
 
 def _ulp_error(got, x, ref_fn, dtype):
@@ -117,6 +119,63 @@ def test_log1p_vec_accuracy_whole_domain(dtype):
     _log1p_vec(special, out)
     assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2]) and np.isnan(out[3])
     assert out[4] == 0
+def test_log1p_accuracy(dtype):
+    """<= 1 ulp from -1 to 1e30, tiny arguments included (log1p(x) = x there)."""
+    x = np.concatenate([np.linspace(-0.999, 4.0, 200_001),
+                        np.geomspace(1e-30, 1e30, 200_001),
+                        -np.geomspace(1e-30, 0.5, 20_001)]).astype(dtype)
+    out = np.empty_like(x)
+    _log1p(x, out)
+    assert _ulp_error(out, x, np.log1p, dtype) <= 1.0
+    tiny = np.array([1e-38 if dtype is np.float32 else 1e-300], dtype)
+    _log1p(tiny.copy(), out[:1])
+    assert out[0] == tiny[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log1p_special_values(dtype):
+    x = np.array([0.0, -1.0, -2.0, np.inf, np.nan, -np.inf], dtype)
+    out = np.empty_like(x)
+    _log1p(x, out)
+    assert out[0] == 0 and out[1] == -np.inf and np.isnan(out[2]) and out[3] == np.inf
+    assert np.isnan(out[4]) and np.isnan(out[5])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _two_sum(a, b):
+    return two_sum(a, b)
+
+
+def test_two_sum_is_exact_under_the_kernels_fast_math():
+    """The error term survives a caller compiled with "reassoc"."""
+    s, e = _two_sum(1.0, 1e-20)
+    assert s == 1.0 and e == 1e-20
+    s, e = _two_sum(np.float32(1), np.float32(1e-10))
+    assert s == 1 and e == np.float32(1e-10)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _rest(row, skip, pivot):
+    return rest_sum(row, skip, pivot)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rest_sum_exact_differences(dtype):
+    """rest_sum skips one index and takes every difference exactly: against mpmath, within
+    1 eps of float64 for rows of 3 to 3000 (blocks, the skipped index in a later block)."""
+    import mpmath
+    rng = np.random.default_rng(2)
+    for C, skip in ((3, 0), (300, 299), (3000, 1700)):
+        row = (rng.standard_normal(C) * 7).astype(dtype)
+        row[skip] = dtype(33.3)
+        got = _rest(row, skip, row[skip])
+        with mpmath.workdps(40):
+            p = mpmath.mpf(float(row[skip]))
+            ref = mpmath.fsum(mpmath.exp(mpmath.mpf(float(v)) - p)
+                              for j, v in enumerate(row) if j != skip)
+        assert abs(got - float(ref)) <= 2.3e-16 * float(ref), (C, got, ref)
+    with_masked = np.array([0.0, -np.inf, -1.0], dtype)
+    assert _rest(with_masked, 0, with_masked[0]) == pytest.approx(np.exp(-1.0), rel=1e-15)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
