@@ -67,3 +67,9 @@ CUDA_SPLIT_MIN_CHUNK = 4096
 # pass adds at least this many values, over at most this many blocks.
 CUDA_REDUCE_ITEMS_PER_THREAD = 8
 CUDA_REDUCE_MAX_BLOCKS = 1024
+
+# Linear cross-entropy: rows per chunk are chosen so that one chunk's logits hold about this
+# many values (64 MB of float32); the weight gradient is accumulated in vocabulary slabs of
+# this many rows (a temporary of LINEAR_VOCAB_SLAB x H instead of V x H).
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+LINEAR_VOCAB_SLAB = 4096

@@ -64,7 +64,7 @@ _KERNELS = None
 
 
 def _import_kernels():
-    """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``,
+    """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``, ``nll``,
     ``partials``, ``softmax``, ``stats``); imported on the first call, after the stale-cache
     purge.
 
@@ -79,7 +79,7 @@ def _import_kernels():
         return _KERNELS
     _drop_stale_kernel_cache()
     try:
-        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
     except RuntimeError as exc:
         if "cannot cache function" not in str(exc):
             raise
@@ -89,9 +89,9 @@ def _import_kernels():
         cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
         atexit.register(shutil.rmtree, cache_dir, True)
         numba.config.CACHE_DIR = cache_dir
-        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
-                                     partials=partials, softmax=softmax, stats=stats)
+                                     nll=nll, partials=partials, softmax=softmax, stats=stats)
     return _KERNELS
 
 

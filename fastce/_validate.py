@@ -306,3 +306,66 @@ def _overlap(a, b):
         return np.shares_memory(a, b, max_work=100_000)
     except too_hard:     # interleaved strides too costly to decide: assume they overlap
         return True
+
+
+def nll_loss_problem(input_shape, input_dtype, target_shape, target_dtype, weight_shape,
+                     ignore_index, reduction, input_name="log_probs"):
+    """Validate an ``nll_loss`` call's metadata (class-index targets only, as in torch); the
+    result is a :class:`CrossEntropyProblem` with ``probs=False``."""
+    dtype = compute_dtype(input_dtype, input_name)
+    shape = tuple(input_shape)
+    if len(shape) == 0:
+        raise ValueError(f"{input_name} must have at least 1 dimension (C,), (N, C) or "
+                         f"(N, C, d1, ..., dk), got a 0-d array")
+    N, C, S = (1, shape[0], 1) if len(shape) == 1 else split_at_axis(shape, 1)
+    index_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    if C == 0:
+        raise ValueError(f"{input_name} must have at least one class, got shape {shape}")
+    if np.dtype(target_dtype).kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype "
+                        f"{np.dtype(target_dtype)} (nll_loss takes no class probabilities)")
+    if tuple(target_shape) != index_shape:
+        raise ValueError(f"target must have shape {index_shape} for {input_name} of shape "
+                         f"{shape}, got {tuple(target_shape)}")
+    if weight_shape is not None and tuple(weight_shape) != (C,):
+        raise ValueError(f"weight must be a 1-D array of length C={C} (one weight per class), "
+                         f"got shape {tuple(weight_shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    return CrossEntropyProblem(N, C, S, False, dtype, index_shape)
+
+
+def linear_cross_entropy_problem(hidden_shape, hidden_dtype, weight_shape, weight_dtype,
+                                 target_shape, target_dtype, bias_shape, bias_dtype,
+                                 ignore_index, reduction, label_smoothing):
+    """Validate a ``linear_cross_entropy`` call's metadata; returns (N, H, V, compute dtype)."""
+    dtype = compute_dtype(hidden_dtype, "hidden")
+    if len(hidden_shape) != 2:
+        raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden_shape)}")
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight_shape)}")
+    N, H = hidden_shape
+    V = weight_shape[0]
+    if weight_shape[1] != H:
+        raise ValueError(f"weight must have shape (V, H={H}) for hidden of shape "
+                         f"{tuple(hidden_shape)}, got {tuple(weight_shape)}")
+    if V == 0:
+        raise ValueError(f"weight must have at least one row (class), got shape "
+                         f"{tuple(weight_shape)}")
+    for name, dt in (("weight", weight_dtype), ("bias", bias_dtype)):
+        if dt is not None and compute_dtype(dt, name) != dtype:
+            raise TypeError(f"{name} must have hidden's dtype {np.dtype(hidden_dtype)}, got "
+                            f"{np.dtype(dt)}")
+    if np.dtype(target_dtype).kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype "
+                        f"{np.dtype(target_dtype)}")
+    if tuple(target_shape) != (N,):
+        raise ValueError(f"target must have shape ({N},), got {tuple(target_shape)}")
+    if bias_shape is not None and tuple(bias_shape) != (V,):
+        raise ValueError(f"bias must have shape ({V},), got {tuple(bias_shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    return N, H, V, dtype
