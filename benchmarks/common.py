@@ -59,12 +59,12 @@ def _compiled_peers_environment():
 
 _compiled_peers_environment()
 
-try:  # imported once in the forkserver parent, so forks don't pay ~1.5 s each
+try:  # imported once in the forkserver parent, so forks do not import it again
     import torch  # noqa: F401
 except ImportError:  # torch is optional: its benchmarks are skipped
     torch = None
 else:
-    try:  # torch.compile's machinery: seconds of imports a fork then skips
+    try:  # torch.compile's machinery, imported once in the parent too
         import torch._dynamo  # noqa: F401
         import torch._inductor.compile_fx  # noqa: F401
     except ImportError:  # pragma: no cover - a torch without inductor

@@ -228,8 +228,8 @@ def main(argv=None):
             case(*c)
         else:
             # A fresh process per case, as asv does: what one case leaves behind (freed
-            # half-gigabyte arrays, torch's spinning OpenMP workers) once made the next
-            # case's numbers swing 3x.
+            # half-gigabyte arrays, torch's spinning OpenMP workers) skews the next case's
+            # numbers (docs/performance.md, "Measuring").
             subprocess.run([sys.executable, os.path.abspath(__file__), "--case", str(i),
                             "--rounds", str(args.rounds), "--dtype", args.dtype]
                            + (["--quick"] if args.quick else []), check=True)
