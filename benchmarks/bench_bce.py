@@ -7,6 +7,8 @@ class BinaryCrossEntropy(C.OpBenchmark):
     """``binary_cross_entropy(p, t)`` with probabilities ``p``; mean reduction."""
 
     op = "binary_cross_entropy"
+    roof = C.ROOF_READ
+    roof_arrays = 2  # probabilities and targets
 
     def make_inputs(self, batch, classes, dtype):
         shape = (batch, classes)
@@ -20,6 +22,8 @@ class BinaryCrossEntropyWithLogits(C.OpBenchmark):
     """``binary_cross_entropy_with_logits(x, t)``; mean reduction."""
 
     op = "binary_cross_entropy_with_logits"
+    roof = C.ROOF_READ
+    roof_arrays = 2  # logits and targets
 
     def make_inputs(self, batch, classes, dtype):
         shape = (batch, classes)

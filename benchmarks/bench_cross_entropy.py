@@ -14,6 +14,7 @@ class CrossEntropy(_CE):
     """``cross_entropy(logits, target)``, mean reduction, class-index targets."""
 
     op = "cross_entropy"
+    roof = C.ROOF_READ
 
     def time_forward(self, impl, batch, classes, dtype):
         self.call()
@@ -23,6 +24,7 @@ class CrossEntropyGrad(_CE):
     """``cross_entropy_with_grad``: loss and d loss / d logits (torch: autograd)."""
 
     op = "cross_entropy_with_grad"
+    roof = C.ROOF_READ_WRITE
 
     def time_forward_grad(self, impl, batch, classes, dtype):
         self.call()
@@ -72,6 +74,7 @@ class CrossEntropyKDim(_KDim):
     """Segmentation-style ``(N, C, H, W)`` logits, class axis 1."""
 
     op = "cross_entropy"
+    roof = C.ROOF_KDIM_READ
 
     def time_forward(self, impl, shape, dtype):
         self.call()
@@ -81,6 +84,7 @@ class CrossEntropyKDimGrad(_KDim):
     """Forward + gradient on ``(N, C, H, W)`` logits."""
 
     op = "cross_entropy_with_grad"
+    roof = C.ROOF_KDIM_READ_WRITE
 
     def time_forward_grad(self, impl, shape, dtype):
         self.call()
@@ -95,7 +99,7 @@ class CrossEntropyAccuracy:
     ``logsumexp(x) - x[target]`` in ``np.longdouble`` on the same inputs.
     """
 
-    params = [C.IMPLS, [10, 1000, 32000], C.DTYPES, [1, 10, 100, 1000]]
+    params = [C.EAGER_IMPLS, [10, 1000, 32000], C.DTYPES, [1, 10, 100, 1000]]
     param_names = ["impl", "classes", "dtype", "scale"]
     batch = 64
     unit = "relative error"

@@ -14,6 +14,7 @@ class LogSumExp(_Family):
     """``logsumexp(x, axis=-1)``: one read of the logits, N outputs."""
 
     op = "logsumexp"
+    roof = C.ROOF_READ
 
     def time_logsumexp(self, impl, batch, classes, dtype):
         self.call()
@@ -23,6 +24,7 @@ class LogSoftmax(_Family):
     """``log_softmax(x, axis=-1)``: reads and writes N x C."""
 
     op = "log_softmax"
+    roof = C.ROOF_READ_WRITE
 
     def time_log_softmax(self, impl, batch, classes, dtype):
         self.call()
@@ -32,6 +34,7 @@ class Softmax(_Family):
     """``softmax(x, axis=-1)``: reads and writes N x C."""
 
     op = "softmax"
+    roof = C.ROOF_READ_WRITE
 
     def time_softmax(self, impl, batch, classes, dtype):
         self.call()
@@ -48,7 +51,7 @@ class LogSumExpAccuracy:
     reference.
     """
 
-    params = [C.IMPLS, [10, 1000, 32000], C.DTYPES, [1, 10, 100, 1000]]
+    params = [C.EAGER_IMPLS, [10, 1000, 32000], C.DTYPES, [1, 10, 100, 1000]]
     param_names = ["impl", "classes", "dtype", "scale"]
     batch = 64
     unit = "relative error"

@@ -31,29 +31,71 @@ import importlib
 import importlib.util
 import os
 
+import numba
 import numpy as np
 
-try:  # imported once in the forkserver parent, so forks don't pay ~1.5 s each
+from fastce import reference
+from fastce._config import FASTMATH, PARALLEL_MIN_ELEMENTS
+from fastce.report import NONFINITE_ERROR  # noqa: F401  (one definition, shared)
+
+_SUITE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compiled_peers_environment():
+    """Thread count and on-disk compile caches of the compiled peers, set before jax or
+    torch's inductor first runs (so in the forkserver parent, at import)."""
+    n = str(int(numba.config.NUMBA_NUM_THREADS))
+    # XLA's CPU client sizes its thread pool from PJRT_NPROC (else the core count);
+    # XLA_FLAGS' --xla_cpu_multi_thread_eigen=false does not hold it (docs/benchmarks.md)
+    os.environ.setdefault("PJRT_NPROC", n)
+    # inductor: compile in this process (a pool of compile workers per benchmark process
+    # costs more than it saves) and keep its FX-graph and C++ caches across processes
+    cache = os.path.join(_SUITE_ROOT, ".asv", "compile-cache")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "torchinductor"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_compiled_peers_environment()
+
+try:  # imported once in the forkserver parent, so forks do not import it again
     import torch  # noqa: F401
 except ImportError:  # torch is optional: its benchmarks are skipped
     torch = None
+else:
+    try:  # torch.compile's machinery, imported once in the parent too
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+    except ImportError:  # pragma: no cover - a torch without inductor
+        pass
+
+try:  # importing starts no XLA thread: the CPU client starts in the benchmark's fork
+    import jax  # noqa: F401
+    import jax.numpy  # noqa: F401
+except ImportError:  # jax is optional: its benchmarks are skipped
+    pass
 
 try:
     import scipy.special  # noqa: F401
 except ImportError:
     pass
 
-import numba
-
-from fastce import reference
-
 # ---------------------------------------------------------------------------
 # grid
 # ---------------------------------------------------------------------------
 
-CPU_IMPLS = ["fastce", "numpy-naive", "numpy-stable", "scipy", "torch"]
+# compiled peers: torch.compile and jax.jit compile per shape in every benchmark process
+COMPILED_IMPLS = ["torch-compile", "jax"]
+CPU_IMPLS = ["fastce", "numpy-naive", "numpy-stable", "scipy", "torch"] + COMPILED_IMPLS
 GPU_IMPLS = ["fastce-cuda", "torch-cuda"]
 IMPLS = CPU_IMPLS + GPU_IMPLS
+# implementations that are references, not peers: a summary's "fastest" ignores them
+# (numpy-naive overflows on purpose)
+NOT_PEERS = ["numpy-naive"]
+# memory and accuracy benchmarks: not the compiled peers (peak RSS would count the
+# compiler's; their results are checked against torch in tests/test_reference.py)
+EAGER_IMPLS = [i for i in IMPLS if i not in COMPILED_IMPLS]
 BATCHES = [1, 32, 512, 4096]
 CLASSES = [2, 10, 100, 1000, 32000, 128000]
 DTYPES = ["float32", "float64"]
@@ -66,6 +108,31 @@ SEED = 20240607
 def max_elements():
     """Largest number of logits benchmarked, from ``FASTCE_BENCH_MAX_ELEMENTS``."""
     return int(float(os.environ.get("FASTCE_BENCH_MAX_ELEMENTS", 2**27)))
+
+
+# The compiled peers' grid in quick runs: every (params x round) is a fresh asv process
+# that compiles again (docs/benchmarks.md has the cost), so quick runs time them on this
+# subset; FASTCE_BENCH_COMPILED_GRID=full (run.sh --full) times them everywhere.
+COMPILED_GRID = {"batch": [1, 512, 4096], "classes": [10, 100, 1000, 32000],
+                 "dtype": ["float32"]}
+
+
+def compiled_grid():
+    """The compiled peers' grid: ``COMPILED_GRID``, or None (every cell) when
+    ``FASTCE_BENCH_COMPILED_GRID=full``."""
+    return None if os.environ.get("FASTCE_BENCH_COMPILED_GRID") == "full" else COMPILED_GRID
+
+
+def skip_outside_compiled_grid(impl, **params):
+    """Raise NotImplementedError (asv: skipped) for a compiled peer outside its grid."""
+    grid = compiled_grid()
+    if impl not in COMPILED_IMPLS or grid is None:
+        return
+    for name, value in params.items():
+        if name in grid and value not in grid[name]:
+            raise NotImplementedError(
+                f"{impl} runs on the compiled peers' grid {grid} only "
+                "(FASTCE_BENCH_COMPILED_GRID=full for every cell)")
 
 
 def skip_if_too_large(n_elements):
@@ -297,13 +364,7 @@ def make_call(impl, func, *arrays, **kwargs):
             return out
 
         return call
-    impl_obj = get_impl(impl)
-    f = getattr(impl_obj, func)
-
-    def call():
-        return f(*arrays, **kwargs)
-
-    return call
+    return get_impl(impl).bind(func, *arrays, **kwargs)
 
 
 def warm_up(call, times=1):
@@ -320,12 +381,19 @@ def warm_up(call, times=1):
 # roofs: what the hardware allows for one pass over the logits
 # ---------------------------------------------------------------------------
 
-# Below this size the parallel pool's wake-up dominates (see craft.md), so the
-# roof uses the serial kernel, which is then the faster one.
-_PARALLEL_MIN = 1 << 16
+# Below fastce's own serial/parallel threshold the pool's wake-up dominates, so the roof
+# uses the serial kernel there, as fastce does.
+_PARALLEL_MIN = PARALLEL_MIN_ELEMENTS
+
+# The roof benchmarks, by asv name: a timing class names its roof next to itself
+# (``roof``, ``roof_arrays``) and fastce-report reads that through declarations().
+ROOF_READ = "bench_roof.Roof.time_read"
+ROOF_READ_WRITE = "bench_roof.Roof.time_read_write"
+ROOF_KDIM_READ = "bench_roof.RoofKDim.time_read"
+ROOF_KDIM_READ_WRITE = "bench_roof.RoofKDim.time_read_write"
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=FASTMATH)
 def _read_serial(x):
     s = x.dtype.type(0)
     for i in range(x.size):
@@ -333,7 +401,7 @@ def _read_serial(x):
     return s
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _read_parallel(x, n_chunks):
     # contiguous chunks, one partial sum each: a pure streaming read
     part = np.zeros(n_chunks, dtype=x.dtype)
@@ -346,13 +414,13 @@ def _read_parallel(x, n_chunks):
     return part.sum()
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=FASTMATH)
 def _read_write_serial(x, out, a):
     for i in range(x.size):
         out[i] = x[i] * a
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True)
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _read_write_parallel(x, out, a, n_chunks):
     step = (x.size + n_chunks - 1) // n_chunks
     for k in numba.prange(n_chunks):
@@ -391,9 +459,16 @@ class OpBenchmark:
     memoized per process: data, JIT compilation and warm-up happen once.
     Each subclass warms only its own operation, because asv runs every
     benchmark method in a process of its own.
+
+    Timing classes also declare their roof: ``roof`` (the asv name of the roof
+    benchmark bounding them, one of the ``ROOF_*`` names) and ``roof_arrays`` (how
+    many logits-sized arrays the operation must stream).  fastce-report reads these
+    through :func:`declarations`.
     """
 
     op = None
+    roof = None
+    roof_arrays = 1
     params = [IMPLS, BATCHES, CLASSES, DTYPES]
     param_names = ["impl", "batch", "classes", "dtype"]
     timeout = 300
@@ -408,11 +483,13 @@ class OpBenchmark:
     def setup(self, impl, *rest):
         *shape_params, dtype = rest
         skip_if_too_large(self.n_elements(*shape_params))
+        skip_outside_compiled_grid(impl, **dict(zip(self.param_names[1:], rest)))
 
         def build():
             arrays, kwargs = self.make_inputs(*shape_params, dtype)
             call = make_call(impl, self.op, *arrays, **kwargs)
-            warm_up(call)
+            # compiled peers: the first call compiles, the second runs what was built
+            warm_up(call, times=2 if impl in COMPILED_IMPLS else 1)
             return arrays, call
 
         self.arrays, self.call = memoize((type(self).__name__, impl, *rest), build)
@@ -428,7 +505,7 @@ class OpMemoryBenchmark(OpBenchmark):
     temporary an implementation materializes.
     """
 
-    params = [IMPLS, [512, 4096], [1000, 32000, 128000], DTYPES]
+    params = [EAGER_IMPLS, [512, 4096], [1000, 32000, 128000], DTYPES]
 
     def setup(self, *params):
         _fix_malloc_threshold()  # here only: it would slow the timings
@@ -453,11 +530,6 @@ def _to_numpy(y):
     return np.asarray(y)
 
 
-# What an inf/nan output scores.  Finite on purpose: asv publish's step
-# detection crashes on inf.  fastce-report shows it as "inf/nan".
-NONFINITE_ERROR = 1e30
-
-
 def max_rel_error(y, ref):
     """``max |y - ref| / max(|ref|, 1)``; ``NONFINITE_ERROR`` where y is not
     finite but ref is.
@@ -472,3 +544,41 @@ def max_rel_error(y, ref):
         return NONFINITE_ERROR
     err = np.abs(y - ref) / np.maximum(np.abs(ref), 1)
     return float(np.max(err))
+
+
+# ---------------------------------------------------------------------------
+# what the suite declares, for fastce-report
+# ---------------------------------------------------------------------------
+
+
+def declarations():
+    """What the suite's classes declare, by asv benchmark name.
+
+    Returns
+    -------
+    dict
+        ``{"benchmarks": {name: {"op", "roof", "roof_arrays"}}, "gpu_impls",
+        "compiled_impls", "not_peers", "compiled_grid"}`` for every ``time_`` method
+        of a class with an ``op``; ``name`` is asv's (``module.Class.method``).
+    """
+    import inspect
+    import pkgutil
+
+    package = importlib.import_module(__name__.rsplit(".", 1)[0])
+    out = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("bench_"):
+            continue
+        mod = importlib.import_module(f"{package.__name__}.{info.name}")
+        for cls_name, cls in inspect.getmembers(mod, inspect.isclass):
+            if cls.__module__ != mod.__name__ or cls_name.startswith("_"):
+                continue
+            if getattr(cls, "op", None) is None:
+                continue
+            for method in dir(cls):
+                if method.startswith("time_"):
+                    out[f"{info.name}.{cls_name}.{method}"] = {
+                        "op": cls.op, "roof": cls.roof, "roof_arrays": cls.roof_arrays}
+    return {"benchmarks": out, "gpu_impls": list(GPU_IMPLS),
+            "compiled_impls": list(COMPILED_IMPLS), "not_peers": list(NOT_PEERS),
+            "compiled_grid": compiled_grid()}

@@ -13,7 +13,9 @@
 #
 # Environment: PYTHON (default python3), FASTCE_BENCH_VENV (default
 # .venv-bench), FASTCE_REPORT_DIR (default fastce-report),
-# FASTCE_BENCH_MAX_ELEMENTS (size cap; quick mode default 2**25).
+# FASTCE_BENCH_MAX_ELEMENTS (size cap; quick mode default 2**25),
+# FASTCE_BENCH_COMPILED_GRID (quick mode times torch-compile and jax on part of
+# the grid, benchmarks/common.py COMPILED_GRID; --full sets it to "full").
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -25,6 +27,7 @@ mode=quick
 if [ "${1:-}" = "--full" ]; then
     mode=full
     shift
+    export FASTCE_BENCH_COMPILED_GRID=${FASTCE_BENCH_COMPILED_GRID:-full}
 fi
 
 start=$(date +%s)
@@ -53,8 +56,17 @@ commit=$(git rev-parse HEAD)  # fixed now: the report must match what ran
 echo "== asv run ($mode) of $commit in asv's isolated environment"
 # HEAD^! = exactly the checked-out commit.  asv exits non-zero when any
 # benchmark fails; the report still shows what ran, so go on and exit with it.
+# the machine's load average before and after, for the report (it says how busy
+# the machine was; a loaded machine inflates the threaded implementations' times)
+load_dir=.asv/results/fastce-load
+mkdir -p "$load_dir"
+load_before=$(cat /proc/loadavg 2>/dev/null || echo unknown)
 rc=0
 "$ASV" run "$commit^!" "$@" </dev/null || rc=$?
+load_after=$(cat /proc/loadavg 2>/dev/null || echo unknown)
+printf '{"before": "%s", "after": "%s"}\n' "$load_before" "$load_after" \
+    >"$load_dir/$commit.json"
+echo "== load average before: $load_before; after: $load_after"
 
 echo "== report"
 "$VENV/bin/fastce-report" --commit "$commit" -o "$REPORT_DIR"

@@ -24,10 +24,20 @@ Implementations (keys of :data:`IMPLEMENTATIONS`):
     :mod:`torch.nn.functional` on CPU tensors sharing the NumPy buffers;
     ``cross_entropy_with_grad`` runs the forward and the backward through
     autograd.
+``torch-compile``
+    The same torch functions through ``torch.compile(..., dynamic=False)``
+    (inductor's C++ backend on the CPU): one specialization per shape, compiled on
+    the first call with that shape; the gradient runs ``.backward()`` through the
+    compiled forward's graph.
+``jax``
+    ``jax.jit`` of ``jax.nn`` / ``jax.numpy`` formulations on jax's CPU device
+    (``jax.value_and_grad`` for the gradient, ``jax.vjp`` for ``reduction='none'``).
+    Using it turns on ``jax_enable_x64`` in the process, or float64 inputs would be
+    computed in float32.
 ``fastce``
     fastce itself, so callers can treat every implementation alike.
 
-SciPy and PyTorch are imported on first use only, so ``import fastce`` needs
+SciPy, PyTorch and JAX are imported on first use only, so ``import fastce`` needs
 nothing but NumPy and Numba.
 
 Examples
@@ -451,7 +461,7 @@ def _scipy_bce_logits(input, target, *, weight=None, pos_weight=None, reduction=
 
 
 # ---------------------------------------------------------------------------
-# PyTorch
+# PyTorch (eager and torch.compile)
 # ---------------------------------------------------------------------------
 
 
@@ -469,20 +479,42 @@ def _tensor(a):
 
 
 def _out(t):
-    arr = t.detach().numpy()
+    arr = t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
     return arr[()] if arr.ndim == 0 else arr
 
 
-def _torch_logsumexp(x, axis=-1):
-    return _out(_torch().logsumexp(_tensor(_float_array(x)), dim=axis))
+def _torch_kernels():
+    """The tensor-level operations, keyed like :data:`FUNCTIONS` (the gradient reuses
+    ``cross_entropy``)."""
+    torch = _torch()
+    F = torch.nn.functional
+    return {
+        "logsumexp": lambda x, dim: torch.logsumexp(x, dim=dim),
+        "log_softmax": lambda x, dim: F.log_softmax(x, dim=dim),
+        "softmax": lambda x, dim: F.softmax(x, dim=dim),
+        "cross_entropy": F.cross_entropy,
+        "binary_cross_entropy": F.binary_cross_entropy,
+        "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
+    }
 
 
-def _torch_log_softmax(x, axis=-1):
-    return _out(_torch().nn.functional.log_softmax(_tensor(_float_array(x)), dim=axis))
+def _eager_kernel(name):
+    return _torch_kernels()[name]
 
 
-def _torch_softmax(x, axis=-1):
-    return _out(_torch().nn.functional.softmax(_tensor(_float_array(x)), dim=axis))
+_COMPILED_KERNELS = {}
+
+
+def _compiled_kernel(name):
+    # torch.compile is lazy: the graph is traced and inductor's C++ is built on the first
+    # call with a given shape (dynamic=False: one specialization per shape), which is why
+    # the benchmarks call once in setup.
+    try:
+        return _COMPILED_KERNELS[name]
+    except KeyError:
+        k = _torch().compile(_torch_kernels()[name], dynamic=False)
+        _COMPILED_KERNELS[name] = k
+        return k
 
 
 def _torch_ce_args(logits, target, weight):
@@ -496,56 +528,231 @@ def _torch_ce_args(logits, target, weight):
     return logits, _tensor(target), w
 
 
-def _torch_cross_entropy(
-    logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-):
-    logits, t, w = _torch_ce_args(logits, target, weight)
-    return _out(
-        _torch().nn.functional.cross_entropy(
-            _tensor(logits), t, weight=w, ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing,
-        )
-    )
-
-
-def _torch_cross_entropy_with_grad(
-    logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, grad_output=None,
-):
+def _torch_bind(kernel_of, func, *args, **kwargs):
+    """Convert NumPy inputs to tensors once; return a no-argument callable that runs
+    ``func`` on them and returns tensors (what a torch user holds)."""
     torch = _torch()
-    logits, t, w = _torch_ce_args(logits, target, weight)
-    x = _tensor(logits).requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(
-        x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
-    if grad_output is None:
-        go = torch.ones_like(loss)
+    if func in ("logsumexp", "log_softmax", "softmax"):
+        (x,) = args
+        xt, k, dim = _tensor(_float_array(x)), kernel_of(func), kwargs.pop("axis", -1)
+        _no_more(func, kwargs)
+        return lambda: k(xt, dim)
+    if func in ("cross_entropy", "cross_entropy_with_grad"):
+        logits, target = args
+        grad_output = kwargs.pop("grad_output", None) if func != "cross_entropy" else None
+        logits, t, w = _torch_ce_args(logits, target, kwargs.pop("weight", None))
+        xt, k = _tensor(logits), kernel_of("cross_entropy")
+        if func == "cross_entropy":
+            return lambda: k(xt, t, weight=w, **kwargs)
+        go = None if grad_output is None else torch.as_tensor(
+            np.asarray(grad_output, dtype=logits.dtype))
+
+        def forward_backward():
+            x = xt.detach().requires_grad_(True)
+            loss = k(x, t, weight=w, **kwargs)
+            loss.backward(torch.ones_like(loss) if go is None else go.expand_as(loss))
+            return loss, x.grad
+
+        return forward_backward
+    if func in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+        a, t, w, dt = _bce_inputs(*args, kwargs.pop("weight", None))
+        if "pos_weight" in kwargs and kwargs["pos_weight"] is not None:
+            kwargs["pos_weight"] = _tensor(np.asarray(kwargs["pos_weight"], dtype=dt))
+        at, tt, wt, k = _tensor(a), _tensor(t), None if w is None else _tensor(w), kernel_of(func)
+        return lambda: k(at, tt, weight=wt, **kwargs)
+    raise AttributeError(f"no function {func!r}")
+
+
+def _no_more(func, kwargs):
+    if kwargs:
+        raise TypeError(f"{func}() got unexpected keyword arguments {sorted(kwargs)}")
+
+
+def _framework_functions(bind):
+    """The seven NumPy-in, NumPy-out functions of an implementation whose ``bind`` converts
+    the inputs and returns a no-argument callable (torch, torch.compile, jax)."""
+
+    def logsumexp(x, axis=-1):
+        return _out(bind("logsumexp", x, axis=axis)())
+
+    def log_softmax(x, axis=-1):
+        return _out(bind("log_softmax", x, axis=axis)())
+
+    def softmax(x, axis=-1):
+        return _out(bind("softmax", x, axis=axis)())
+
+    def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0):
+        return _out(bind("cross_entropy", logits, target, weight=weight,
+                         ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)())
+
+    def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
+                                reduction="mean", label_smoothing=0.0, grad_output=None):
+        loss, grad = bind("cross_entropy_with_grad", logits, target, weight=weight,
+                          ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, grad_output=grad_output)()
+        return _out(loss), np.asarray(_out(grad))
+
+    def binary_cross_entropy(input, target, *, weight=None, reduction="mean"):
+        return _out(bind("binary_cross_entropy", input, target, weight=weight,
+                         reduction=reduction)())
+
+    def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=None,
+                                         reduction="mean"):
+        return _out(bind("binary_cross_entropy_with_logits", input, target, weight=weight,
+                         pos_weight=pos_weight, reduction=reduction)())
+
+    return {f.__name__: f for f in (
+        logsumexp, log_softmax, softmax, cross_entropy, cross_entropy_with_grad,
+        binary_cross_entropy, binary_cross_entropy_with_logits)}
+
+
+def _bind_eager(func, *args, **kwargs):
+    return _torch_bind(_eager_kernel, func, *args, **kwargs)
+
+
+def _bind_compiled(func, *args, **kwargs):
+    return _torch_bind(_compiled_kernel, func, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# JAX (jax.jit on the CPU)
+# ---------------------------------------------------------------------------
+
+_JAX_KERNELS = {}
+
+
+def _jax_kernels():
+    """The jitted operations; built on first use (importing jax costs ~1 s)."""
+    if _JAX_KERNELS:
+        return _JAX_KERNELS
+    jax = importlib.import_module("jax")
+    # without x64, jax silently computes float64 inputs in float32
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+
+    def ce(x, t, w, ignore_index, reduction, label_smoothing):
+        axis = 1 if x.ndim > 1 else 0
+        n_classes = x.shape[axis]
+        lsm = jax.nn.log_softmax(x, axis=axis)
+        bshape = [1] * x.ndim
+        bshape[axis] = n_classes
+        wlsm = lsm if w is None else lsm * w.reshape(bshape)
+        if jnp.issubdtype(t.dtype, jnp.floating):  # class probabilities
+            if label_smoothing:
+                t = t * (1 - label_smoothing) + label_smoothing / n_classes
+            loss = -jnp.sum(wlsm * t, axis=axis)
+            if reduction == "mean":
+                return jnp.sum(loss) / max(loss.size, 1)
+            return jnp.sum(loss) if reduction == "sum" else loss
+        valid = t != ignore_index
+        tc = jnp.where(valid, t, 0)
+        picked = jnp.squeeze(jnp.take_along_axis(lsm, jnp.expand_dims(tc, axis), axis=axis),
+                             axis)
+        wt = jnp.where(valid, 1 if w is None else w[tc], 0).astype(x.dtype)
+        loss = -picked * wt
+        if label_smoothing:
+            smooth = jnp.where(valid, -jnp.sum(wlsm, axis=axis), 0)
+            loss = (1 - label_smoothing) * loss + (label_smoothing / n_classes) * smooth
+        if reduction == "mean":
+            return jnp.sum(loss) / jnp.sum(wt)
+        return jnp.sum(loss) if reduction == "sum" else loss
+
+    def ce_grad(x, t, w, go, ignore_index, reduction, label_smoothing):
+        def f(x):
+            return ce(x, t, w, ignore_index, reduction, label_smoothing)
+
+        if reduction == "none":
+            loss, vjp = jax.vjp(f, x)
+            ones = jnp.ones_like(loss)
+            (g,) = vjp(ones if go is None else jnp.broadcast_to(go, loss.shape).astype(x.dtype))
+            return loss, g
+        loss, g = jax.value_and_grad(f)(x)
+        return loss, (g if go is None else g * go.astype(x.dtype))
+
+    def reduce(loss, reduction):
+        if reduction == "mean":
+            return jnp.mean(loss)
+        return jnp.sum(loss) if reduction == "sum" else loss
+
+    def bce(p, t, w, reduction):
+        loss = -(t * jnp.maximum(jnp.log(p), -100) + (1 - t) * jnp.maximum(jnp.log1p(-p), -100))
+        return reduce(loss if w is None else loss * w, reduction)
+
+    def bce_logits(x, t, w, pw, reduction):
+        log_weight = 1 if pw is None else 1 + (pw - 1) * t
+        loss = (1 - t) * x + log_weight * (jnp.log1p(jnp.exp(-jnp.abs(x))) + jnp.maximum(-x, 0))
+        return reduce(loss if w is None else loss * w, reduction)
+
+    static = ("ignore_index", "reduction", "label_smoothing")
+    _JAX_KERNELS.update({
+        "logsumexp": jax.jit(lambda x, axis: jax.nn.logsumexp(x, axis=axis),
+                             static_argnames="axis"),
+        "log_softmax": jax.jit(lambda x, axis: jax.nn.log_softmax(x, axis=axis),
+                               static_argnames="axis"),
+        "softmax": jax.jit(lambda x, axis: jax.nn.softmax(x, axis=axis), static_argnames="axis"),
+        "cross_entropy": jax.jit(ce, static_argnames=static),
+        "cross_entropy_with_grad": jax.jit(ce_grad, static_argnames=static),
+        "binary_cross_entropy": jax.jit(bce, static_argnames="reduction"),
+        "binary_cross_entropy_with_logits": jax.jit(bce_logits, static_argnames="reduction"),
+    })
+    return _JAX_KERNELS
+
+
+def _bind_jax(func, *args, **kwargs):
+    """Put the inputs on jax's CPU device once; return a no-argument callable running the
+    jitted ``func`` and waiting for its result (jax dispatches asynchronously)."""
+    kernels = _jax_kernels()
+    jax = importlib.import_module("jax")
+
+    def dev(a):
+        return None if a is None else jax.device_put(np.asarray(a))
+
+    if func in ("logsumexp", "log_softmax", "softmax"):
+        (x,) = args
+        axis = kwargs.pop("axis", -1)
+        _no_more(func, kwargs)
+        x = _float_array(x)
+        call_args, call_kwargs = (dev(x),), {"axis": axis}
+    elif func in ("cross_entropy", "cross_entropy_with_grad"):
+        logits, target = args
+        logits = _float_array(logits)
+        target = np.asarray(target)
+        dt = logits.dtype
+        _check_reduction(kwargs.get("reduction", "mean"))
+        if target.dtype.kind in "iu":
+            target = target.astype(np.int64, copy=False)
+            axis = 1 if logits.ndim > 1 else 0
+            bad = (target != kwargs.get("ignore_index", -100)) & (
+                (target < 0) | (target >= logits.shape[axis]))
+            if np.any(bad):
+                raise IndexError(f"target holds class indices outside [0, {logits.shape[axis]})")
+        else:
+            target = target.astype(dt, copy=False)
+        w = kwargs.pop("weight", None)
+        w = None if w is None else np.asarray(w, dtype=dt)
+        call_args = [dev(logits), dev(target), dev(w)]
+        if func == "cross_entropy_with_grad":
+            go = kwargs.pop("grad_output", None)
+            call_args.append(None if go is None else dev(np.asarray(go, dtype=dt)))
+        call_kwargs = {"ignore_index": int(kwargs.pop("ignore_index", -100)),
+                       "reduction": kwargs.pop("reduction", "mean"),
+                       "label_smoothing": float(kwargs.pop("label_smoothing", 0.0))}
+        _no_more(func, kwargs)
+    elif func in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+        a, t, w, dt = _bce_inputs(*args, kwargs.pop("weight", None))
+        call_args = [dev(a), dev(t), dev(w)]
+        if func == "binary_cross_entropy_with_logits":
+            pw = kwargs.pop("pos_weight", None)
+            call_args.append(None if pw is None else dev(np.asarray(pw, dtype=dt)))
+        call_kwargs = {"reduction": kwargs.pop("reduction", "mean")}
+        _check_reduction(call_kwargs["reduction"])
+        _no_more(func, kwargs)
     else:
-        go = torch.as_tensor(np.asarray(grad_output, dtype=logits.dtype)).expand_as(loss)
-    loss.backward(go)
-    return _out(loss), x.grad.numpy()
-
-
-def _torch_bce(input, target, *, weight=None, reduction="mean"):
-    p, t, w, _ = _bce_inputs(input, target, weight)
-    return _out(
-        _torch().nn.functional.binary_cross_entropy(
-            _tensor(p), _tensor(t), weight=None if w is None else _tensor(w),
-            reduction=reduction,
-        )
-    )
-
-
-def _torch_bce_logits(input, target, *, weight=None, pos_weight=None, reduction="mean"):
-    x, t, w, dt = _bce_inputs(input, target, weight)
-    pw = None if pos_weight is None else _tensor(np.asarray(pos_weight, dtype=dt))
-    return _out(
-        _torch().nn.functional.binary_cross_entropy_with_logits(
-            _tensor(x), _tensor(t), weight=None if w is None else _tensor(w),
-            pos_weight=pw, reduction=reduction,
-        )
-    )
+        raise AttributeError(f"no function {func!r}")
+    k = kernels[func]
+    return lambda: jax.block_until_ready(k(*call_args, **call_kwargs))
 
 
 # ---------------------------------------------------------------------------
@@ -568,14 +775,20 @@ class Implementation:
         Module that must be importable (``"scipy"``, ``"torch"``).
     install_hint : str, optional
         What to tell the user when ``requires`` is missing.
+    binder : callable, optional
+        ``binder(function, *arrays, **kwargs) -> callable``: converts the inputs once
+        (to tensors, to jax arrays) and returns a no-argument callable that runs the
+        operation on them; see :meth:`bind`.
 
     Attributes
     ----------
     name, description, requires : str
     """
 
-    def __init__(self, name, description, functions=None, requires=None, install_hint=None):
+    def __init__(self, name, description, functions=None, requires=None, install_hint=None,
+                 binder=None):
         self.name = name
+        self._binder = binder
         self.description = description
         self.requires = requires
         self.install_hint = install_hint
@@ -609,6 +822,42 @@ class Implementation:
                 f"implementation {self.name!r} has no function {item!r}"
             ) from None
 
+    def bind(self, function, *arrays, **kwargs):
+        """Bind ``function`` to its inputs; return a no-argument callable.
+
+        NumPy-based implementations close over the arrays as they are.  torch,
+        torch.compile and jax convert them once here (to tensors sharing the buffers,
+        to arrays on jax's CPU device), so that calling the result times the
+        operation alone, as a user of that framework holding its own arrays sees it;
+        their results are the framework's own (tensors, jax arrays, ready: jax's
+        asynchronous dispatch is waited for).
+
+        Parameters
+        ----------
+        function : str
+            One of :data:`FUNCTIONS`.
+        *arrays : array_like
+            Positional inputs of ``function``.
+        **kwargs
+            Its keyword arguments.
+
+        Returns
+        -------
+        callable
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastce.reference import get_implementation
+        >>> call = get_implementation("numpy-stable").bind("logsumexp", np.zeros((2, 4)))
+        >>> np.round(call(), 4).tolist()
+        [1.3863, 1.3863]
+        """
+        if self._binder is not None:
+            return self._binder(function, *arrays, **kwargs)
+        f = getattr(self, function)
+        return lambda: f(*arrays, **kwargs)
+
     def supports(self, function):
         """Return True if this implementation provides ``function``."""
         return function in self._resolve()
@@ -634,6 +883,8 @@ def _numpy_impl(name, description, lse, lsm, sm, bce, bce_logits):
     )
 
 
+_TORCH_HINT = "pip install torch==2.13.0  (pin it: an unpinned torch pulls a CUDA build)"
+
 IMPLEMENTATIONS = {
     "fastce": Implementation("fastce", "fastce Numba kernels"),
     "numpy-naive": _numpy_impl(
@@ -657,17 +908,27 @@ IMPLEMENTATIONS = {
     "torch": Implementation(
         "torch",
         "torch.nn.functional on CPU (autograd for the gradient)",
-        {
-            "logsumexp": _torch_logsumexp,
-            "log_softmax": _torch_log_softmax,
-            "softmax": _torch_softmax,
-            "cross_entropy": _torch_cross_entropy,
-            "cross_entropy_with_grad": _torch_cross_entropy_with_grad,
-            "binary_cross_entropy": _torch_bce,
-            "binary_cross_entropy_with_logits": _torch_bce_logits,
-        },
+        _framework_functions(_bind_eager),
         requires="torch",
-        install_hint="pip install torch==2.13.0  (pin it: an unpinned torch pulls a CUDA build)",
+        install_hint=_TORCH_HINT,
+        binder=_bind_eager,
+    ),
+    "torch-compile": Implementation(
+        "torch-compile",
+        "torch.compile(dynamic=False) of torch.nn.functional: inductor's C++ backend "
+        "(forward compiled; .backward() through the compiled graph)",
+        _framework_functions(_bind_compiled),
+        requires="torch",
+        install_hint=_TORCH_HINT,
+        binder=_bind_compiled,
+    ),
+    "jax": Implementation(
+        "jax",
+        "jax.jit on the CPU (jax.value_and_grad for the gradient; x64 enabled)",
+        _framework_functions(_bind_jax),
+        requires="jax",
+        install_hint='pip install "jax[cpu]==0.10.2"',
+        binder=_bind_jax,
     ),
 }
 IMPLEMENTATIONS["scipy"].requires = "scipy"

@@ -7,9 +7,21 @@ writes, per benchmark and dtype:
 * a table of (batch, classes) rows with each implementation's time, fastce's
   speedup over every other implementation and fastce's fraction of the
   memory-bandwidth roof measured in the same run;
-* heatmaps of fastce's speedup over torch and over numpy-stable across
-  batch x classes, and a line plot of time against classes at one batch;
+* per timing benchmark and dtype, a summary line: in how many cells fastce is the
+  fastest CPU implementation, and its worst cell with its ratio to the fastest peer;
+* heatmaps of fastce's speedup over each peer (torch, torch.compile, jax,
+  numpy-stable) across batch x classes, and a line plot of time against classes at
+  one batch;
 * accuracy and memory tables from the ``track_`` / ``peakmem_`` results.
+
+Which benchmark is bounded by which roof, which operation it times and which
+implementations are peers is read from the benchmark suite itself
+(``benchmarks/common.py``'s ``declarations()``: the classes' ``op``, ``roof`` and
+``roof_arrays`` attributes), not written here.  Cells whose samples spread widely
+(interquartile range over ``NOISY_SPREAD`` of the median, from asv's stored
+statistics) are marked noisy; a fraction of the roof above 100 % can only be a
+measuring error and is flagged instead of printed; the machine's load average before
+and after the run (recorded by ``benchmarks/run.sh``) heads the report.
 
 Everything is bundled in ``report.md``; the tables are also printed.
 
@@ -33,29 +45,25 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["load_run", "build_tables", "write_report", "main"]
+__all__ = ["load_run", "load_declarations", "build_tables", "summaries", "write_report",
+           "main"]
 
 SKIP, FAIL, MISSING = "skip", "FAIL", "-"
 
-# Which roof bounds which benchmark, and how many logits-sized arrays it must
-# stream (binary cross-entropy reads input and target).
-ROOFS = {
-    "bench_cross_entropy.CrossEntropy.time_forward": ("bench_roof.Roof.time_read", 1),
-    "bench_cross_entropy.CrossEntropyGrad.time_forward_grad": (
-        "bench_roof.Roof.time_read_write", 1),
-    "bench_logsumexp.LogSumExp.time_logsumexp": ("bench_roof.Roof.time_read", 1),
-    "bench_logsumexp.LogSoftmax.time_log_softmax": ("bench_roof.Roof.time_read_write", 1),
-    "bench_logsumexp.Softmax.time_softmax": ("bench_roof.Roof.time_read_write", 1),
-    "bench_bce.BinaryCrossEntropy.time_forward": ("bench_roof.Roof.time_read", 2),
-    "bench_bce.BinaryCrossEntropyWithLogits.time_forward": ("bench_roof.Roof.time_read", 2),
-    "bench_cross_entropy.CrossEntropyKDim.time_forward": ("bench_roof.RoofKDim.time_read", 1),
-    "bench_cross_entropy.CrossEntropyKDimGrad.time_forward_grad": (
-        "bench_roof.RoofKDim.time_read_write", 1),
-}
-HEATMAP_REFS = ("torch", "numpy-stable")
-# benchmarks/common.py scores an inf/nan output with this finite value
+# What an inf/nan output scores in the accuracy benchmarks (benchmarks/common.py
+# imports it from here).  Finite on purpose: asv publish's step detection crashes on
+# inf.  Shown as "inf/nan".
 NONFINITE_ERROR = 1e30
+# A cell is noisy when its samples' interquartile range exceeds this fraction of the median.
+NOISY_SPREAD = 0.2
+NOISY_MARK = " ~"
+# What a "% of roof" above 100 % shows instead of a figure: faster than one streaming
+# pass over the same bytes is impossible, so the roof or the timing was disturbed.
+OVER_ROOF = "ERR>100%"
+HEATMAP_REFS = ("torch", "torch-compile", "jax", "numpy-stable")
 FASTCE = "fastce"
+# where benchmarks/run.sh records the load average, under the results directory
+LOAD_DIR = "fastce-load"
 
 
 class NoResultsError(RuntimeError):
@@ -73,17 +81,21 @@ def _load_json(path):
         return json.load(f)
 
 
-def _default_results_dir():
+def _asv_conf():
     conf = Path("asv.conf.json")
     if conf.is_file():
         text = "\n".join(
             line for line in conf.read_text().splitlines() if not line.lstrip().startswith("//")
         )
         try:
-            return Path(json.loads(text).get("results_dir", ".asv/results"))
+            return json.loads(text)
         except ValueError:
             pass
-    return Path(".asv/results")
+    return {}
+
+
+def _default_results_dir():
+    return Path(_asv_conf().get("results_dir", ".asv/results"))
 
 
 def _unrepr(s):
@@ -123,8 +135,11 @@ def load_run(results_dir=None, machine=None, commit=None, env=None):
     -------
     dict
         ``{"benchmarks": {name: {"params", "param_names", "unit", "type",
-        "values"}}, "machine", "commit", "env", "path"}``; ``values`` maps a
-        tuple of parameter values to a float, ``SKIP`` or ``FAIL``.  The
+        "values", "spread"}}, "machine", "commit", "env", "path", "load"}``;
+        ``values`` maps a tuple of parameter values to a float, ``SKIP`` or
+        ``FAIL``; ``spread`` maps it to the samples' interquartile range over the
+        median where asv stored one; ``load`` is the load average recorded by
+        ``benchmarks/run.sh`` (``{"before": str, "after": str}``) or None.  The
         newest matching file is used (by the latest ``started_at`` in it).
 
     Raises
@@ -173,6 +188,8 @@ def load_run(results_dir=None, machine=None, commit=None, env=None):
 
     cols = data["result_columns"]
     i_res, i_par = cols.index("result"), cols.index("params")
+    i_q25 = cols.index("stats_q_25") if "stats_q_25" in cols else None
+    i_q75 = cols.index("stats_q_75") if "stats_q_75" in cols else None
     benchmarks = {}
     for name, row in data.get("results", {}).items():
         info = meta.get(name, {})
@@ -190,19 +207,85 @@ def load_run(results_dir=None, machine=None, commit=None, env=None):
             else:
                 values[combo] = float(v)
         benchmarks[name] = {
+            "spread": _spreads(combos, values, row, i_q25, i_q75),
             "params": params,
             "param_names": info.get("param_names", [f"p{i}" for i in range(len(params))]),
             "unit": info.get("unit", ""),
             "type": info.get("type", name.rsplit(".", 1)[-1].split("_", 1)[0]),
             "values": values,
         }
+    commit = data.get("commit_hash", "?")
     return {
         "benchmarks": benchmarks,
         "machine": mach,
-        "commit": data.get("commit_hash", "?"),
+        "commit": commit,
         "env": data.get("env_name", "?"),
         "path": str(path),
+        "load": _load_average(results_dir, commit),
     }
+
+
+def _spreads(combos, values, row, i_q25, i_q75):
+    """{combo: (q75 - q25) / median} where asv stored the quartiles."""
+    if i_q25 is None or i_q75 is None or len(row) <= max(i_q25, i_q75):
+        return {}
+    q25, q75 = row[i_q25], row[i_q75]
+    if not isinstance(q25, list):
+        q25, q75 = [q25], [q75]
+    out = {}
+    for combo, a, b in zip(combos, q25, q75):
+        v = values.get(combo)
+        if _is_num(v) and v > 0 and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if not (math.isnan(a) or math.isnan(b)):
+                out[combo] = (b - a) / v
+    return out
+
+
+def _load_average(results_dir, commit):
+    path = Path(results_dir) / LOAD_DIR / f"{commit}.json"
+    try:
+        d = _load_json(path)
+    except (OSError, ValueError):
+        return None
+    return {k: str(d.get(k, "?")).strip() for k in ("before", "after")}
+
+
+def load_declarations(benchmark_dir=None):
+    """What the benchmark suite declares: roofs, operations, peers.
+
+    Imports the suite's ``common`` module (the parent of ``benchmark_dir`` goes on
+    ``sys.path``) and calls its ``declarations()``.
+
+    Parameters
+    ----------
+    benchmark_dir : path-like, optional
+        The suite (default: ``benchmark_dir`` of ./asv.conf.json, else ``benchmarks``).
+
+    Returns
+    -------
+    dict or None
+        ``declarations()``'s dict, or None (with a message on stderr) where the suite
+        cannot be found or imported: the report then has no roof columns.
+    """
+    if benchmark_dir is None:
+        conf = _asv_conf()
+        benchmark_dir = Path(conf.get("benchmark_dir", "benchmarks"))
+    bdir = Path(benchmark_dir).resolve()
+    if not (bdir / "common.py").is_file():
+        print(f"fastce-report: no benchmark suite at {bdir}: no roofs", file=sys.stderr)
+        return None
+    import importlib
+
+    sys.path.insert(0, str(bdir.parent))
+    try:
+        common = importlib.import_module(f"{bdir.name}.common")
+        return common.declarations()
+    except Exception as exc:  # a broken or foreign suite: report without roofs
+        print(f"fastce-report: cannot read the suite's declarations ({exc}): no roofs",
+              file=sys.stderr)
+        return None
+    finally:
+        sys.path.remove(str(bdir.parent))
 
 
 # ---------------------------------------------------------------------------
@@ -275,8 +358,15 @@ def _short(name):
     return name.split(".", 1)[-1]
 
 
-def build_tables(run):
+def build_tables(run, decl=None):
     """Pivot a loaded run into tables.
+
+    Parameters
+    ----------
+    run : dict
+        From :func:`load_run`.
+    decl : dict, optional
+        From :func:`load_declarations`; without it there are no roof columns.
 
     Returns
     -------
@@ -290,21 +380,52 @@ def build_tables(run):
         b = benches[name]
         names = b["param_names"]
         if names and names[0] == "impl":
-            tables.extend(_impl_tables(name, b, benches))
+            tables.extend(_impl_tables(name, b, benches, decl))
         else:
             tables.append(_plain_table(name, b))
     return tables
 
 
-def _impl_tables(name, b, benches):
+def _roof_of(name, decl):
+    """(roof benchmark name, arrays streamed) declared for ``name``, or None."""
+    d = (decl or {}).get("benchmarks", {}).get(name)
+    if not d or not d.get("roof"):
+        return None
+    return d["roof"], d.get("roof_arrays", 1)
+
+
+def _dtype_cells(b):
+    """(row parameter names, dtypes, cells(dtype) -> [(row combo, full key builder)])."""
     names = b["param_names"]
-    impls = b["params"][0]
-    rest_names = names[1:]
-    rest_values = b["params"][1:]
+    rest_names, rest_values = names[1:], b["params"][1:]
     split_dtype = "dtype" in rest_names
     di = rest_names.index("dtype") if split_dtype else None
     dtypes = rest_values[di] if split_dtype else [None]
     row_names = [n for n in rest_names if n != "dtype"]
+    row_values = [v for n, v in zip(rest_names, rest_values) if n != "dtype"]
+
+    def key(impl, combo, dt):
+        vals = list(combo)
+        if split_dtype:
+            vals.insert(di, dt)
+        return (impl, *vals)
+
+    return row_names, row_values, dtypes, key
+
+
+def _noisy(b, k):
+    return b.get("spread", {}).get(k, 0.0) > NOISY_SPREAD
+
+
+def _fmt_roof(v):
+    if _is_num(v) and v > 1.0:
+        return OVER_ROOF
+    return _fmt_pct(v)
+
+
+def _impl_tables(name, b, benches, decl=None):
+    impls = b["params"][0]
+    row_names, row_values, dtypes, key = _dtype_cells(b)
 
     # an implementation with no number anywhere (a GPU one on a CPU machine,
     # torch not installed) is a note, not a column of 'skip'
@@ -317,7 +438,7 @@ def _impl_tables(name, b, benches):
     ]
     unit, kind = b["unit"], b["type"]
     is_time = kind == "time"
-    roof = ROOFS.get(name) if is_time else None
+    roof = _roof_of(name, decl) if is_time else None
     refs = [i for i in shown if i != FASTCE] if FASTCE in shown else []
 
     out = []
@@ -328,33 +449,30 @@ def _impl_tables(name, b, benches):
             if roof and FASTCE in shown:
                 headers.append("fastce % of roof")
         rows = []
-        for combo in itertools.product(*[v for n, v in zip(rest_names, rest_values) if n != "dtype"]):
-            def key(impl, combo=combo):
-                vals = list(combo)
-                if split_dtype:
-                    vals.insert(di, dt)
-                return (impl, *vals)
-
-            vals = {i: b["values"].get(key(i), MISSING) for i in shown}
+        n_noisy = n_over = 0
+        for combo in itertools.product(*row_values):
+            vals = {i: b["values"].get(key(i, combo, dt), MISSING) for i in shown}
             if all(not _is_num(v) for v in vals.values()) and vals:
                 # a row skipped for every implementation (size cap) says so once
                 row = list(combo) + [vals[shown[0]]] * len(shown)
             else:
-                row = list(combo) + [fmt_value(vals[i], unit) for i in shown]
+                row = list(combo)
+                for i in shown:
+                    cell = fmt_value(vals[i], unit)
+                    if is_time and _is_num(vals[i]) and _noisy(b, key(i, combo, dt)):
+                        cell += NOISY_MARK
+                        n_noisy += 1
+                    row.append(cell)
             if is_time:
                 f = vals.get(FASTCE, MISSING)
                 row += [_fmt_speedup(_ratio(vals[r], f)) for r in refs]
                 if roof and FASTCE in shown:
                     rb = benches.get(roof[0])
-                    if rb is not None:
-                        rvals = list(combo)
-                        if split_dtype:
-                            rvals.insert(di, dt)
-                        rv = rb["values"].get(tuple(rvals), MISSING)
-                        rv = rv * roof[1] if _is_num(rv) else rv
-                    else:
-                        rv = MISSING
-                    row.append(_fmt_pct(_ratio(rv, f)))
+                    rv = rb["values"].get(key(None, combo, dt)[1:], MISSING) if rb else MISSING
+                    rv = rv * roof[1] if _is_num(rv) else rv
+                    frac = _ratio(rv, f)
+                    n_over += _is_num(frac) and frac > 1.0
+                    row.append(_fmt_roof(frac))
             rows.append([str(c) for c in row])
         notes = []
         if absent:
@@ -365,13 +483,84 @@ def _impl_tables(name, b, benches):
                 + (f" x {roof[1]} (arrays streamed)" if roof[1] != 1 else "")
                 + "; % of roof = roof time / fastce time."
             )
+        if n_over:
+            notes.append(f"{OVER_ROOF}: {n_over} cell(s) faster than the roof, which no "
+                         "implementation can be: a measuring error (the roof or the timing "
+                         "was disturbed), not a figure.")
         if is_time and refs:
             notes.append("Speedup = other implementation's time / fastce's time (>1: fastce faster).")
+        if n_noisy:
+            notes.append(f"~ = noisy ({n_noisy} cell(s)): the samples' interquartile range "
+                         f"exceeds {NOISY_SPREAD:.0%} of the median.")
         title = _short(name) + (f" [{dt}]" if dt else "") + (f" ({unit})" if not is_time else "")
         out.append({
             "title": title, "benchmark": name, "dtype": dt, "headers": headers,
             "rows": rows, "notes": notes, "kind": kind,
         })
+    return out
+
+
+def _peers(b, decl):
+    """CPU implementations fastce is compared against in the summaries."""
+    decl = decl or {}
+    gpu = set(decl.get("gpu_impls", ())) | {i for i in b["params"][0] if i.endswith("-cuda")}
+    not_peers = set(decl.get("not_peers", ()))
+    return [i for i in b["params"][0] if i != FASTCE and i not in gpu and i not in not_peers]
+
+
+def summaries(run, decl=None):
+    """One line per timing benchmark and dtype: where fastce is fastest, its worst cell.
+
+    A cell counts where fastce and at least one CPU peer (every implementation but
+    fastce, the GPU ones and the suite's ``not_peers``) have a time.  The worst cell
+    is the one where fastce's time over the fastest peer's time is largest.
+
+    Returns
+    -------
+    list of dict
+        ``{"benchmark", "dtype", "op", "fastest", "cells", "worst", "ratio", "peer",
+        "noisy", "line"}``; ``worst`` is the cell's row values, ``noisy`` the number of
+        noisy cells (fastce's or the peer's) among those counted.
+    """
+    out = []
+    for name in sorted(run["benchmarks"]):
+        b = run["benchmarks"][name]
+        if b["type"] != "time" or not b["param_names"] or b["param_names"][0] != "impl":
+            continue
+        if FASTCE not in b["params"][0]:
+            continue
+        peers = _peers(b, decl)
+        row_names, row_values, dtypes, key = _dtype_cells(b)
+        op = ((decl or {}).get("benchmarks", {}).get(name) or {}).get("op")
+        for dt in dtypes:
+            cells = fastest = noisy = 0
+            worst = None
+            for combo in itertools.product(*row_values):
+                f = b["values"].get(key(FASTCE, combo, dt), MISSING)
+                times = {p: b["values"].get(key(p, combo, dt), MISSING) for p in peers}
+                times = {p: v for p, v in times.items() if _is_num(v)}
+                if not _is_num(f) or not times:
+                    continue
+                cells += 1
+                peer = min(times, key=times.get)
+                ratio = f / times[peer]
+                fastest += ratio <= 1.0
+                cell_noisy = _noisy(b, key(FASTCE, combo, dt)) or _noisy(b, key(peer, combo, dt))
+                noisy += cell_noisy
+                if worst is None or ratio > worst[1]:
+                    worst = (combo, ratio, peer, f, times[peer], cell_noisy)
+            if not cells:
+                continue
+            combo, ratio, peer, f, p, cell_noisy = worst
+            cell = "(" + ", ".join(str(c) for c in combo) + ")"
+            label = _short(name) + (f" [{dt}]" if dt else "")
+            line = (f"{label}: fastest in {fastest} of {cells} cells; worst cell {cell}: "
+                    f"{ratio:.2f}x vs {peer} (fastce {fmt_time(f)}, {peer} {fmt_time(p)})"
+                    + (" [noisy]" if cell_noisy else "")
+                    + (f"; {noisy} noisy cell(s)" if noisy else ""))
+            out.append({"benchmark": name, "dtype": dt, "op": op, "fastest": fastest,
+                        "cells": cells, "worst": combo, "ratio": ratio, "peer": peer,
+                        "noisy": noisy, "line": line})
     return out
 
 
@@ -435,7 +624,7 @@ def _safe(name):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def make_plots(run, out_dir, line_batch=512):
+def make_plots(run, out_dir, line_batch=512, decl=None):
     """Write heatmaps and line plots; return their paths grouped by benchmark.
 
     Returns
@@ -469,7 +658,11 @@ def make_plots(run, out_dir, line_batch=512):
             if not any(_is_num(v) for v in f.values()):
                 continue
             paths = []
-            refs = [r for r in HEATMAP_REFS if r in impls]
+            # one panel per peer with a number somewhere in this dtype
+            refs = [r for r in HEATMAP_REFS if r in impls
+                    and any(_is_num(v) for v in _grid_values(b, r, dt)[2].values())]
+            if not refs:
+                continue
             fig, axes = plt.subplots(1, len(refs), figsize=(5.2 * len(refs), 3.8), squeeze=False)
             for ax, ref in zip(axes[0], refs):
                 _, _, r = _grid_values(b, ref, dt)
@@ -515,7 +708,7 @@ def make_plots(run, out_dir, line_batch=512):
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=impl)
                     plotted = True
-            roof = ROOFS.get(name)
+            roof = _roof_of(name, decl)
             if roof and roof[0] in run["benchmarks"]:
                 rb = run["benchmarks"][roof[0]]
                 if "batch" in rb["param_names"]:
@@ -549,7 +742,7 @@ def make_plots(run, out_dir, line_batch=512):
 # ---------------------------------------------------------------------------
 
 
-def write_report(run, out_dir, plots=True, line_batch=512, stream=None):
+def write_report(run, out_dir, plots=True, line_batch=512, stream=None, decl=None):
     """Write ``report.md`` (+ PNGs) to ``out_dir`` and print the tables.
 
     Parameters
@@ -563,6 +756,8 @@ def write_report(run, out_dir, plots=True, line_batch=512, stream=None):
         Batch size of the time-vs-classes line plots.
     stream : file, optional
         Where the text tables go (default stdout; None-like to silence).
+    decl : dict, optional
+        From :func:`load_declarations` (roofs, peers); None: no roof columns.
 
     Returns
     -------
@@ -571,26 +766,60 @@ def write_report(run, out_dir, plots=True, line_batch=512, stream=None):
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(run)
-    images = make_plots(run, out_dir, line_batch=line_batch) if plots else {}
+    tables = build_tables(run, decl)
+    summary = summaries(run, decl)
+    images = make_plots(run, out_dir, line_batch=line_batch, decl=decl) if plots else {}
     header = (
         f"machine `{run['machine']}`, commit `{str(run['commit'])[:8]}`, "
         f"environment `{run['env']}`"
     )
+    load = run.get("load")
+    load_line = (
+        f"Load average (1, 5, 15 min; running/total tasks) before the run: {load['before']}; "
+        f"after: {load['after']}."
+        if load else "Load average during the run: not recorded (benchmarks/run.sh records it)."
+    )
+    grid = (decl or {}).get("compiled_grid")
+    compiled = ", ".join((decl or {}).get("compiled_impls", []))
+    grid_line = (f"The compiled peers ({compiled}) ran on part of the grid only: {grid} "
+                 "(FASTCE_BENCH_COMPILED_GRID=full runs them everywhere)." if grid else "")
+    summary_intro = (
+        "Per timing benchmark and dtype: in how many cells fastce is the fastest CPU "
+        "implementation (peers: every CPU implementation but "
+        + ", ".join((decl or {}).get("not_peers", [])) + "), and the cell where it does "
+        "worst: fastce's time / the fastest peer's time (>1: fastce slower).  [noisy] = "
+        "that cell's samples spread widely."
+    )
     if stream is None:
         stream = sys.stdout
     if stream:
-        print(f"fastce benchmark report: {header}\n", file=stream)
+        print(f"fastce benchmark report: {header}\n{load_line}\n", file=stream)
         for t in tables:
             print(text_table(t) + "\n", file=stream)
+        if summary:
+            print("Summary: " + summary_intro, file=stream)
+            for s_ in summary:
+                print("  " + s_["line"], file=stream)
+            if grid_line:
+                print(grid_line, file=stream)
 
     md = [
         "# fastce benchmark report", "",
         f"From {header}; results file `{run['path']}`.", "",
+        load_line, "",
         "Times are asv's medians per call.  `skip` = skipped by the benchmark "
-        "(size cap, library or GPU absent), `FAIL` = the benchmark raised, `-` = "
-        "not in this run.", "",
+        "(size cap, library or GPU absent, outside the compiled peers' grid), `FAIL` = "
+        "the benchmark raised, `-` = not in this run.  A time marked `~` is noisy: its "
+        f"samples' interquartile range exceeds {NOISY_SPREAD:.0%} of the median.  "
+        f"`{OVER_ROOF}` replaces a fraction of the roof above 100 %: a measuring error, "
+        "not a figure.", "",
     ]
+    if grid_line:
+        md += [grid_line, ""]
+    if summary:
+        md += ["## Summary", "", summary_intro, ""]
+        md += [f"* {s_['line']}" for s_ in summary]
+        md += [""]
     order = ["time", "track", "peakmemory"]
     sections = {"time": "Timings", "track": "Accuracy and other tracked values",
                 "peakmemory": "Peak memory"}
@@ -628,15 +857,19 @@ def main(argv=None):
                     help="batch size of the time-vs-classes plots (default 512)")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     ap.add_argument("-q", "--quiet", action="store_true", help="don't print the tables")
+    ap.add_argument("--benchmark-dir", default=None,
+                    help="the asv suite whose declarations (roofs, peers) the report reads "
+                         "(default: benchmark_dir of ./asv.conf.json, benchmarks)")
     args = ap.parse_args(argv)
     try:
         run = load_run(args.results_dir, args.machine, args.commit, args.env)
     except NoResultsError as exc:
         print(f"fastce-report: {exc}", file=sys.stderr)
         return 2
+    decl = load_declarations(args.benchmark_dir)
     md, images = write_report(run, args.output_dir, plots=not args.no_plots,
                               line_batch=args.line_batch,
-                              stream=False if args.quiet else sys.stdout)
+                              stream=False if args.quiet else sys.stdout, decl=decl)
     print(f"wrote {md} and {len(images)} images in {md.parent}")
     return 0
 

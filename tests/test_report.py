@@ -16,8 +16,13 @@ pytest.importorskip("asv")
 pytest.importorskip("matplotlib")
 
 CE = "bench_cross_entropy.CrossEntropy.time_forward"
+# what the suite declares (roofs, peers), read the way fastce-report reads it
+DECL = report.load_declarations(ROOT / "benchmarks")
 SELECT = [
     r"^bench_cross_entropy\.CrossEntropy\.time_forward\('(fastce|numpy-stable|torch)', (1|32), (2|10), 'float32'\)",
+    # a compiled peer on one cell of its grid (jax: torch.compile's cold compile in a fresh
+    # clone costs tens of seconds; tests/test_benchmarks.py runs its benchmarks)
+    r"^bench_cross_entropy\.CrossEntropy\.time_forward\('jax', 1, 10, 'float32'\)",
     r"^bench_roof\.Roof\.time_read\((1|32), (2|10), 'float32'\)",
     r"^bench_cross_entropy\.CrossEntropyAccuracy\.track_max_rel_error\('(fastce|numpy-naive)', 10, 'float32', (1|100)\)",
 ]
@@ -41,7 +46,7 @@ def asv_results(tmp_path_factory):
     subprocess.run(asv + ["machine", "--yes", "--machine", "testbox"], cwd=tmp, env=env,
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     cmd = asv + ["run", "--python=same", "--set-commit-hash", commit, "--machine", "testbox",
-                 "-a", "rounds=1", "-a", "repeat=1", "-a", "warmup_time=0"]
+                 "-a", "rounds=1", "-a", "repeat=3", "-a", "warmup_time=0"]
     for s in SELECT:
         cmd += ["-b", s]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
@@ -50,12 +55,12 @@ def asv_results(tmp_path_factory):
     return tmp / "results"
 
 
-def _raw(results_dir, name):
-    """The raw asv numbers, read independently of the report."""
+def _raw(results_dir, name, column="result"):
+    """The raw asv numbers (or another column), read independently of the report."""
     [f] = [p for p in (results_dir / "testbox").glob("*.json") if p.name != "machine.json"]
     d = json.loads(f.read_text())
     cols = d["result_columns"]
-    res, params = (d["results"][name][cols.index(c)] for c in ("result", "params"))
+    res, params = (d["results"][name][cols.index(c)] for c in (column, "params"))
     import itertools
     keys = [tuple(v.strip("'") for v in k) for k in itertools.product(*params)]
     return dict(zip(keys, res))
@@ -64,7 +69,7 @@ def _raw(results_dir, name):
 def test_tables_match_raw_results(asv_results):
     run = report.load_run(asv_results)
     assert run["machine"] == "testbox"
-    tables = {(t["benchmark"], t["dtype"]): t for t in report.build_tables(run)}
+    tables = {(t["benchmark"], t["dtype"]): t for t in report.build_tables(run, DECL)}
     t = tables[(CE, "float32")]
     h = t["headers"]
     assert h[:2] == ["batch", "classes"]
@@ -77,9 +82,14 @@ def test_tables_match_raw_results(asv_results):
         f = raw[("fastce", b, c, "float32")]
         s = raw[("numpy-stable", b, c, "float32")]
         assert f > 0 and s > 0
-        assert rows[(b, c)]["fastce"] == report.fmt_time(f)
+        q25, q75 = (_raw(asv_results, CE, q)[("fastce", b, c, "float32")]
+                    for q in ("stats_q_25", "stats_q_75"))
+        noisy = (q75 - q25) / f > report.NOISY_SPREAD
+        assert rows[(b, c)]["fastce"] == report.fmt_time(f) + (report.NOISY_MARK if noisy else "")
         assert rows[(b, c)]["fastce vs numpy-stable"] == f"{s / f:.2f}x"
-        assert rows[(b, c)]["fastce % of roof"] == f"{100 * roof[(b, c, 'float32')] / f:.0f}%"
+        frac = roof[(b, c, "float32")] / f
+        assert rows[(b, c)]["fastce % of roof"] == (
+            report.OVER_ROOF if frac > 1 else f"{100 * frac:.0f}%")
     # not run here: marked as skipped, never a number
     assert rows[("4096", "1000")]["fastce"] == report.SKIP
     assert rows[("4096", "1000")]["fastce vs numpy-stable"] == report.SKIP
@@ -146,3 +156,117 @@ def test_markers_never_numbers():
     [t] = report.build_tables(run)
     row = dict(zip(t["headers"], t["rows"][1]))
     assert row["fastce"] == "-" and row["fastce vs torch"] == "-"
+
+
+
+def _doctored(results_dir, tmp_path, edit):
+    """A copy of the real results directory whose result file ``edit(data)`` changed."""
+    out = tmp_path / "results"
+    shutil.copytree(results_dir, out)
+    [f] = [p for p in (out / "testbox").glob("*.json") if p.name != "machine.json"]
+    data = json.loads(f.read_text())
+    edit(data)
+    f.write_text(json.dumps(data))
+    return out
+
+
+def _set(data, name, combo, column, value):
+    """Set ``column`` of ``name``'s entry for ``combo`` (asv's flattened layout)."""
+    import itertools
+    cols = data["result_columns"]
+    row = data["results"][name]
+    keys = [tuple(v.strip("'") for v in k) for k in itertools.product(*row[cols.index("params")])]
+    row[cols.index(column)][keys.index(combo)] = value
+
+
+def test_declarations_come_from_the_suite():
+    b = DECL["benchmarks"]
+    assert b[CE] == {"op": "cross_entropy", "roof": "bench_roof.Roof.time_read", "roof_arrays": 1}
+    assert b["bench_bce.BinaryCrossEntropy.time_forward"]["roof_arrays"] == 2
+    assert b["bench_logsumexp.Softmax.time_softmax"]["roof"] == "bench_roof.Roof.time_read_write"
+    assert b["bench_cross_entropy.CrossEntropyKDimGrad.time_forward_grad"]["roof"] == (
+        "bench_roof.RoofKDim.time_read_write")
+    assert {"torch-compile", "jax"} == set(DECL["compiled_impls"])
+    assert "numpy-naive" in DECL["not_peers"] and "torch-cuda" in DECL["gpu_impls"]
+    # every declared roof is a benchmark of the suite
+    from benchmarks import bench_roof
+    for d in b.values():
+        mod, cls, meth = d["roof"].split(".")
+        assert mod == "bench_roof" and hasattr(getattr(bench_roof, cls), meth)
+
+
+def test_compiled_peer_has_columns(asv_results):
+    run = report.load_run(asv_results)
+    tables = {(t["benchmark"], t["dtype"]): t for t in report.build_tables(run, DECL)}
+    h = tables[(CE, "float32")]["headers"]
+    for col in ("jax", "fastce vs jax"):
+        assert col in h
+    raw = _raw(asv_results, CE)
+    assert raw[("jax", "1", "10", "float32")] > 0
+    # outside the compiled peers' grid: skipped, not failed
+    rows = {(r[0], r[1]): dict(zip(h, r)) for r in tables[(CE, "float32")]["rows"]}
+    assert rows[("32", "2")]["jax"] == report.SKIP
+
+
+def test_summary_lines_match_the_raw_results(asv_results):
+    run = report.load_run(asv_results)
+    [line] = [s for s in report.summaries(run, DECL) if s["benchmark"] == CE]
+    raw = _raw(asv_results, CE)
+    cells = [(b, c) for b in ("1", "32") for c in ("2", "10")]
+    peers = ["numpy-stable", "torch", "jax"]
+    ratios = {}
+    for b, c in cells:
+        best = min((raw[(p, b, c, "float32")], p) for p in peers
+                   if isinstance(raw.get((p, b, c, "float32")), float))
+        ratios[(b, c)] = (raw[("fastce", b, c, "float32")] / best[0], best[1])
+    assert line["cells"] == 4
+    assert line["fastest"] == sum(r <= 1 for r, _ in ratios.values())
+    worst = max(ratios, key=lambda k: ratios[k][0])
+    assert line["worst"] == worst and line["peer"] == ratios[worst][1]
+    assert line["ratio"] == pytest.approx(ratios[worst][0])
+    assert line["line"].startswith(
+        f"CrossEntropy.time_forward [float32]: fastest in {line['fastest']} of 4 cells; "
+        f"worst cell ({worst[0]}, {worst[1]}): {ratios[worst][0]:.2f}x vs {ratios[worst][1]}")
+
+
+def test_noisy_cells_and_roof_above_100_percent_are_flagged(asv_results, tmp_path, capsys):
+    combo = ("fastce", "32", "10", "float32")
+    raw = _raw(asv_results, CE)
+    f = raw[combo]
+
+    def edit(data):
+        # quartiles 0.5x .. 1.5x the median: an interquartile range of 100 %
+        _set(data, CE, combo, "stats_q_25", 0.5 * f)
+        _set(data, CE, combo, "stats_q_75", 1.5 * f)
+        # a roof 3x slower than fastce: 300 % of the roof, impossible
+        _set(data, "bench_roof.Roof.time_read", ("32", "10", "float32"), "result", 3 * f)
+
+    doctored = _doctored(asv_results, tmp_path, edit)
+    run = report.load_run(doctored)
+    assert run["benchmarks"][CE]["spread"][combo] == pytest.approx(1.0)
+    # the untouched cells keep asv's own spread, which is below the threshold or not
+    t = {(t["benchmark"], t["dtype"]): t for t in report.build_tables(run, DECL)}[(CE, "float32")]
+    rows = {(r[0], r[1]): dict(zip(t["headers"], r)) for r in t["rows"]}
+    assert rows[("32", "10")]["fastce"] == report.fmt_time(f) + report.NOISY_MARK
+    assert rows[("32", "10")]["fastce % of roof"] == report.OVER_ROOF
+    assert any(report.OVER_ROOF in n and "measuring error" in n for n in t["notes"])
+    assert any(n.startswith("~ = noisy") for n in t["notes"])
+    # no table anywhere prints a roof fraction above 100 %
+    for tab in report.build_tables(run, DECL):
+        if "fastce % of roof" in tab["headers"]:
+            i = tab["headers"].index("fastce % of roof")
+            for r in tab["rows"]:
+                if r[i].endswith("%") and r[i][:-1].isdigit():
+                    assert int(r[i][:-1]) <= 100
+    [line] = [s for s in report.summaries(run, DECL) if s["benchmark"] == CE]
+    assert line["noisy"] >= 1 and "noisy cell" in line["line"]
+    # the report names the flags and states the load average run.sh recorded
+    (doctored / report.LOAD_DIR).mkdir()
+    (doctored / report.LOAD_DIR / f"{run['commit']}.json").write_text(
+        json.dumps({"before": "0.50 0.40 0.30 1/100 7", "after": "1.50 0.90 0.45 2/120 9"}))
+    assert report.main(["--results-dir", str(doctored), "-o", str(tmp_path / "out"),
+                        "--no-plots", "--benchmark-dir", str(ROOT / "benchmarks")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "before the run: 0.50 0.40 0.30 1/100 7; after: 1.50 0.90 0.45 2/120 9" in md
+    assert "## Summary" in md and line["line"] in md
+    assert report.OVER_ROOF in md and "300%" not in md
