@@ -120,9 +120,10 @@ CE_CASE_TARGETS = [(case, probs) for case in CE_CASES for probs in (False, True)
                    if not (probs and "ignore_index" in case)]
 
 
-# jax compiles once per (case, shape): fewer shapes keep the module fast
+# jax compiles once per (case, shape): one K-dim shape (it goes through the same (N, C, S)
+# code as the others) keeps the module fast
 _VS_TORCH = ([("numpy-stable", s) for s in [(7,), (6, 5), (3, 5, 4), (2, 5, 3, 2)]]
-             + [("jax", s) for s in [(7,), (6, 5), (2, 5, 3, 2)]])
+             + [("jax", (2, 5, 3, 2))])
 
 
 @pytest.mark.parametrize("case,probs", CE_CASE_TARGETS)
