@@ -52,11 +52,9 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad):
             and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
             and not _few_classes_many_rows(*logits.shape)):
         return None
-    if want_grad:
-        grad = np.empty(logits.shape, dt)
-        loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
-    else:
-        loss, bad = _ce.ce_index_small_forward(logits, target, ignore_index, reduction == "mean")
+    # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
+    grad = np.empty(logits.shape, dt) if want_grad else _EMPTY_2D[dt]
+    loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
     loss = _SCALAR[dt](loss)

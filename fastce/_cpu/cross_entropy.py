@@ -263,6 +263,10 @@ ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)
 ce_index_spatial, ce_index_spatial_serial = kernel_twins(_ce_index_spatial)
 ce_prob_rows, ce_prob_rows_serial = kernel_twins(_ce_prob_rows)
 ce_prob_spatial, ce_prob_spatial_serial = kernel_twins(_ce_prob_spatial)
+# ce_index_small takes the rows body inlined (numba IR) rather than calling the serial twin:
+# a call to another dispatcher compiles and optimizes the callee's whole body once more.
+_ce_index_rows_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _ce_index_rows)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -283,8 +287,8 @@ def ce_index_small(x, target, ignore_index, mean, grad):
     gscale = np.empty(1, dtype=x.dtype)
     gscale[0] = (1.0 / denom if denom > 0 else 0.0) if mean else 1.0
     part = np.empty((N, 1), dtype=x.dtype)
-    ce_index_rows_serial(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale, grad,
-                         part, 1, no_weight, no_weight)
+    _ce_index_rows_inlined(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale,
+                           grad, part, 1, no_weight, no_weight)
     total = part.sum()
     if mean:
         total = total / x.dtype.type(denom) if denom > 0 else x.dtype.type(np.nan)
