@@ -261,3 +261,28 @@ def test_first_call_benchmark_code_runs():
                          timeout=600)
     assert out.returncode == 0, out.stderr
     assert "float32" in out.stdout, out.stdout      # loaded from the cache, not compiled
+
+
+def test_report_says_what_it_read_and_left_out(tmp_path, capsys):
+    """fastce-report without --commit names the results file it picked and how much of the
+    suite that run holds (a subset run shows few rows; the report says why)."""
+    import json
+
+    from fastce import report
+    res = tmp_path / "results"
+    (res / "box").mkdir(parents=True)
+    (res / "box" / "machine.json").write_text("{}")
+    names = ["bench_a.A.time_x", "bench_a.A.time_y", "bench_b.B.track_z"]
+    meta = {n: {"name": n, "param_names": ["n"], "params": [["1"]], "type": "time",
+                "unit": "seconds"} for n in names}
+    meta["version"] = 2
+    (res / "benchmarks.json").write_text(json.dumps(meta))
+    run = {"commit_hash": "abcdef123456", "env_name": "existing-py", "params": {},
+           "result_columns": ["result", "params", "started_at"],
+           "results": {"bench_a.A.time_x": [[0.5], [["1"]], 1]}}
+    (res / "box" / "abcdef12-existing-py.json").write_text(json.dumps(run))
+    assert report.main(["--results-dir", str(res), "-o", str(tmp_path / "out"),
+                        "--no-plots", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "abcdef12-existing-py.json" in err and "commit abcdef12" in err, err
+    assert "1 of the suite's 3 benchmarks" in err, err
