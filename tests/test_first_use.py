@@ -102,8 +102,10 @@ def test_documented_commands_name_things_that_exist():
         sub, rest = argv[1], argv[2:]
         revs = []
         if sub in ("run", "continuous", "compare"):
-            revs = [w for w in rest if not w.startswith("-") and "=" not in w
-                    and w not in ("same",)]
+            takes_value = {"-b", "--bench", "-f", "--factor", "-a", "--attribute", "-E",
+                           "--environment", "-m", "--machine", "--python", "-j"}
+            revs = [w for prev, w in zip([""] + rest, rest) if not w.startswith("-")
+                    and "=" not in w and prev not in takes_value]
             if sub == "run":
                 revs = revs[:1]
         for rev in revs:
