@@ -60,11 +60,39 @@ def _canonical_3d(x, axis):
     return x3, back
 
 
-def _broadcast_flat(a, shape, dtype, name):
-    """``a`` broadcast to ``shape`` (checked), as a flat C-contiguous array of ``dtype``."""
+def _broadcast_rows(a, shape, n_rows, dtype, name):
+    """A weight-like ``a`` broadcast to ``shape`` (checked), as the elementwise kernels take
+    it: one C-contiguous (1, C) row shared by every row when ``a`` varies along the last axis
+    only, else the full (``n_rows``, C) array; C is ``shape``'s last dimension."""
     a = _as_array(a, name)
     _validate.broadcastable(a.shape, shape, name)
-    return np.ascontiguousarray(np.broadcast_to(a.astype(dtype, copy=False), shape)).reshape(-1)
+    C = shape[-1] if len(shape) else 1
+    a = a.astype(dtype, copy=False)
+    if all(d == 1 for d in a.shape[:-1]):
+        row = a.reshape(a.shape[-1:] if a.ndim else (1,))
+        return np.ascontiguousarray(np.broadcast_to(row, (C,))).reshape(1, C)
+    return np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(n_rows, C)
+
+
+def upstream_gradient(grad_output, reduction, loss_shape, dtype, denom):
+    """The factor each loss element's gradient is scaled by, as the fused kernels read it:
+    one value (a scalar ``grad_output``, divided by the denominator for 'mean') or one per
+    loss element ('none'), in ``dtype``; ``grad_output``'s shape checked against the loss's."""
+    if reduction == "none":
+        if grad_output is None:
+            return np.ones(1, dtype)
+        go = _as_array(grad_output, "grad_output")
+        _validate.check_grad_output(go.shape, reduction, loss_shape)
+        gscale = np.ascontiguousarray(go, dtype=dtype).reshape(-1)
+        return gscale.copy() if gscale.size == 1 else gscale
+    g0 = 1.0
+    if grad_output is not None:
+        go = _as_array(grad_output, "grad_output")
+        _validate.check_grad_output(go.shape, reduction, loss_shape)
+        g0 = float(go.reshape(()))
+    if reduction == "mean":
+        g0 = g0 / denom if denom != 0 else 0.0
+    return np.array([g0], dtype)
 
 
 def _result(out, dtype):

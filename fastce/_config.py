@@ -20,6 +20,13 @@ CLASS_BLOCK = 1024
 # the work.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
+# The elementwise BCE kernels cut their input into chunks of this many elements (the units the
+# threads share; a flat input is one long row).
+BCE_CHUNK = 8192
+# A weight or pos_weight that repeats along rows shorter than this is materialized to the
+# input's full shape so that the kernel runs over one flat row instead of many short ones.
+BCE_MIN_ROW = 64
+
 # With fewer rows than this many per thread, rows are split into chunks that run on different
 # threads and their (max, sum-exp) partials are merged.
 SPLIT_ROWS_PER_THREAD = 2

@@ -9,11 +9,11 @@ on it, reduce the loss and cast back.  Small common calls take one jitted entry 
 import numpy as np
 
 from . import _config
-from ._arrays import EMPTY, _as_array, _reduce_loss, _result, is_device_array
+from ._arrays import (EMPTY, _as_array, _reduce_loss, _result, is_device_array,
+                      upstream_gradient)
 from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
-from ._validate import (PROB_TARGET_VALUES, check_grad_output, compute_dtype,
-                        cross_entropy_problem, position, raise_bad_class_index,
-                        raise_bad_value)
+from ._validate import (PROB_TARGET_VALUES, compute_dtype, cross_entropy_problem, position,
+                        raise_bad_class_index, raise_bad_value)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -103,28 +103,6 @@ def _check_targets(target, prob, ignore_index, w):
     return t_flat, denom
 
 
-def _upstream_gradient(grad_output, reduction, prob, denom):
-    """The factor each loss element's gradient is scaled by, as the kernels read it: one
-    value (a scalar ``grad_output``, divided by the denominator for 'mean') or one per loss
-    element ('none')."""
-    dt = prob.dtype
-    if reduction == "none":
-        if grad_output is None:
-            return np.ones(1, dt)
-        go = _as_array(grad_output, "grad_output")
-        check_grad_output(go.shape, reduction, prob.loss_shape)
-        gscale = np.ascontiguousarray(go, dtype=dt).reshape(-1)
-        return gscale.copy() if gscale.size == 1 else gscale
-    g0 = 1.0
-    if grad_output is not None:
-        go = _as_array(grad_output, "grad_output")
-        check_grad_output(go.shape, reduction, prob.loss_shape)
-        g0 = float(go.reshape(()))
-    if reduction == "mean":
-        g0 = g0 / denom if denom != 0 else 0.0
-    return np.array([g0], dt)
-
-
 def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
     """(N, C) with a few classes and many rows, run as the K-dim layout (1, C, N): vectorized
     across rows instead of paying each row's fixed cost, at the price of an N x C copy."""
@@ -198,7 +176,8 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
     w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
     t, denom = _check_targets(target, prob, ignore_index, w)
-    gscale = _upstream_gradient(grad_output, reduction, prob, denom) if want_grad else EMPTY[dt]
+    gscale = (upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
+              if want_grad else EMPTY[dt])
     grad = np.empty((N, C, S), dt) if want_grad else None
     launch = _choose_layout(prob)
     loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,

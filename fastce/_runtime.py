@@ -65,7 +65,8 @@ _KERNELS = None
 
 def _import_kernels():
     """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``,
-    ``softmax``, ``stats``); imported on the first call, after the stale-cache purge.
+    ``partials``, ``softmax``, ``stats``); imported on the first call, after the stale-cache
+    purge.
 
     Their ``cache=True`` dispatchers make numba raise RuntimeError ("cannot cache function
     ...: no locator available") at import when it finds no writable cache location: the
@@ -78,7 +79,7 @@ def _import_kernels():
         return _KERNELS
     _drop_stale_kernel_cache()
     try:
-        from ._cpu import bce, checks, cross_entropy, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
     except RuntimeError as exc:
         if "cannot cache function" not in str(exc):
             raise
@@ -88,9 +89,9 @@ def _import_kernels():
         cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
         atexit.register(shutil.rmtree, cache_dir, True)
         numba.config.CACHE_DIR = cache_dir
-        from ._cpu import bce, checks, cross_entropy, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
-                                     softmax=softmax, stats=stats)
+                                     partials=partials, softmax=softmax, stats=stats)
     return _KERNELS
 
 

@@ -1,12 +1,26 @@
-"""CPU kernels for binary cross-entropy on probabilities and on logits (elementwise).
+"""CPU kernels for binary cross-entropy on probabilities and on logits (elementwise), forward
+and fused forward + gradient.
 
-Arrays arrive flattened and C-contiguous; ``weight`` is either empty or already broadcast to
-the input's size, ``pos_weight`` is empty or has the length of the input's last axis.
+One loop body (:func:`_elementwise_loss`) serves both losses and every variant: the loss's
+elementwise math comes in as an ``element`` function returning ``(loss, d loss / d input,
+valid)``, and the optional arrays (weight, pos_weight, upstream gradient, unreduced output,
+gradient output) are ``None`` or arrays: numba compiles one specialization per combination
+and prunes the branches of the absent ones, so a plain forward carries no gradient code and a
+forward + gradient is the same pass with one more store.
+
+Data arrive as C-contiguous (R, C) views (R = 1 for a flat input); ``weight`` and
+``pos_weight`` are (1, C) rows broadcast over R, or (R, C).  The data checks (targets, and
+for BCE probabilities, in range) are fused into the pass: it returns the number of invalid
+elements and the front end, only then, finds and reports the first one.
 """
-import numpy as np
-from numba import njit, prange
+import types as pytypes
 
-from .primitives import exp, kernel_twins, wide_vectors
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .._config import FASTMATH
+from .primitives import exp, kernel_twins, log1p_vec, log_nonneg, wide_vectors
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -19,35 +33,152 @@ def first_outside_unit_interval(p):
     return -1
 
 
-def _bce(p, y, weight, out):
-    """out = -w * (y * max(log p, -100) + (1 - y) * max(log(1 - p), -100)), torch's clamp."""
-    wide_vectors()
-    has_w = weight.shape[0] > 0
-    floor = p.dtype.type(-100)
-    one = p.dtype.type(1)
-    for i in prange(p.shape[0]):
-        lp = max(np.log(p[i]), floor)
-        lq = max(np.log(one - p[i]), floor)
-        v = -(y[i] * lp + (one - y[i]) * lq)
-        out[i] = v * weight[i] if has_w else v
+def _like(x, v):
+    """``v`` as a constant of ``x``'s float type (jitted code only): a plain Python float
+    would make float32 arithmetic float64."""
+    raise NotImplementedError
 
 
-def _bce_with_logits(x, y, weight, pos_weight, out):
-    """The stable form: (1 - y) * x + lw * (log1p(exp(-|x|)) + max(-x, 0)), with
-    lw = 1 + (pos_weight - 1) * y (lw = 1 without pos_weight)."""
+@overload(_like, jit_options={"error_model": "numpy"})
+def _like_impl(x, v):
+    if x == types.float32:
+        return lambda x, v: np.float32(v)
+    if x == types.float64:
+        return lambda x, v: np.float64(v)
+    return None
+
+
+# torch's BCE backward clamps (1 - p) p at EPSILON, a C++ ``float`` 1e-12 in every dtype.
+_TORCH_BCE_EPS = float(np.float32(1e-12))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", inline="always")
+def bce_element(p, y, pos_weight):
+    """torch's BCE on a probability: loss ``(y - 1) max(log1p(-p), -100) - y max(log p, -100)``,
+    its gradient ``(p - y) / max((1 - p) p, 1e-12)`` (torch's backward, EPSILON included) and
+    whether ``p`` and ``y`` lie in [0, 1].  ``pos_weight`` is not used.
+
+    ``log1p(-p)`` keeps full precision for small ``p``, where ``log(1 - p)`` would not."""
+    one = _like(p, 1.0)
+    zero = _like(p, 0.0)
+    floor = _like(p, -100.0)
+    lp = log_nonneg(p)
+    lq = log1p_vec(-p)
+    lp = lp if lp > floor else floor
+    lq = lq if lq > floor else floor
+    loss = (y - one) * lq - y * lp
+    den = (one - p) * p
+    eps = _like(p, _TORCH_BCE_EPS)
+    grad = (p - y) / (den if den > eps else eps)
+    ok = (p >= zero) & (p <= one) & (y >= zero) & (y <= one)
+    return loss, grad, ok
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", inline="always")
+def bce_with_logits_element(x, y, pos_weight):
+    """BCE on a logit, torch's ``(1 - y) x + lw softplus(-x)`` with ``lw = 1 + (pw - 1) y``,
+    rearranged as
+
+        (1 - y) max(x, 0) + pw y max(-x, 0) + lw log1p(exp(-|x|))
+
+    whose terms (lw = (1 - y) + pw y too) are all >= 0 for y in [0, 1] and pw >= 0: no
+    cancellation, so the loss keeps its relative precision for large |x| (torch's form loses
+    it where the loss is small).  A term with a zero coefficient is 0 even for an infinite
+    logit: ``x = +inf, y = 1`` costs 0, not torch's NaN.  Gradient ``lw sigmoid(x) - pw y``,
+    evaluated per sign of x from ``q = sigmoid(-|x|)`` without cancellation; valid: ``y``
+    finite."""
+    one = _like(x, 1.0)
+    zero = _like(x, 0.0)
+    inf = _like(x, np.inf)
+    t = exp(-abs(x))
+    neg = one - y
+    pos = pos_weight * y
+    lw = neg + pos      # = 1 + (pw - 1) y, without its cancellation for pw y ~ y
+    a = x if x > zero else zero
+    b = zero - x if x < zero else zero
+    # a zero coefficient gives 0, even against an infinite logit
+    loss = ((neg * a if neg != zero else zero) + (pos * b if pos != zero else zero)
+            + lw * log1p_vec(t))
+    q = t / (one + t)
+    grad = neg - lw * q if x >= zero else lw * q - pos
+    ok = (y > -inf) & (y < inf)
+    return loss, grad, ok
+
+
+def _elementwise_loss(x, y, weight, pos_weight, grad_output, g, out, part, grad):
+    """One pass of ``element`` over the (R, C) arrays ``x`` (input) and ``y`` (target).
+
+    ``out`` (R, C) receives the weighted loss, or, when ``out`` is None, ``part[r, k]`` the
+    sum of chunk k of row r.  ``grad`` (R, C), when given, receives
+    ``g * grad_output * weight * d loss / d x`` (``grad_output`` None: 1).  Rows are cut into
+    ``part.shape[1]`` chunks so that a flat input still spreads over the threads.  Returns the
+    number of elements that failed ``element``'s validity check (as a float, > 0 if any).
+    """
     wide_vectors()
-    has_w = weight.shape[0] > 0
-    n_pw = pos_weight.shape[0]
-    one = x.dtype.type(1)
+    R, C = x.shape
+    kc = part.shape[1]
+    ch = (C + kc - 1) // kc
     zero = x.dtype.type(0)
-    for i in prange(x.shape[0]):
-        xi = x[i]
-        yi = y[i]
-        softplus_neg = np.log1p(exp(-abs(xi))) + max(-xi, zero)
-        lw = one + (pos_weight[i % n_pw] - one) * yi if n_pw > 0 else one
-        v = (one - yi) * xi + lw * softplus_neg
-        out[i] = v * weight[i] if has_w else v
+    one = x.dtype.type(1)
+    # The count of invalid elements is a float of the data's type: an integer counter keeps
+    # LLVM from vectorizing the loop.  (Only its being non-zero matters.)
+    n_bad = zero
+    for u in prange(R * kc):
+        r = u // kc
+        k = u - r * kc
+        lo = k * ch
+        hi = min(lo + ch, C)
+        xr = x[r, lo:hi]
+        yr = y[r, lo:hi]
+        if weight is not None:
+            wr = weight[r if weight.shape[0] > 1 else 0, lo:hi]
+        if pos_weight is not None:
+            pwr = pos_weight[r if pos_weight.shape[0] > 1 else 0, lo:hi]
+        if out is not None:
+            outr = out[r, lo:hi]
+        if grad is not None:
+            gr = grad[r, lo:hi]
+        if grad_output is not None:
+            gor = grad_output[r, lo:hi]
+        acc = zero
+        bad = zero
+        for c in range(xr.shape[0]):
+            if pos_weight is not None:
+                pwv = pwr[c]
+            else:
+                pwv = one
+            loss, d, ok = element(xr[c], yr[c], pwv)
+            bad += zero if ok else one
+            if weight is not None:
+                loss = loss * wr[c]
+                d = d * wr[c]
+            if out is not None:
+                outr[c] = loss
+            else:
+                acc += loss
+            if grad is not None:
+                if grad_output is not None:
+                    gr[c] = (g * gor[c]) * d
+                else:
+                    gr[c] = g * d
+        part[r, k] = acc
+        n_bad += bad
+    return n_bad
 
 
-bce, bce_serial = kernel_twins(_bce)
-bce_with_logits, bce_with_logits_serial = kernel_twins(_bce_with_logits)
+def _loss_kernels(element, name):
+    """The (parallel, serial) kernels of :func:`_elementwise_loss` for one ``element``.
+
+    The body is the same code object under its own name and with ``element`` bound in its
+    globals: numba's cache is keyed by the qualified name, and a closure over a dispatcher
+    would change its cache key in every process."""
+    body = pytypes.FunctionType(_elementwise_loss.__code__,
+                                dict(_elementwise_loss.__globals__, element=element), name)
+    body.__qualname__ = name
+    body.__doc__ = _elementwise_loss.__doc__
+    return kernel_twins(body)
+
+
+bce, bce_serial = _loss_kernels(bce_element, "bce")
+bce_with_logits, bce_with_logits_serial = _loss_kernels(bce_with_logits_element,
+                                                        "bce_with_logits")

@@ -21,8 +21,9 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH
-from .primitives import (exp_term, inv_sum, kernel_twins, lse_minus, row_max_sumexp,
-                         safe_shift, shift_log_sum, wide_vectors)
+from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_minus,
+                         rest_sum, row_max_sumexp, safe_shift, shift_log_sum, spatial_rest_sum,
+                         wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
 
@@ -49,6 +50,15 @@ def check_index_target(target, n_classes, ignore_index, weight):
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _upstream(gscale, i):
     return gscale[i] if gscale.shape[0] > 1 else gscale[0]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _target_grad(rest, g, keep_wt, eps_c, w_total, w_t):
+    """The target's gradient ``g (keep w_t (p_t - 1) + eps/C (w_total p_t - w_t))`` of a
+    confident row, with ``p_t - 1 = -rest / (1 + rest)`` taken from the row's rest sum
+    instead of the cancelling ``p_t - 1`` (float64, rounded once at the store)."""
+    p_t = np.float64(1) / (np.float64(1) + rest)
+    return g * (keep_wt * (-rest * p_t)) + (g * eps_c) * (w_total * p_t - w_t)
 
 
 def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
@@ -86,10 +96,20 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         a, L = shift_log_sum(m, s)
         w_t = weight[t] if has_w else one
         part = zero
-        if k == 0:
+        # The target's share (loss and gradient) belongs to the chunk that holds it.
+        holds_t = lo <= t < hi
+        rest = np.float64(-1)  # >= 0: the row is confident, rest = sum_{c != t} e^(x_c - x_t)
+        if holds_t:
             # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
             xt = x[i, t]
-            part = keep * w_t * lse_minus(a, L, xt) if xt != -np.inf else x.dtype.type(np.inf)
+            if xt != -np.inf:
+                nll = lse_minus(a, L, xt)
+                if confident(xt - a, nll):
+                    rest = rest_sum(x[i], t, xt)
+                    nll = x.dtype.type(log1p(rest))
+                part = keep * w_t * nll
+            else:
+                part = x.dtype.type(np.inf)
         if eps > 0:
             acc = zero
             if has_w:
@@ -113,8 +133,11 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             else:
                 for c in range(row.shape[0]):
                     grow[c] = ga * (exp_term(row[c] - sh) * inv) - gb
-            if lo <= t < hi:
-                grad[i, t] -= g * keep * w_t
+            if holds_t:
+                if rest >= 0:
+                    grad[i, t] = _target_grad(rest, g, keep * w_t, eps_c, w_total, w_t)
+                else:
+                    grad[i, t] -= g * keep * w_t
 
 
 def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss):
@@ -140,6 +163,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 xc = x[n, c, s0:s1]
                 for j in range(B):
                     acc[j] += wc * lse_minus(m[j], lse[j], xc[j])
+        n_conf = 0
         for j in range(B):
             t = tn[j]
             if t == ignore_index:
@@ -147,8 +171,34 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 continue
             w_t = weight[t] if has_w else one
             xt = x[n, t, s0 + j]
-            nll = keep * w_t * lse_minus(m[j], lse[j], xt) if xt != -np.inf else x.dtype.type(np.inf)
+            if xt != -np.inf:
+                v = lse_minus(m[j], lse[j], xt)
+                n_conf += confident(xt - m[j], v)
+                nll = keep * w_t * v
+            else:
+                nll = x.dtype.type(np.inf)
             loss[n, s0 + j] = nll + eps_c * acc[j]
+        # Confident positions (the target holds the max, the loss is small): their rest sums
+        # in one pass vectorized across the block's positions; rest < 0 marks the others.
+        rest = np.empty(B if n_conf > 0 else 0, dtype=np.float64)
+        if n_conf > 0:
+            pivot = np.zeros(B, dtype=np.float64)
+            skip = np.full(B, -1, dtype=np.int64)
+            for j in range(B):
+                t = tn[j]
+                if t != ignore_index:
+                    xt = x[n, t, s0 + j]
+                    if xt != -np.inf and confident(xt - m[j], lse_minus(m[j], lse[j], xt)):
+                        pivot[j] = xt
+                        skip[j] = t
+            spatial_rest_sum(x, n, s0, s1, pivot, skip, rest)
+            for j in range(B):
+                if skip[j] < 0:
+                    rest[j] = -1
+                else:
+                    t = tn[j]
+                    w_t = weight[t] if has_w else one
+                    loss[n, s0 + j] = keep * w_t * x.dtype.type(log1p(rest[j])) + eps_c * acc[j]
         if want_grad:
             # Per position: acc <- g*A and lse <- g*eps/C (both 0 where ignored), s <- 1/s.
             for j in range(B):
@@ -177,7 +227,12 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                         grad[n, c, s0 + j] = 0
                 else:
                     w_t = weight[t] if has_w else one
-                    grad[n, t, s0 + j] -= _upstream(gscale, n * S + s0 + j) * keep * w_t
+                    g = _upstream(gscale, n * S + s0 + j)
+                    if n_conf > 0 and rest[j] >= 0:
+                        grad[n, t, s0 + j] = _target_grad(rest[j], g, keep * w_t, eps_c,
+                                                          w_total, w_t)
+                    else:
+                        grad[n, t, s0 + j] -= g * keep * w_t
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):

@@ -22,8 +22,10 @@ from numba.extending import intrinsic, overload
 from .._config import CLASS_BLOCK, FASTMATH, SHORT_ROW
 
 __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
-           "log_normal", "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum",
-           "lse_minus", "merge_max_sumexp", "row_max_sumexp"]
+           "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
+           "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
+           "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
+           "rest_sum", "lse_confident", "spatial_rest_sum"]
 
 
 @intrinsic
@@ -138,17 +140,17 @@ def _frexp_sqrt2(typingctx, x):
         width = x.bitwidth
         ity = ir.IntType(width)
         mant = 23 if width == 32 else 52
-        bias = 127 if width == 32 else 1023
         mant_mask = (1 << mant) - 1
-        one_bits = bias << mant
-        bits = builder.bitcast(xv, ity)
-        e = builder.sub(builder.lshr(bits, ity(mant)), ity(bias))
-        m = builder.bitcast(builder.or_(builder.and_(bits, ity(mant_mask)), ity(one_bits)),
-                            xv.type)
-        # m in [1, 2): halve it above sqrt(2) so that log(m) stays small on both sides of 0.
-        big = builder.fcmp_ordered(">", m, xv.type(1.4142135623730951))
-        m = builder.select(big, builder.fmul(m, xv.type(0.5)), m)
-        e = builder.select(big, builder.add(e, ity(1)), e)
+        # The bits of the smallest m in [sqrt(1/2), 1): mantissa fields from that of the
+        # dtype's sqrt(2) up belong to m/2 with e + 1.  Subtracting them borrows from the
+        # exponent field exactly when the mantissa lies below, so one integer subtraction
+        # does the split and the halving (no compare, no select).
+        sqrt2_bits = int(np.array(math.sqrt(2), np.float32 if width == 32 else np.float64)
+                         .view(np.uint32 if width == 32 else np.uint64))
+        low = ((sqrt2_bits & mant_mask) + 1) | ((127 - 1 if width == 32 else 1023 - 1) << mant)
+        d = builder.sub(builder.bitcast(xv, ity), ity(low))
+        e = builder.ashr(d, ity(mant))
+        m = builder.bitcast(builder.add(builder.and_(d, ity(mant_mask)), ity(low)), xv.type)
         ef = builder.sitofp(e, xv.type)
         return context.make_tuple(builder, sig.return_type, [m, ef])
 
@@ -174,30 +176,71 @@ def _by_dtype(stub, impl_f32, impl_f64):
 
 
 def _make_log(dtype, n_terms):
+    """The logs of one dtype: ``log_normal``'s, and the whole-domain ``log_nonneg`` and
+    ``log1p_vec``, all ending in one series (``_series``)."""
     ln2_hi = dtype(0.693359375) if dtype is np.float32 else dtype(6.93147180369123816490e-01)
     ln2_lo = dtype(-2.12194440e-4) if dtype is np.float32 else dtype(1.90821492927058770002e-10)
     # log(m) = 2 atanh(z), z = (m - 1)/(m + 1), |z| <= 0.1716: 2z * sum z^(2k) / (2k + 1).
     c = tuple(dtype(2.0 / (2 * k + 1)) for k in range(n_terms))
     one = dtype(1)
+    zero = dtype(0)
+    inf = dtype(np.inf)
+    nan = dtype(np.nan)
+    # Subnormal inputs of log_nonneg are scaled into the normal range first.
+    sub_bits = 24 if dtype is np.float32 else 54
+    sub_scale = dtype(2.0 ** sub_bits)
+    sub_e = dtype(sub_bits)
+    tiny = dtype(np.finfo(dtype).tiny)
+    min_exp = dtype(np.finfo(dtype).minexp)
 
     @njit(fastmath={"contract"}, error_model="numpy")
-    def _log(x):
-        m, e = _frexp_sqrt2(x)
-        z = (m - one) / (m + one)
+    def _series(num, den, e):
+        """e*ln2 + log(m) for (m - 1, m + 1) given as (num, den)."""
+        z = num / den
         z2 = z * z
         q = c[n_terms - 1]
         for k in range(n_terms - 2, -1, -1):
             q = q * z2 + c[k]
-        r = e * ln2_hi + (e * ln2_lo + z * q)
+        return e * ln2_hi + (e * ln2_lo + z * q)
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log(x):
+        m, e = _frexp_sqrt2(x)
+        r = _series(m - one, m + one, e)
         return r if x == x else x  # NaN in, NaN out (the bit tricks alone give a number)
 
-    return _log
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log_nonneg(x):
+        sub = x < tiny
+        m, e = _frexp_sqrt2(x * sub_scale if sub else x)
+        r = _series(m - one, m + one, e - (sub_e if sub else zero))
+        # 0 -> -inf, +inf -> +inf, negative or NaN -> NaN.
+        special = -inf if x == zero else (x if x > zero else nan)
+        return r if (x > zero) & (x < inf) else special
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log1p(x):
+        u = one + x
+        # u's rounding error, exact ("contract" only: nothing regroups it); it enters the
+        # series as a correction of u's mantissa, so no second division is needed.
+        err = x - (u - one)
+        m, e = _frexp_sqrt2(u)
+        # err * 2**-e in one step: err is 0 wherever -e would leave the normal range (u that
+        # large has no rounding error left in 1 + x), so clamping -e there changes nothing.
+        ne = zero - e
+        err = _scale_by_pow2_normal(err, ne if ne > min_exp else min_exp)
+        r = _series((m - one) + err, (m + one) + err, e)
+        # x = -1 -> -inf, +inf -> +inf, x < -1 or NaN -> NaN.
+        special = -inf if u == zero else (u if u > zero else nan)
+        return r if (u > zero) & (u < inf) else special
+
+    return _log, _log_nonneg, _log1p
 
 
 # Truncation error 2 z^(2n+1) / (2n+1) at |z| = 0.1716: 5e-10 (float32, n = 5), 1e-17
 # (float64, n = 10).
-_log_f32 = _make_log(np.float32, 5)
-_log_f64 = _make_log(np.float64, 10)
+_log_f32, _log_nonneg_f32, _log1p_f32 = _make_log(np.float32, 5)
+_log_f64, _log_nonneg_f64, _log1p_f64 = _make_log(np.float64, 10)
 
 
 def log_normal(x):
@@ -207,6 +250,97 @@ def log_normal(x):
 
 
 _by_dtype(log_normal, _log_f32, _log_f64)
+
+
+def log_nonneg(x):
+    """Vectorizing natural log for ``x >= 0``, subnormals included: 0 gives ``-inf``, inf
+    gives inf, a negative ``x`` or NaN gives NaN; <= 3 ulp.  A few selects dearer than
+    :func:`log_normal`.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.log_nonneg is for jitted code")
+
+
+_by_dtype(log_nonneg, _log_nonneg_f32, _log_nonneg_f64)
+
+
+def log1p_vec(x):
+    """Vectorizing ``log(1 + x)`` for ``x >= -1``, accurate for tiny ``x`` (``log1p_vec(x) = x``
+    to the last bit there): -1 gives ``-inf``, inf gives inf, ``x < -1`` or NaN gives NaN;
+    <= 3 ulp.  One division, like :func:`log_normal`: the rounding error of ``1 + x`` is
+    folded into the series' argument.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.log1p_vec is for jitted code")
+
+
+_by_dtype(log1p_vec, _log1p_f32, _log1p_f64)
+
+
+def _make_log1p(dtype, n_terms):
+    ln2_hi = dtype(0.693359375) if dtype is np.float32 else dtype(6.93147180369123816490e-01)
+    ln2_lo = dtype(-2.12194440e-4) if dtype is np.float32 else dtype(1.90821492927058770002e-10)
+    # log1p(f) = 2 atanh(t), t = f/(2 + f) = 2t + t R(t^2), R = sum_k 2 t^(2k) / (2k + 1).
+    c = tuple(dtype(2.0 / (2 * k + 1)) for k in range(1, n_terms + 1))
+    one = dtype(1)
+    half = dtype(0.5)
+    ninf = dtype(-np.inf)
+    nan = dtype(np.nan)
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def _log1p(x):
+        # u = 1 + x exactly as u + err (TwoSum), then u = m 2^e with m in [sqrt(1/2), sqrt 2)
+        # and f = m - 1 exact: log1p(x) = e ln2 + log1p(f) + err/u.
+        u = one + x
+        bb = u - one
+        err = (one - (u - bb)) + (x - bb)
+        m, e = _frexp_sqrt2(u)
+        f = m - one
+        t = f / (f + dtype(2))
+        t2 = t * t
+        q = c[n_terms - 1]
+        for k in range(n_terms - 2, -1, -1):
+            q = q * t2 + c[k]
+        R = t2 * q
+        hf = half * f * f
+        # log1p(f) = f - (hf - t (hf + R)): the leading f is exact, the rest is small.
+        r = e * ln2_hi - ((hf - (t * (hf + R) + (e * ln2_lo + err / u))) - f)
+        r = r if x > -one else (ninf if x == -one else nan)
+        return x if (x == np.inf or x != x) else r
+
+    return _log1p
+
+
+# Truncation of R relative to the result: t^(2n+2)/(2n+3) at t^2 = 0.0295: 2e-10 (float32,
+# n = 5), 6e-19 (float64, n = 10).
+_log1p_accurate_f32 = _make_log1p(np.float32, 5)
+_log1p_accurate_f64 = _make_log1p(np.float64, 10)
+
+
+def log1p(x):
+    """Vectorizing ``log(1 + x)`` in ``x``'s precision, <= 1 ulp (the confident-row losses
+    need the last bit; :func:`log1p_vec` is the cheaper <= 3 ulp one the BCE loop
+    uses), accurate for tiny ``x``
+    (``log1p(1e-30) = 1e-30``).  -1 gives -inf, below -1 NaN, inf inf, NaN NaN.  Jitted code
+    only."""
+    raise NotImplementedError("fastce._cpu.primitives.log1p is for jitted code")
+
+
+_by_dtype(log1p, _log1p_accurate_f32, _log1p_accurate_f64)
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def two_sum(a, b):
+    """``(s, err)`` with ``s = fl(a + b)`` and ``a + b = s + err`` exactly (Knuth's TwoSum).
+
+    Compiled without "reassoc" (LLVM keeps the flags per instruction once inlined), so a
+    caller's fast-math cannot fold ``err`` to 0.
+    """
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def two_diff(a, b):
+    """``(d, err)`` with ``d = fl(a - b)`` and ``a - b = d + err`` exactly."""
+    return two_sum(a, -b)
 
 
 # Cody-Waite reduction: x = n*ln2 + r with |r| <= ln2/2; ln2 split so n*LN2_HI is exact.
@@ -459,6 +593,146 @@ def inv_sum(m, s):
     if m > -np.inf and m < np.inf:
         return np.float32(1) / s
     return np.float32(np.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Confident rows: full relative precision where lse - x is small.
+#
+# When the pivot x_p (the target logit, or the row max) holds the row's maximum,
+# lse - x_p = log1p(rest) with rest = sum_{j != p} exp(x_j - x_p).  From the one-pass
+# statistics it comes out as (shift - x_p) + log(sum), which has lost rest's low bits
+# (log(1 + rest) rounds 1 + rest) and, with a shift below x_p, cancels.  Rows whose computed
+# value could be off by more than a few ulp take a second pass over the row (:func:`rest_sum`):
+# every difference x_j - x_p exact (float32 rows in float64; float64 rows with TwoSum), the sum
+# compensated, then log1p.  Random rows never qualify; the test costs a few scalar operations.
+
+# The second pass runs when v = lse - x_p (as computed) < _CONF_BASE + _CONF_SLOPE * (x_p - shift)
+# and x_p >= shift.  From the one-pass error (about 3 eps * log(sum) + the sum's relative
+# error + eps/2 * (x_p - shift), divided by v), every row outside keeps its relative error
+# within ~6 eps; tests/test_confident.py checks rows on both sides of the line.
+_CONF_BASE = np.float32(1.5)
+_CONF_SLOPE = np.float32(1.5)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def confident(gap, v):
+    """Whether ``v = lse - x_p``, computed from the one-pass statistics with ``gap = x_p -
+    shift``, needs the second pass.  False for NaN or infinite inputs."""
+    return gap >= 0 and v < _CONF_BASE + _CONF_SLOPE * gap
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def lse_needs_rest(lse, L):
+    """Whether ``lse = shift + L`` may have lost relative precision (a result near 0, e.g.
+    logsumexp([0, -40])): then :func:`lse_confident` recomputes it.  False for NaN/inf."""
+    return abs(lse) < np.float32(0.6) * (L + np.float32(1))
+
+
+def exp_diff(x, pivot):
+    """``exp(x - pivot)`` in float64 from the exact difference: float32 ``x`` is widened (the
+    difference of two float32 values is exact in float64); for float64 ``x`` the rounding
+    error ``e`` of ``x - pivot`` is recovered with TwoSum and applied as ``exp(d) (1 + e)``.
+    ``pivot`` is float64.  Vectorizes.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.exp_diff is for jitted code")
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _exp_diff_f32(x, pivot):
+    return _exp_f64(np.float64(x) - pivot)
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _exp_diff_f64(x, pivot):
+    d, e = two_diff(x, pivot)
+    v = _exp_f64(d)
+    # (a -inf logit: e is NaN, and its term must stay 0)
+    return v + v * e if v != 0 else v
+
+
+@overload(exp_diff, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+def _exp_diff_impl(x, pivot):
+    if x == types.float32:
+        return lambda x, pivot: _exp_diff_f32(x, pivot)
+    if x == types.float64:
+        return lambda x, pivot: _exp_diff_f64(x, pivot)
+    return None
+
+
+# Block length of the second pass: short enough that the vectorized block sum (a few terms
+# per lane) stays within ~1 eps; the block sums are added with TwoSum.
+_REST_BLOCK = 256
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _block_rest(blk, pivot):
+    wide_vectors()
+    acc = np.float64(0)
+    for j in range(blk.shape[0]):
+        acc += exp_diff(blk[j], pivot)
+    return acc
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def rest_sum(row, skip, pivot):
+    """``sum_{j != skip} exp(row[j] - pivot)`` in float64, each difference exact
+    (:func:`exp_diff`), compensated across blocks: relative error ~2 eps (float64).
+    ``row`` may be strided (the K-dim layouts pass a column)."""
+    p = np.float64(pivot)
+    n = row.shape[0]
+    hi = np.float64(0)
+    lo = np.float64(0)
+    for b in range(0, n, _REST_BLOCK):
+        e = min(b + _REST_BLOCK, n)
+        if b <= skip < e:
+            acc = _block_rest(row[b:skip], p) + _block_rest(row[skip + 1:e], p)
+        else:
+            acc = _block_rest(row[b:e], p)
+        hi, err = two_sum(hi, acc)
+        lo += err
+    return hi + lo
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def row_argmax(row):
+    """(max, index of its first occurrence) of a row with no NaN (-1 if every value is NaN
+    or the row is empty)."""
+    wide_vectors()
+    m = row.dtype.type(-np.inf)
+    for j in range(row.shape[0]):
+        m = nan_max(m, row[j])
+    for j in range(row.shape[0]):
+        if row[j] == m:
+            return m, j
+    return m, -1
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def lse_confident(row):
+    """logsumexp of a finite-max row as ``max + log1p(rest)`` (float64), the max's own term
+    carried apart: full relative precision unless ``max < 0`` cancels ``log1p(rest)``."""
+    M, k = row_argmax(row)
+    return np.float64(M) + log1p(rest_sum(row, k, M))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest):
+    """:func:`rest_sum` for the positions ``s0:s1`` of sample ``n`` of the (N, C, S) ``x`` at
+    once, vectorized across positions: ``rest[j] = sum_{c != skip[j]} exp(x[n, c, s0 + j] -
+    pivot[j])`` (float64 ``pivot`` and ``rest``; TwoSum-compensated over the classes)."""
+    wide_vectors()
+    B = s1 - s0
+    lo = np.zeros(B, dtype=np.float64)
+    for j in range(B):
+        rest[j] = 0
+    for c in range(x.shape[1]):
+        xc = x[n, c, s0:s1]
+        for j in range(B):
+            v = exp_diff(xc[j], pivot[j])
+            v = v if c != skip[j] else np.float64(0)
+            rest[j], err = two_sum(rest[j], v)
+            lo[j] += err
+    for j in range(B):
+        rest[j] += lo[j]
 
 
 def kernel_twins(py_func):

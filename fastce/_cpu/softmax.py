@@ -6,11 +6,15 @@ is then strided and the kernels vectorize across S instead).  Each kernel reads 
 once from memory for its statistics and, for the elementwise outputs, writes them while the
 row is still in cache.
 """
-from numba import prange
+import numpy as np
+from numba import njit, prange
 
+from .._config import FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
-from .primitives import (exp_term, inv_sum, kernel_twins, lse_from_max_sumexp, lse_minus,
-                         row_max_sumexp, safe_shift, shift_log_sum, wide_vectors)
+from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
+                         lse_minus, lse_needs_rest, nan_max, rest_sum,
+                         row_argmax, row_max_sumexp, safe_shift, shift_log_sum,
+                         spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
 
@@ -30,14 +34,27 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         else:
             m, s = stat_m[i], stat_s[i]
         if mode == MODE_LOGSUMEXP:
-            out[i, 0] = lse_from_max_sumexp(m, s)
+            a, L = shift_log_sum(m, s)
+            lse = a + L
+            if lse_needs_rest(lse, L):
+                lse = x.dtype.type(lse_confident(x[i]))
+            out[i, 0] = lse
             continue
         row = x[i, lo:hi]
         orow = out[i, lo:hi]
         if mode == MODE_LOG_SOFTMAX:
             a, L = shift_log_sum(m, s)
+            top = x.dtype.type(-np.inf)
             for c in range(row.shape[0]):
                 orow[c] = -lse_minus(a, L, row[c])
+                top = nan_max(top, row[c])
+            # The chunk's largest entry is the one that can have cancelled: if it needs it,
+            # redo the chunk from the row's max with that max's term carried apart.
+            if confident(top - a, lse_minus(a, L, top)):
+                M, k = row_argmax(x[i])
+                lp = log1p(rest_sum(x[i], k, M))
+                for c in range(row.shape[0]):
+                    orow[c] = -lse_minus(np.float64(M), lp, np.float64(row[c]))
         else:
             sh = safe_shift(m)
             inv = inv_sum(m, s)
@@ -55,15 +72,25 @@ def _softmax_spatial(x, out, mode):
         if mode == MODE_LOGSUMEXP:
             o0 = out[n, 0, s0:s1]
             for j in range(B):
-                o0[j] = lse_from_max_sumexp(m[j], s[j])
+                a, L = shift_log_sum(m[j], s[j])
+                lse = a + L
+                if lse_needs_rest(lse, L):
+                    # rare (a result near 0): one position at a time, down the class axis
+                    lse = x.dtype.type(lse_confident(x[n, :, s0 + j]))
+                o0[j] = lse
         elif mode == MODE_LOG_SOFTMAX:
+            n_conf = 0
             for j in range(B):
                 m[j], s[j] = shift_log_sum(m[j], s[j])
+                # The shift is the position's max: confident when log(sum) is small.
+                n_conf += confident(_zero_if_finite(m[j]), s[j])
             for c in range(C):
                 xc = x[n, c, s0:s1]
                 oc = out[n, c, s0:s1]
                 for j in range(B):
                     oc[j] = -lse_minus(m[j], s[j], xc[j])
+            if n_conf > 0:
+                _spatial_log_softmax_confident(x, out, n, s0, s1, m, s)
         else:
             for j in range(B):
                 s[j] = inv_sum(m[j], s[j])
@@ -72,6 +99,39 @@ def _softmax_spatial(x, out, mode):
                 oc = out[n, c, s0:s1]
                 for j in range(B):
                     oc[j] = exp_term(xc[j] - sh[j]) * s[j]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _zero_if_finite(v):
+    """0 for a finite ``v``, NaN otherwise (a gap that makes :func:`confident` false)."""
+    return np.float32(0) if (v > -np.inf and v < np.inf) else np.float32(np.nan)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _spatial_log_softmax_confident(x, out, n, s0, s1, m, L):
+    """Redo the confident positions of a K-dim log_softmax block (``m`` their max, ``L`` the
+    log of their sum) from the max with its term carried apart."""
+    wide_vectors()
+    B = s1 - s0
+    pivot = np.zeros(B, dtype=np.float64)
+    skip = np.full(B, -1, dtype=np.int64)
+    lp = np.empty(B, dtype=np.float64)
+    for j in range(B):
+        if confident(_zero_if_finite(m[j]), L[j]):
+            pivot[j] = m[j]
+            for c in range(x.shape[1]):
+                if x[n, c, s0 + j] == m[j]:
+                    skip[j] = c
+                    break
+    spatial_rest_sum(x, n, s0, s1, pivot, skip, lp)
+    for j in range(B):
+        lp[j] = log1p(lp[j])
+    for c in range(x.shape[1]):
+        xc = x[n, c, s0:s1]
+        oc = out[n, c, s0:s1]
+        for j in range(B):
+            if skip[j] >= 0:
+                oc[j] = -lse_minus(pivot[j], lp[j], np.float64(xc[j]))
 
 
 softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)

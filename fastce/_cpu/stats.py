@@ -8,29 +8,29 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
-from .primitives import (exp_term, merge_max_sumexp, nan_max, row_max_sumexp, safe_shift,
-                         wide_vectors)
+from .partials import STAT_FIELDS, merge_partials
+from .primitives import exp_term, nan_max, row_max_sumexp, safe_shift, wide_vectors
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True, nogil=True)
 def split_row_stats(x, n_chunks, out_m, out_s):
     """(max, sum-exp) of each row of the C-contiguous (N, C) ``x``, each row cut into
-    ``n_chunks`` chunks that are reduced in parallel and then merged."""
+    ``n_chunks`` chunks that are reduced in parallel and then merged (the partials mechanism
+    of ``partials``, as Dask class chunks use it)."""
     wide_vectors()
     N, C = x.shape
     chunk = (C + n_chunks - 1) // n_chunks
-    part_m = np.empty(N * n_chunks, dtype=x.dtype)
-    part_s = np.empty(N * n_chunks, dtype=x.dtype)
+    parts = np.empty((N, n_chunks, STAT_FIELDS), dtype=x.dtype)
     for u in prange(N * n_chunks):
         i = u // n_chunks
-        lo = (u - i * n_chunks) * chunk
-        part_m[u], part_s[u] = row_max_sumexp(x[i, lo:min(lo + chunk, C)])
+        k = u - i * n_chunks
+        lo = k * chunk
+        parts[i, k, 0], parts[i, k, 1] = row_max_sumexp(x[i, lo:min(lo + chunk, C)])
+    merged = np.empty((N, STAT_FIELDS), dtype=x.dtype)
+    merge_partials(parts, merged)
     for i in range(N):
-        m, s = part_m[i * n_chunks], part_s[i * n_chunks]
-        for k in range(1, n_chunks):
-            m, s = merge_max_sumexp(m, s, part_m[i * n_chunks + k], part_s[i * n_chunks + k])
-        out_m[i] = m
-        out_s[i] = s
+        out_m[i] = merged[i, 0]
+        out_s[i] = merged[i, 1]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

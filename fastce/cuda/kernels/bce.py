@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 from numba import cuda, int64
 
+from .memory import load1, store1
+
 __all__ = ["build_bce"]
 
 
@@ -24,41 +26,83 @@ def build_bce(P):
     FLOOR = P.ftype(-100)
     exp, log, log1p = P.exp, P.log, P.log1p
 
+    @cuda.jit(device=True)
+    def bce_one(p, y, weight, out, flag, i, has_w, pi, yi, wi):
+        """Element i of :func:`bce_kernel` from its loaded values."""
+        v = NAN
+        if pi >= ZERO and pi <= ONE:
+            lp = max(log(pi), FLOOR)
+            lq = max(log(ONE - pi), FLOOR)
+            v = -(yi * lp + (ONE - yi) * lq)
+            if has_w:
+                v *= wi
+        else:
+            cuda.atomic.min(flag, 0, i)
+        store1(out, i, v)
+
     @cuda.jit
     def bce_kernel(p, y, weight, out, flag):
         """out = -w * (y * max(log p, -100) + (1 - y) * max(log(1 - p), -100)), torch's
         clamp.  A p outside [0, 1] (or NaN) lowers ``flag[0]`` to its position (atomic
-        min) for the host to raise, and is not passed to log."""
+        min) for the host to raise, and is not passed to log.  Two positions a step, their
+        loads issued together."""
         has_w = weight.shape[0] > 0
         i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
         stride = int64(cuda.gridsize(1))
-        while i < p.shape[0]:
-            pi = p[i]
-            if pi >= ZERO and pi <= ONE:
-                lp = max(log(pi), FLOOR)
-                lq = max(log(ONE - pi), FLOOR)
-                v = -(y[i] * lp + (ONE - y[i]) * lq)
-                out[i] = v * weight[i] if has_w else v
-            else:
-                cuda.atomic.min(flag, 0, i)
-                out[i] = NAN
-            i += stride
+        n = p.shape[0]
+        while i < n:
+            j = i + stride
+            more = j < n
+            p0 = load1(p, i)
+            y0 = load1(y, i)
+            p1 = load1(p, j) if more else ZERO
+            y1 = load1(y, j) if more else ZERO
+            w0 = load1(weight, i) if has_w else ONE
+            w1 = load1(weight, j) if (has_w and more) else ONE
+            bce_one(p, y, weight, out, flag, i, has_w, p0, y0, w0)
+            if more:
+                bce_one(p, y, weight, out, flag, j, has_w, p1, y1, w1)
+            i += 2 * stride
+
+    @cuda.jit(device=True)
+    def bce_logits_one(xi, yi, wi, pwi, has_w, n_pw):
+        softplus_neg = log1p(exp(-abs(xi))) + max(-xi, ZERO)
+        lw = ONE + (pwi - ONE) * yi if n_pw > 0 else ONE
+        v = (ONE - yi) * xi + lw * softplus_neg
+        return v * wi if has_w else v
 
     @cuda.jit
     def bce_logits_kernel(x, y, weight, pos_weight, out):
         """The stable form (1 - y) x + lw (log1p(exp(-|x|)) + max(-x, 0)), with
-        lw = 1 + (pos_weight - 1) y."""
+        lw = 1 + (pos_weight - 1) y.  Two positions a step, their loads issued together."""
         has_w = weight.shape[0] > 0
         n_pw = pos_weight.shape[0]
         i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
         stride = int64(cuda.gridsize(1))
-        while i < x.shape[0]:
-            xi = x[i]
-            yi = y[i]
-            softplus_neg = log1p(exp(-abs(xi))) + max(-xi, ZERO)
-            lw = ONE + (pos_weight[i % n_pw] - ONE) * yi if n_pw > 0 else ONE
-            v = (ONE - yi) * xi + lw * softplus_neg
-            out[i] = v * weight[i] if has_w else v
-            i += stride
+        n = x.shape[0]
+        # k = i % n_pw advances by stride % n_pw with a carry: no division per element.
+        k = i % n_pw if n_pw > 0 else i
+        sk = stride % n_pw if n_pw > 0 else stride
+        while i < n:
+            j = i + stride
+            more = j < n
+            k1 = k + sk
+            if k1 >= n_pw:
+                k1 -= n_pw
+            x0 = load1(x, i)
+            y0 = load1(y, i)
+            x1 = load1(x, j) if more else ZERO
+            y1 = load1(y, j) if more else ZERO
+            w0 = load1(weight, i) if has_w else ONE
+            w1 = load1(weight, j) if (has_w and more) else ONE
+            pw0 = load1(pos_weight, k) if n_pw > 0 else ONE
+            pw1 = load1(pos_weight, k1) if (n_pw > 0 and more) else ONE
+            store1(out, i, bce_logits_one(x0, y0, w0, pw0, has_w, n_pw))
+            if more:
+                store1(out, j, bce_logits_one(x1, y1, w1, pw1, has_w, n_pw))
+            i += 2 * stride
+            k = k1 + sk
+            if k >= n_pw:
+                k -= n_pw
 
     return SimpleNamespace(bce_kernel=bce_kernel, bce_logits_kernel=bce_logits_kernel)

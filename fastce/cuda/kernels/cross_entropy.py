@@ -8,7 +8,7 @@ The math is ``fastce._cpu.cross_entropy``'s, row for row: with ``eps`` the label
     A     = (1 - eps) * w[t] + eps / C * sum_c w[c],
 
 where ``g`` is the upstream gradient of the row (divided by the "mean" denominator); every
-``lse - x`` is evaluated as ``(max - x) + L`` with ``L = log_sum(max, sum)``.  A work
+``lse - x`` is evaluated as ``(max - x) + L`` (``lse_minus``, ``L`` from ``shift_log_sum``).  A work
 unit is a row or a chunk of one (see ``fastce.cuda.kernels.softmax``): pass 1 reads it for the
 (max, sum-exp) pair, pass 2 (only with a gradient or label smoothing) reads it again, still in
 L2 for moderate C, to write the gradient and sum the smoothing term.  ``loss_part[r, k]`` gets
@@ -21,7 +21,11 @@ kernels, so nothing reads out of bounds.
 """
 from types import SimpleNamespace
 
-from numba import cuda, int64
+import numpy as np
+from numba import config, cuda, int64
+
+from ... import _config
+from .memory import addr1, addr3, load1, load1_at, load3, load_at, store3, store_at
 
 __all__ = ["build_cross_entropy"]
 
@@ -36,10 +40,19 @@ def build_cross_entropy(P, soft):
         ``prepare_kernel``, ``index_kernel``, ``prob_kernel`` (see their docstrings).
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
-    unit, log_sum, safe_shift, exp, inv_sum = P.unit, P.log_sum, P.safe_shift, P.exp, P.inv_sum
-    allreduce_sum2, allreduce_max_sumexp, push = P.allreduce_sum2, P.allreduce_max_sumexp, P.push
+    unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
+    safe_shift, exp, inv_sum = P.safe_shift, P.exp, P.inv_sum
+    allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
+                                                        P.allreduce_max_sumexp, P.push_block4)
     ftype = P.ftype
     unit_stats = soft.unit_stats
+    # float32: registers for half of an SM's threads (four 256-thread blocks; 64 a thread)
+    # at the launched block size: ptxas would otherwise take up to 72 (float64 would spill).
+    tpb = int(_config.CUDA_THREADS_PER_BLOCK)
+    bounds = (tpb, max(1, 1024 // tpb)) if P.dtype == np.float32 else None
+    # (The simulator's jit takes no launch bounds.)
+    bounded_jit = cuda.jit(launch_bounds=bounds) if (bounds and not config.ENABLE_CUDASIM) \
+        else cuda.jit
 
     @cuda.jit(device=True)
     def upstream(gout, g0, r, mean, denom):
@@ -56,6 +69,95 @@ def build_cross_entropy(P, soft):
             g = g / denom if denom != ZERO else ZERO
         return g
 
+    @cuda.jit(device=True)
+    def index_term(xc, wc, m, L, sh, inv, ga, ge):
+        """Class c's smoothing term ``w_c (lse - x_c)`` and gradient, less the target's
+        ``-(1 - eps) w_t g`` (:func:`index_row` fixes the target's element up after)."""
+        return wc * lse_minus(m, L, xc), ga * (exp(xc - sh) * inv) - ge * wc
+
+    @cuda.jit(device=True)
+    def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth, t,
+                  m, L, sh, inv, ga, ge, gt):
+        """Pass 2 of a class-index row over the thread's share of [lo, hi): the gradient
+        (``want_grad``) and the sum of the smoothing terms (``smooth``); four independent
+        loads of x (and of the weights) before the four stores, through byte cursors."""
+        sm = ZERO
+        c = lo + lane
+        p = addr3(x, n, c, s)
+        q = addr3(grad, n, c, s) if want_grad else 0
+        pw = addr1(weight, c) if has_w else 0
+        d = G * x.strides[1]
+        e = G * grad.strides[1]
+        dw = G * weight.strides[0]
+        end = hi - 3 * G
+        while c < end:
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            w0 = load1_at(weight, pw, c) if has_w else ONE
+            w1 = load1_at(weight, pw + dw, c + G) if has_w else ONE
+            w2 = load1_at(weight, pw + 2 * dw, c + 2 * G) if has_w else ONE
+            w3 = load1_at(weight, pw + 3 * dw, c + 3 * G) if has_w else ONE
+            s0, v0 = index_term(x0, w0, m, L, sh, inv, ga, ge)
+            s1, v1 = index_term(x1, w1, m, L, sh, inv, ga, ge)
+            s2, v2 = index_term(x2, w2, m, L, sh, inv, ga, ge)
+            s3, v3 = index_term(x3, w3, m, L, sh, inv, ga, ge)
+            if smooth:
+                sm += (s0 + s1) + (s2 + s3)
+            if want_grad:
+                store_at(grad, q, n, c, s, v0)
+                store_at(grad, q + e, n, c + G, s, v1)
+                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
+                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+            c += 4 * G
+            p += 4 * d
+            q += 4 * e
+            pw += 4 * dw
+        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
+            cj = c + j * G
+            if cj < hi:
+                wj = load1_at(weight, pw + j * dw, cj) if has_w else ONE
+                sj, vj = index_term(load_at(x, p + j * d, n, cj, s), wj, m, L, sh, inv, ga, ge)
+                if smooth:
+                    sm += sj
+                if want_grad:
+                    store_at(grad, q + j * e, n, cj, s, vj)
+        # The target's element: its thread rewrites it with the -(1 - eps) w_t g term.
+        if want_grad and t >= lo and t < hi and \
+                np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+            wt = load1(weight, t) if has_w else ONE
+            _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
+            store3(grad, n, t, s, vt - gt)
+        return sm
+
+    @cuda.jit(device=True)
+    def zero_row(grad, n, s, lo, hi, lane, G):
+        c = lo + lane
+        while c < hi:
+            store3(grad, n, c, s, ZERO)
+            c += G
+
+    @cuda.jit(device=True)
+    def step2(n, s, sn, ss, S):
+        """(n, s) advanced by the stride's decomposition (sn, ss), with a carry."""
+        s += ss
+        n += sn
+        if s >= S:
+            s -= S
+            n += 1
+        return n, s
+
+    @cuda.jit(device=True)
+    def count_target(t, i, ignore_index, C, weight, has_w, flag):
+        """Target t's share of the 'mean' denominator; an invalid index lowers the flag."""
+        if t == ignore_index:
+            return ZERO
+        if t < 0 or t >= C:
+            cuda.atomic.min(flag, 0, i)
+            return ZERO
+        return weight[t] if has_w else ONE
+
     @cuda.jit
     def prepare_kernel(target, ignore_index, C, weight, flag, partials):
         """Check the (N, S) class indices and sum the 'mean' denominator (the weights of the
@@ -67,20 +169,39 @@ def build_cross_entropy(P, soft):
         i = int64(cuda.blockIdx.x) * cuda.blockDim.x + t0  # 64-bit
         stride = int64(cuda.gridDim.x) * cuda.blockDim.x
         acc = ZERO
-        while i < N * S:
-            n = i // S
-            t = int64(target[n, i - n * S])
-            if t != ignore_index:
-                if t < 0 or t >= C:
-                    cuda.atomic.min(flag, 0, i)
-                else:
-                    acc += weight[t] if has_w else ONE
-            i += stride
+        # (n, s) of position i advance by the stride's decomposition with a carry: no
+        # division per element.
+        n = i // S
+        s = i - n * S
+        sn = stride // S
+        ss = stride - sn * S
+        total = N * S
+        end = total - 3 * stride
+        while i < end:  # four positions a step: their loads are independent
+            n1, s1 = step2(n, s, sn, ss, S)
+            n2, s2 = step2(n1, s1, sn, ss, S)
+            n3, s3 = step2(n2, s2, sn, ss, S)
+            ta = int64(target[n, s])
+            tb = int64(target[n1, s1])
+            tc = int64(target[n2, s2])
+            td = int64(target[n3, s3])
+            acc += (count_target(ta, i, ignore_index, C, weight, has_w, flag) +
+                    count_target(tb, i + stride, ignore_index, C, weight, has_w, flag)) + \
+                   (count_target(tc, i + 2 * stride, ignore_index, C, weight, has_w, flag) +
+                    count_target(td, i + 3 * stride, ignore_index, C, weight, has_w, flag))
+            i += 4 * stride
+            n, s = step2(n3, s3, sn, ss, S)
+        for j in range(3):  # the last 0-3 positions of this thread (unrolled: not a loop)
+            if i < total:
+                acc += count_target(int64(target[n, s]), i, ignore_index, C, weight, has_w,
+                                    flag)
+                i += stride
+                n, s = step2(n, s, sn, ss, S)
         acc, _ = allreduce_sum2(acc, ZERO, cuda.blockDim.x)
         if t0 == 0:
             partials[cuda.blockIdx.x] = acc
 
-    @cuda.jit
+    @bounded_jit
     def index_kernel(x, target, ignore_index, weight, stats, keep, eps_c, mean, g0, gout,
                      grad, loss_part, G, n_split, part_m, part_s):
         """Class-index targets.  ``stats`` = [denominator, sum of weights] (device);
@@ -99,15 +220,14 @@ def build_cross_entropy(P, soft):
         # An ignored row reads nothing; it still joins the group's reductions.
         m, acc = unit_stats(x, G, n_split, part_m, part_s, active, lane, r, n, s, lo,
                             hi if active else lo)
-        L = log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
+        m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
         w_t = weight[t] if (has_w and active) else ONE
         part = ZERO
         if active and k == 0:
             xt = x[n, t, s]
             # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * ((m - xt) + L) if xt != NEG_INF else INF
+            part = keep * w_t * lse_minus(m, L, xt) if xt != NEG_INF else INF
         sm = ZERO
-        c = lo + lane
         if active and (want_grad or smooth):
             w_total = stats[1] if has_w else ftype(C)
             g = upstream(gout, g0, r, mean, stats[0])
@@ -116,27 +236,92 @@ def build_cross_entropy(P, soft):
             ga = g * (keep * w_t + eps_c * w_total)
             ge = g * eps_c
             gt = g * keep * w_t
-            while c < hi:
-                xc = x[n, c, s]
-                wc = weight[c] if has_w else ONE
-                if smooth:
-                    sm += wc * ((m - xc) + L)
-                if want_grad:
-                    v = ga * (exp(xc - sh) * inv) - ge * wc
-                    if c == t:
-                        v -= gt
-                    grad[n, c, s] = v
-                c += G
+            if want_grad:
+                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth, t,
+                               m, L, sh, inv, ga, ge, gt)
+            else:
+                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True, t,
+                               m, L, sh, inv, ga, ge, gt)
         elif valid and want_grad:
-            while c < hi:
-                grad[n, c, s] = ZERO
-                c += G
+            zero_row(grad, n, s, lo, hi, lane, G)
         if smooth:
             sm, _ = allreduce_sum2(sm, ZERO, G)
         if valid and lane == 0:
             loss_part[r, k] = part + eps_c * sm if smooth else part
 
-    @cuda.jit
+    @cuda.jit(device=True)
+    def cursors(x, target, weight, n, c, s, G, has_w):
+        """Byte cursors at element c of a row of x and of the targets, and of the weights,
+        with their steps for G classes."""
+        return (addr3(x, n, c, s), G * x.strides[1], addr3(target, n, c, s),
+                G * target.strides[1], addr1(weight, c) if has_w else 0,
+                G * weight.strides[0])
+
+    @cuda.jit(device=True)
+    def target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c):
+        """The smoothed, weighted target ``wt_c = ((1 - eps) t_c + eps / C) * w_c`` (``t_c``
+        and ``w_c`` at byte addresses ``pt``, ``pw``)."""
+        wt = keep * load_at(target, pt, n, c, s) + eps_c
+        return wt * load1_at(weight, pw, c) if has_w else wt
+
+    @cuda.jit(device=True)
+    def prob_term(xc, wt, m, L, sh, inv, ga, g):
+        """Class c's loss term (0 where ``wt_c == 0``, even for ``x_c = -inf``) and
+        gradient."""
+        return (wt * lse_minus(m, L, xc) if wt != ZERO else ZERO,
+                ga * (exp(xc - sh) * inv) - g * wt)
+
+    @cuda.jit(device=True)
+    def prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, keep,
+                 eps_c, m, L, sh, inv, ga, g):
+        """Pass 2 of a probability-target row over the thread's share: the loss terms'
+        sum and the gradient; four independent loads of x and of the targets per step."""
+        lsum = ZERO
+        c = lo + lane
+        p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
+        q = addr3(grad, n, c, s) if want_grad else 0
+        e = G * grad.strides[1]
+        end = hi - 3 * G
+        while c < end:
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+            t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
+                               eps_c)
+            t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s,
+                               has_w, keep, eps_c)
+            t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
+                               has_w, keep, eps_c)
+            l0, v0 = prob_term(x0, t0, m, L, sh, inv, ga, g)
+            l1, v1 = prob_term(x1, t1, m, L, sh, inv, ga, g)
+            l2, v2 = prob_term(x2, t2, m, L, sh, inv, ga, g)
+            l3, v3 = prob_term(x3, t3, m, L, sh, inv, ga, g)
+            lsum += (l0 + l1) + (l2 + l3)
+            if want_grad:
+                store_at(grad, q, n, c, s, v0)
+                store_at(grad, q + e, n, c + G, s, v1)
+                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
+                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+            c += 4 * G
+            p += 4 * d
+            pt += 4 * dt
+            pw += 4 * dw
+            q += 4 * e
+        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
+            cj = c + j * G
+            if cj < hi:
+                lj, vj = prob_term(load_at(x, p + j * d, n, cj, s),
+                                   target_weight(target, weight, pt + j * dt, pw + j * dw, n,
+                                                 cj, s, has_w, keep, eps_c),
+                                   m, L, sh, inv, ga, g)
+                lsum += lj
+                if want_grad:
+                    store_at(grad, q + j * e, n, cj, s, vj)
+        return lsum
+
+    @bounded_jit
     def prob_kernel(x, target, weight, keep, eps_c, mean, denom, g0, gout, grad, loss, G):
         """Probability targets of the logits' (N, C, S) layout; whole rows (no split).  The
         smoothed, weighted target is ``wt_c = ((1 - eps) t_c + eps / C) * w_c``; a class with
@@ -147,34 +332,54 @@ def build_cross_entropy(P, soft):
         valid, lane, r, k, n, s, lo, hi = unit(N * S, G, 1, S, C)
         # Pass 1: the row's (max, sum-exp) and the total target weight sum_c wt_c.
         m = NEG_INF
+        sh = ZERO
         acc = ZERO
         tw = ZERO
         c = lo + lane
-        while c < hi:
-            m, acc = push(m, acc, x[n, c, s])
-            wt = keep * target[n, c, s] + eps_c
-            tw += wt * weight[c] if has_w else wt
-            c += G
+        p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
+        end = hi - 3 * G
+        while c < end:
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+            t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
+                               eps_c)
+            t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s,
+                               has_w, keep, eps_c)
+            t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
+                               has_w, keep, eps_c)
+            m, sh, acc = push_block4(m, sh, acc, x0, x1, x2, x3)
+            tw += (t0 + t1) + (t2 + t3)
+            c += 4 * G
+            p += 4 * d
+            pt += 4 * dt
+            pw += 4 * dw
+        if c < hi:  # the last 1-3 elements of this thread
+            x1 = NEG_INF
+            x2 = NEG_INF
+            if c + G < hi:
+                x1 = load_at(x, p + d, n, c + G, s)
+                tw += target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w,
+                                    keep, eps_c)
+            if c + 2 * G < hi:
+                x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+                tw += target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G,
+                                    s, has_w, keep, eps_c)
+            tw += target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+            m, sh, acc = push_block4(m, sh, acc, load_at(x, p, n, c, s), x1, x2, NEG_INF)
         m, acc = allreduce_max_sumexp(m, acc, G)
         tw, _ = allreduce_sum2(tw, ZERO, G)
-        L = log_sum(m, acc)
+        m, L = shift_log_sum(m, acc)
         # Pass 2: the loss terms and the gradient.
         g = upstream(gout, g0, r, mean, denom)
-        sh = safe_shift(m)
-        inv = inv_sum(m, acc)
-        ga = g * tw
-        lsum = ZERO
-        c = lo + lane
-        while c < hi:
-            xc = x[n, c, s]
-            wt = keep * target[n, c, s] + eps_c
-            if has_w:
-                wt *= weight[c]
-            if wt != ZERO:
-                lsum += wt * ((m - xc) + L)
-            if want_grad:
-                grad[n, c, s] = ga * (exp(xc - sh) * inv) - g * wt
-            c += G
+        if want_grad:
+            lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, True,
+                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * tw, g)
+        else:
+            lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, False,
+                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * tw, g)
         lsum, _ = allreduce_sum2(lsum, ZERO, G)
         if valid and lane == 0:
             loss[r] = lsum

@@ -1,6 +1,9 @@
 """Device functions shared by every CUDA kernel: the ``-inf``-safe (max, sum-exp) algebra of
 ``fastce._cpu.primitives`` and the group reductions built on one exchange primitive.
 
+The names are the CPU's (``fastce._cpu.primitives``): ``safe_shift``, ``shift_log_sum``,
+``lse_minus``, ``lse_from_max_sumexp``, ``merge_max_sumexp``, ``row_max_sumexp``, ``inv_sum``.
+
 Everything is built per compute dtype by :func:`build_primitives` so that every constant is a
 value of that dtype: a float32 kernel never meets a float64 literal (numba #888), which the PTX
 test checks by grepping for ``.f64``.
@@ -24,6 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 from numba import config, cuda, from_dtype
+
+from .memory import addr3, load_at, max_nan_f32
 
 __all__ = ["build_primitives", "use_shuffle", "SHARED_MAX_THREADS"]
 
@@ -159,8 +164,10 @@ def build_primitives(dtype, shuffle=None):
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
         ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
-        ``safe_shift``, ``log_sum``, ``lse``, ``inv_sum``, ``merge``, ``push``,
-        ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``, ``row_stats``.
+        ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
+        ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
+        ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
+        ``row_max_sumexp``.
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -171,10 +178,13 @@ def build_primitives(dtype, shuffle=None):
     INF, NEG_INF, NAN = ftype(np.inf), ftype(-np.inf), ftype(np.nan)
     exp, log, log1p = _math_functions(ftype)
 
-    @cuda.jit(device=True)
-    def nan_max(a, b):
-        """max(a, b) that propagates NaN (``max``/``fmaxf`` drop it)."""
-        return a if (a > b or a != a) else b
+    if dtype == np.float32:
+        nan_max = max_nan_f32
+    else:
+        @cuda.jit(device=True)
+        def nan_max(a, b):
+            """max(a, b) that propagates NaN (``max``/``fmax`` drop it)."""
+            return a if (a > b or a != a) else b
 
     @cuda.jit(device=True)
     def safe_shift(m):
@@ -183,20 +193,28 @@ def build_primitives(dtype, shuffle=None):
         return m if (m != INF and m != NEG_INF) else ZERO
 
     @cuda.jit(device=True)
-    def log_sum(m, s):
-        """``L`` with ``lse = m + L`` (``fastce._cpu.primitives.shift_log_sum``): log(s), or 0
-        when the max is +-inf.  Kernels evaluate ``lse - x`` as ``(m - x) + L``, never as
-        ``(m + L) - x``: with logits of 1e300 (1e8 in float32) ``m + L`` rounds ``L`` away
-        and the loss would be 0 instead of log(C).  A NaN logit makes ``m`` NaN already."""
+    def shift_log_sum(m, s):
+        """``(a, L)`` with ``lse = a + L`` from a (max, sum-exp) pair: ``(m, log(s))``, or
+        ``L = 0`` when the max is +-inf (NaN if a NaN reached the sum).  Kernels evaluate
+        ``lse - x`` with :func:`lse_minus` as ``(a - x) + L``, never as ``(a + L) - x``: with
+        logits of 1e300 (1e8 in float32) ``a + L`` rounds ``L`` away and the loss would be 0
+        instead of log(C)."""
         if m == INF or m == NEG_INF:
-            return ZERO
-        return log(s)
+            return m, (s if s != s else ZERO)
+        return m, log(s)
 
     @cuda.jit(device=True)
-    def lse(m, s):
+    def lse_minus(a, L, x):
+        """``lse - x`` as ``(a - x) + L`` (see :func:`shift_log_sum`); NVVM does not
+        reassociate floating point without fast-math, so the grouping stays."""
+        return (a - x) + L
+
+    @cuda.jit(device=True)
+    def lse_from_max_sumexp(m, s):
         """log-sum-exp from (max, sum of exp(x - safe_shift(max))): -inf for an all-``-inf``
-        row, +inf when the max is +inf, NaN when the max is NaN."""
-        return m + log_sum(m, s)
+        row, +inf when the max is +inf, NaN when the max (or the sum) is NaN."""
+        a, L = shift_log_sum(m, s)
+        return a + L
 
     @cuda.jit(device=True)
     def inv_sum(m, s):
@@ -208,31 +226,67 @@ def build_primitives(dtype, shuffle=None):
         return NAN
 
     @cuda.jit(device=True)
-    def merge(m1, s1, m2, s2):
-        """Merge the (max, sum-exp) partials of two disjoint parts of a row.  A partial whose
-        max is -inf keeps its (zero) sum unscaled: ``exp(0 - sh)`` could overflow."""
-        m = nan_max(m1, m2)
-        sh = safe_shift(m)
-        a = s1 * exp(safe_shift(m1) - sh) if m1 != NEG_INF else s1
-        b = s2 * exp(safe_shift(m2) - sh) if m2 != NEG_INF else s2
-        return m, a + b
+    def rescaled(s, mj, m):
+        """A partial's sum ``s`` (relative to its max ``mj``) made relative to a merged max
+        ``m >= mj``: the rule of :func:`merge_max_sumexp` for one partial of a many-way
+        merge."""
+        if mj != NEG_INF and mj != m:
+            return s * exp(mj - m)
+        return s
 
     @cuda.jit(device=True)
-    def push(m, s, v):
-        """Add one element to a running (max, sum-exp): one exp per element, plus a rescale
-        of the sum when the max grows (or turns NaN)."""
-        mn = nan_max(m, v)
-        if mn != m:
-            if m != NEG_INF:
-                s = s * exp(safe_shift(m) - safe_shift(mn))
-            m = mn
-        return m, s + exp(v - safe_shift(m))
+    def merge_max_sumexp(m1, s1, m2, s2):
+        """Merge the (max, sum-exp) partials of two disjoint parts of a row, with one exp:
+        the partial holding the larger max is already relative to the merged shift, the
+        other one is rescaled by exp(its max - the merged max).  Never ``exp(-inf - (-inf))``
+        or ``exp(inf - inf)``: a partial whose max is -inf keeps its (zero or NaN) sum
+        unscaled, one whose max equals the merged max is not scaled.  (With a +inf max
+        the sums matter only for carrying a NaN.)  Symmetric: ``merge(a, b)`` and
+        ``merge(b, a)`` give the same bits (the butterfly relies on it)."""
+        m = nan_max(m1, m2)
+        if m1 >= m2:
+            hs, lm, ls = s1, m2, s2
+        else:
+            hs, lm, ls = s2, m1, s1
+        if lm != NEG_INF and lm != m:
+            ls = ls * exp(lm - m)
+        return m, hs + ls
+
+    @cuda.jit(device=True)
+    def rescale(m, sh, acc, bm):
+        """Move a running (max, shift, sum-exp) to a block max ``bm`` above the running max
+        (or NaN): the sum is rescaled to the new shift (one exp)."""
+        mn = nan_max(m, bm)
+        nsh = safe_shift(mn)
+        if m != NEG_INF:
+            acc = acc * exp(sh - nsh)
+        return mn, nsh, acc
+
+    @cuda.jit(device=True)
+    def push_block4(m, sh, acc, v0, v1, v2, v3):
+        """Add four elements to a running (max, shift, sum-exp): one exp per element, and a
+        rescale of the sum only when the block's max exceeds the running one (or is NaN).
+        ``sh`` is ``safe_shift(m)``, kept so that the common path does not recompute it."""
+        bm = nan_max(nan_max(v0, v1), nan_max(v2, v3))
+        if not (bm <= m):
+            m, sh, acc = rescale(m, sh, acc, bm)
+        return m, sh, acc + ((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh)))
+
+    @cuda.jit(device=True)
+    def push_block8(m, sh, acc, v0, v1, v2, v3, v4, v5, v6, v7):
+        """:func:`push_block4` for eight elements (one max test for eight)."""
+        bm = nan_max(nan_max(nan_max(v0, v1), nan_max(v2, v3)),
+                     nan_max(nan_max(v4, v5), nan_max(v6, v7)))
+        if not (bm <= m):
+            m, sh, acc = rescale(m, sh, acc, bm)
+        return m, sh, acc + (((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh))) +
+                             ((exp(v4 - sh) + exp(v5 - sh)) + (exp(v6 - sh) + exp(v7 - sh))))
 
     @cuda.jit(device=True)
     def add2(a1, b1, a2, b2):
         return a1 + a2, b1 + b2
 
-    allreduce_max_sumexp = _group_allreduce(merge, NEG_INF, ZERO, nbtype, shuffle)
+    allreduce_max_sumexp = _group_allreduce(merge_max_sumexp, NEG_INF, ZERO, nbtype, shuffle)
     allreduce_sum2 = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
 
     @cuda.jit(device=True)
@@ -240,39 +294,108 @@ def build_primitives(dtype, shuffle=None):
         """This thread's work unit: a chunk ``k`` of row ``r = n * S + s`` (``n_split``
         chunks per row), handled by a group of ``G`` threads; ``blockDim // G`` units per
         block.  Returns (valid, lane, r, k, n, s, lo, hi) with the unit's class range
-        [lo, hi); an invalid unit (past the end) gets an empty range at row 0."""
-        t = cuda.threadIdx.x
-        grp = t // G
-        lane = t - grp * G
-        u = cuda.blockIdx.x * (cuda.blockDim.x // G) + grp
+        [lo, hi); an invalid unit (past the end) gets an empty range at row 0.  Divisions
+        by the block-level values are 32-bit; the 64-bit ones are skipped in the common
+        cases (rows not split, S = 1)."""
+        t = np.uint32(cuda.threadIdx.x)
+        g = np.uint32(G)
+        grp = t // g
+        lane = np.int64(t - grp * g)
+        u = np.int64(cuda.blockIdx.x) * np.int64(np.uint32(cuda.blockDim.x) // g) + \
+            np.int64(grp)
         valid = u < n_units
         if not valid:
             return False, lane, 0, 0, 0, 0, 0, 0
-        r = u // n_split
-        k = u - r * n_split
-        n = r // S
-        chunk = (C + n_split - 1) // n_split
-        lo = k * chunk
-        return True, lane, r, k, n, r - n * S, lo, min(lo + chunk, C)
+        if n_split == 1:
+            r = u
+            k = 0
+            lo = 0
+            hi = C
+        else:
+            r = u // n_split
+            k = u - r * n_split
+            chunk = (C + n_split - 1) // n_split
+            lo = k * chunk
+            hi = min(lo + chunk, C)
+        if S == 1:
+            n = r
+            s = 0
+        else:
+            n = r // S
+            s = r - n * S
+        return True, lane, r, k, n, s, lo, hi
 
     @cuda.jit(device=True)
-    def row_stats(x, n, s, lo, hi, lane, G):
-        """(max, sum-exp) of ``x[n, lo:hi, s]`` over a group: each thread keeps a running
-        pair in registers over a strided share (consecutive lanes read consecutive classes,
-        so loads coalesce), then the group merges the pairs."""
+    def thread_max_sumexp8(x, n, s, lo, hi, lane, G):
+        """This thread's (max, sum-exp) partial of ``x[n, lo:hi, s]`` for a group of ``G``
+        threads: a running pair in registers over a strided share (consecutive lanes read
+        consecutive classes, so loads coalesce), eight independent loads per step through a
+        byte cursor (float32)."""
         m = NEG_INF
+        sh = ZERO
         acc = ZERO
         c = lo + lane
-        while c < hi:
-            m, acc = push(m, acc, x[n, c, s])
-            c += G
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]  # bytes between a thread's consecutive elements
+        end = hi - 7 * G
+        while c < end:
+            m, sh, acc = push_block8(
+                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
+                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s),
+                load_at(x, p + 4 * d, n, c + 4 * G, s), load_at(x, p + 5 * d, n, c + 5 * G, s),
+                load_at(x, p + 6 * d, n, c + 6 * G, s), load_at(x, p + 7 * d, n, c + 7 * G, s))
+            c += 8 * G
+            p += 8 * d
+        if c < hi:  # the last 1-7 elements of this thread
+            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s) if c + 3 * G < hi else NEG_INF
+            v4 = load_at(x, p + 4 * d, n, c + 4 * G, s) if c + 4 * G < hi else NEG_INF
+            v5 = load_at(x, p + 5 * d, n, c + 5 * G, s) if c + 5 * G < hi else NEG_INF
+            v6 = load_at(x, p + 6 * d, n, c + 6 * G, s) if c + 6 * G < hi else NEG_INF
+            m, sh, acc = push_block8(m, sh, acc, load_at(x, p, n, c, s), v1, v2, v3, v4, v5,
+                                     v6, NEG_INF)
+        return m, acc
+
+    @cuda.jit(device=True)
+    def thread_max_sumexp4(x, n, s, lo, hi, lane, G):
+        """:func:`thread_max_sumexp8` four elements a step (float64: its exp needs more
+        registers, and four 8-byte loads already put 32 bytes in flight)."""
+        m = NEG_INF
+        sh = ZERO
+        acc = ZERO
+        c = lo + lane
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]
+        end = hi - 3 * G
+        while c < end:
+            m, sh, acc = push_block4(
+                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
+                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s))
+            c += 4 * G
+            p += 4 * d
+        if c < hi:  # the last 1-3 elements of this thread
+            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            m, sh, acc = push_block4(m, sh, acc, load_at(x, p, n, c, s), v1, v2, NEG_INF)
+        return m, acc
+
+    thread_max_sumexp = thread_max_sumexp8 if dtype == np.float32 else thread_max_sumexp4
+
+    @cuda.jit(device=True)
+    def row_max_sumexp(x, n, s, lo, hi, lane, G):
+        """(max, sum-exp) of ``x[n, lo:hi, s]`` over a group: the threads' partials
+        (:func:`thread_max_sumexp`), merged."""
+        m, acc = thread_max_sumexp(x, n, s, lo, hi, lane, G)
         return allreduce_max_sumexp(m, acc, G)
 
     return SimpleNamespace(
-        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
+        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, 
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
-        log_sum=log_sum, lse=lse,
-        inv_sum=inv_sum,
-        merge=merge, push=push, allreduce_max_sumexp=allreduce_max_sumexp,
-        allreduce_sum2=allreduce_sum2, unit=unit, row_stats=row_stats)
+        shift_log_sum=shift_log_sum, lse_minus=lse_minus,
+        lse_from_max_sumexp=lse_from_max_sumexp, inv_sum=inv_sum,
+        merge_max_sumexp=merge_max_sumexp, rescaled=rescaled, push_block4=push_block4,
+        push_block8=push_block8,
+        allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
+        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp)

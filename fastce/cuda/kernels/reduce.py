@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 from numba import cuda, int64
 
+from .memory import load1
+
 __all__ = ["build_reduce", "COPY_NDIM", "SUM_PARTIAL", "SUM_TOTAL", "SUM_MEAN"]
 
 # The strided copy works on arrays of up to this many (merged) dimensions.
@@ -17,6 +19,15 @@ COPY_NDIM = 6
 SUM_PARTIAL = 0   # each block writes its partial sum to out[blockIdx]
 SUM_TOTAL = 1     # one block: out[0] = sum
 SUM_MEAN = 2      # one block: out[0] = sum / denominator (NaN for 0/0, as torch)
+
+
+@cuda.jit(device=True)
+def _carry(i, d, up):
+    """One digit of a mixed-radix counter: (i mod d, up + carry) for 0 <= i < 2 * d."""
+    if i >= d:
+        return i - d, up + 1
+    return i, up
+
 
 
 def build_reduce(P):
@@ -40,9 +51,15 @@ def build_reduce(P):
         i = int64(cuda.blockIdx.x) * cuda.blockDim.x + t  # 64-bit
         stride = int64(cuda.gridDim.x) * cuda.blockDim.x
         acc = ZERO
-        while i < vals.shape[0]:
-            acc += vals[i]
-            i += stride
+        n = vals.shape[0]
+        end = n - 3 * stride
+        while i < end:  # four independent loads a step
+            acc += (load1(vals, i) + load1(vals, i + stride)) + \
+                   (load1(vals, i + 2 * stride) + load1(vals, i + 3 * stride))
+            i += 4 * stride
+        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
+            if i + j * stride < n:
+                acc += load1(vals, i + j * stride)
         acc, _ = allreduce_sum2(acc, ZERO, cuda.blockDim.x)
         if t == 0:
             if mode == SUM_PARTIAL:
@@ -58,25 +75,75 @@ def build_reduce(P):
         r = int64(cuda.grid(1))
         if r < parts.shape[0]:
             acc = ZERO
-            for k in range(parts.shape[1]):
-                acc += parts[r, k]
+            K = parts.shape[1]
+            k = 0
+            while k < K:  # four independent loads a step (the last three guarded)
+                v1 = parts[r, k + 1] if k + 1 < K else ZERO
+                v2 = parts[r, k + 2] if k + 2 < K else ZERO
+                v3 = parts[r, k + 3] if k + 3 < K else ZERO
+                acc += (parts[r, k] + v1) + (v2 + v3)
+                k += 4
             out[r] = acc
 
     NEG_INF, INF = P.NEG_INF, P.INF
 
+    @cuda.jit(device=True)
+    def bad(v, lo, hi):
+        return not (v >= lo and v <= hi and v > NEG_INF and v < INF)
+
+    @cuda.jit(device=True)
+    def step3(i0, i1, i2, s0, s1, s2, d1, d2):
+        """(i0, i1, i2) advanced by the decomposition (s0, s1, s2) of the stride, with
+        carries (the top digit may run past its dimension: it is never read then)."""
+        i2, i1 = _carry(i2 + s2, d2, i1 + s1)
+        i1, i0 = _carry(i1, d1, i0 + s0)
+        return i0, i1, i2
+
     @cuda.jit
     def bad_value_kernel(a, lo, hi, flag):
         """Lower ``flag[0]`` (atomic min) to the C-order flat position of any element of the
-        3-D ``a`` that is NaN, infinite, or outside [lo, hi]."""
+        3-D ``a`` that is NaN, infinite, or outside [lo, hi].  Grid-stride over flat
+        positions; the index (i0, i1, i2) advances by the stride's own decomposition with
+        carries, so the loop divides nothing."""
         d0, d1, d2 = a.shape
+        total = d0 * d1 * d2
         i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
         stride = int64(cuda.gridsize(1))
-        while i < d0 * d1 * d2:
-            q = i // d2
-            v = a[q // d1, q - (q // d1) * d1, i - q * d2]
-            if not (v >= lo and v <= hi and v > NEG_INF and v < INF):
+        if i >= total:
+            return
+        q = i // d2
+        i2 = i - q * d2
+        i0 = q // d1
+        i1 = q - i0 * d1
+        sq = stride // d2
+        s2 = stride - sq * d2
+        s0 = sq // d1
+        s1 = sq - s0 * d1
+        end = total - 3 * stride
+        while i < end:  # four positions a step: their loads are independent
+            j0, j1, j2 = step3(i0, i1, i2, s0, s1, s2, d1, d2)
+            k0, k1, k2 = step3(j0, j1, j2, s0, s1, s2, d1, d2)
+            l0, l1, l2 = step3(k0, k1, k2, s0, s1, s2, d1, d2)
+            va = a[i0, i1, i2]
+            vb = a[j0, j1, j2]
+            vc = a[k0, k1, k2]
+            vd = a[l0, l1, l2]
+            if bad(va, lo, hi):
                 cuda.atomic.min(flag, 0, i)
-            i += stride
+            if bad(vb, lo, hi):
+                cuda.atomic.min(flag, 0, i + stride)
+            if bad(vc, lo, hi):
+                cuda.atomic.min(flag, 0, i + 2 * stride)
+            if bad(vd, lo, hi):
+                cuda.atomic.min(flag, 0, i + 3 * stride)
+            i += 4 * stride
+            i0, i1, i2 = step3(l0, l1, l2, s0, s1, s2, d1, d2)
+        for j in range(3):  # the last 0-3 positions of this thread (unrolled: not a loop)
+            if i < total:
+                if bad(a[i0, i1, i2], lo, hi):
+                    cuda.atomic.min(flag, 0, i)
+                i += stride
+                i0, i1, i2 = step3(i0, i1, i2, s0, s1, s2, d1, d2)
 
     return SimpleNamespace(sum_kernel=sum_kernel, rowsum_kernel=rowsum_kernel,
                            bad_value_kernel=bad_value_kernel)
@@ -84,22 +151,50 @@ def build_reduce(P):
 
 @cuda.jit
 def copy_kernel(src, dst):
-    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous."""
+    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous.
+    Grid-stride over flat positions; the 6-D index advances by the stride's own
+    decomposition with carries (divisions once per thread, none per element)."""
     d0, d1, d2, d3, d4, d5 = dst.shape
     i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
     stride = int64(cuda.gridsize(1))
     total = d0 * d1 * d2 * d3 * d4 * d5
+    if i >= total:
+        return
+    q = i
+    i5 = q % d5
+    q //= d5
+    i4 = q % d4
+    q //= d4
+    i3 = q % d3
+    q //= d3
+    i2 = q % d2
+    q //= d2
+    i1 = q % d1
+    i0 = q // d1
+    q = stride
+    s5 = q % d5
+    q //= d5
+    s4 = q % d4
+    q //= d4
+    s3 = q % d3
+    q //= d3
+    s2 = q % d2
+    q //= d2
+    s1 = q % d1
+    s0 = q // d1
     while i < total:
-        q = i
-        i5 = q % d5
-        q //= d5
-        i4 = q % d4
-        q //= d4
-        i3 = q % d3
-        q //= d3
-        i2 = q % d2
-        q //= d2
-        i1 = q % d1
-        i0 = q // d1
         dst[i0, i1, i2, i3, i4, i5] = src[i0, i1, i2, i3, i4, i5]
         i += stride
+        i0, i1, i2, i3, i4, i5 = _step6(i0, i1, i2, i3, i4, i5, s0, s1, s2, s3, s4, s5,
+                                        d1, d2, d3, d4, d5)
+
+
+@cuda.jit(device=True)
+def _step6(i0, i1, i2, i3, i4, i5, s0, s1, s2, s3, s4, s5, d1, d2, d3, d4, d5):
+    """A 6-D index advanced by the stride's decomposition, with carries."""
+    i5, i4 = _carry(i5 + s5, d5, i4 + s4)
+    i4, i3 = _carry(i4, d4, i3 + s3)
+    i3, i2 = _carry(i3, d3, i2 + s2)
+    i2, i1 = _carry(i2, d2, i1 + s1)
+    i1, i0 = _carry(i1, d1, i0 + s0)
+    return i0, i1, i2, i3, i4, i5
