@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/roofline.py [--rounds 7] [--dtype float32|float64|both] [--quick]
     python benchmarks/roofline.py --micro      # single-thread throughput of the primitives
+    python benchmarks/roofline.py --busy       # single calls with the neighbour core spinning
 
 For every case of the CPU-speed targets (docs/performance.md) it prints fastce's median time,
 torch's median time, the speedup, and fastce's fraction of the roof: a numba one-pass parallel
@@ -153,6 +154,97 @@ def _fmt_time(t):
     return f"{t * 1e3:8.2f} ms"
 
 
+# ---------------------------------------------------------------------------------------------
+# --busy: single calls while another process spins on one core
+
+_SPIN = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+
+
+def _start_spinner():
+    """A process spinning on this process's last allowed core (``os.sched_setaffinity``);
+    returns it (stop it with ``_stop_spinner``)."""
+    core = max(os.sched_getaffinity(0))
+    return subprocess.Popen([sys.executable, "-c", _SPIN, str(core)]), core
+
+
+def _stop_spinner(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def busy_cases(dtype):
+    """(name, shape, call factory) for ``--busy``: every op at the shapes where the threaded
+    kernels lost to one thread with the neighbour core busy, a split-row and a K-dim case."""
+    ops = {
+        "forward": lambda x, t: (lambda: fastce.cross_entropy(x, t)),
+        "forward+grad": lambda x, t: (lambda: fastce.cross_entropy_with_grad(x, t)),
+        "logsumexp": lambda x, t: (lambda: fastce.logsumexp(x)),
+        "log_softmax": lambda x, t: (lambda: fastce.log_softmax(x, axis=1)),
+        "softmax": lambda x, t: (lambda: fastce.softmax(x, axis=1)),
+    }
+    cases = [(op, shape, f) for shape in ((4096, 100), (4096, 1000), (512, 32000))
+             for op, f in ops.items()]
+    cases += [("forward", (2, 128000), ops["forward"]),
+              ("forward+grad", (8, 21, 64, 64), ops["forward+grad"]),
+              ("log_softmax", (8, 21, 64, 64), ops["log_softmax"])]
+    return cases
+
+
+def _busy(args):
+    """p50/p90 of single calls, all threads vs one thread, interleaved call by call, with
+    (by default) a spinning process on one core."""
+    import numba
+    rng = np.random.default_rng(0)
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    threads = get_num_threads()
+    spinner, core = (None, None) if args.no_spin else _start_spinner()
+    try:
+        print(f"numba layer: {fastce._runtime.threading_layer()}, threads: {threads}, "
+              f"neighbour: {'spinning on core %d' % core if spinner else 'none started'}, "
+              f"single calls, interleaved (all threads, one thread), "
+              f"{args.busy_calls} calls each or {args.busy_seconds:g} s per case")
+        print(f"{'case':<14} {'dtype':<8} {'shape':>14} {'p50 all':>11} {'p50 one':>11} "
+              f"{'ratio':>6} {'p90 all':>11} {'p90 one':>11} {'ratio':>6}")
+        rows = []
+        for dtype in dtypes:
+            for name, shape, make in busy_cases(dtype):
+                x = rng.standard_normal(shape).astype(dtype)
+                t = rng.integers(0, shape[1], (shape[0],) + tuple(shape[2:]))
+                call = make(x, t)
+                for k in (threads, 1):  # compile and warm both
+                    numba.set_num_threads(k)
+                    call()
+                    call()
+                samples = {threads: [], 1: []}
+                t_end = time.perf_counter() + args.busy_seconds
+                while (len(samples[1]) < args.busy_calls
+                       and (time.perf_counter() < t_end or len(samples[1]) < 20)):
+                    for k in (threads, 1):
+                        numba.set_num_threads(k)
+                        samples[k].append(_timeit_once(call))
+                numba.set_num_threads(threads)
+                p = {k: np.percentile(v, [50, 90]) for k, v in samples.items()}
+                r = (name, dtype, "x".join(map(str, shape)), p[threads][0], p[1][0],
+                     p[threads][0] / p[1][0], p[threads][1], p[1][1],
+                     p[threads][1] / p[1][1], len(samples[1]))
+                rows.append(r)
+                print(f"{r[0]:<14} {r[1]:<8} {r[2]:>14} {_fmt_time(r[3])} {_fmt_time(r[4])} "
+                      f"{r[5]:6.2f} {_fmt_time(r[6])} {_fmt_time(r[7])} {r[8]:6.2f}", flush=True)
+    finally:
+        if spinner is not None:
+            _stop_spinner(spinner)
+    worst50 = max(r[5] for r in rows)
+    worst90 = max(r[8] for r in rows)
+    print(f"worst ratios (all threads / one thread): p50 {worst50:.2f} (target <= 1.25), "
+          f"p90 {worst90:.2f} (target <= 1.5); calls per mode per case: "
+          f"{min(r[9] for r in rows)}-{max(r[9] for r in rows)}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -162,10 +254,21 @@ def main(argv=None):
                     help="only the single-thread throughput of the primitives")
     ap.add_argument("--same-process", action="store_true",
                     help="run every case in this process (default: one process per case)")
+    ap.add_argument("--busy", action="store_true",
+                    help="p50/p90 of single calls, all threads vs one thread, with a process "
+                         "spinning on one core (started and stopped here)")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="with --busy: start no spinning process (the quiet-machine control)")
+    ap.add_argument("--busy-calls", type=int, default=200,
+                    help="with --busy: single calls per mode and case (default 200)")
+    ap.add_argument("--busy-seconds", type=float, default=3.0,
+                    help="with --busy: at most this long per case (default 3)")
     ap.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one case, for a subprocess
     args = ap.parse_args(argv)
     if args.micro:
         return _micro()
+    if args.busy:
+        return _busy(args)
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(get_num_threads())

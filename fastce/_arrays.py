@@ -60,6 +60,26 @@ def _canonical_3d(x, axis):
     return x3, back
 
 
+def _out_buffer(out, x, shape3, dtype):
+    """The kernels' C-contiguous (outer, C, inner) output, ``shape3``, of ``dtype``: a view
+    of the caller's ``out`` when it has the same memory layout as the canonical view of
+    ``x`` (see :func:`_canonical_3d`) and the compute dtype, else a fresh array (the result
+    is then copied into ``out``).  Returns (buffer, whether it is ``out``'s memory)."""
+    if out is not None and out.dtype == dtype:
+        fortran = x.ndim > 1 and not x.flags.c_contiguous and x.flags.f_contiguous
+        o = out.T if fortran else out
+        if o.flags.c_contiguous:
+            return o.reshape(shape3), True
+    return np.empty(shape3, dtype), False
+
+
+def _into(out, result, direct):
+    """``out`` holding ``result`` (copied unless the kernels wrote into ``out`` directly)."""
+    if not direct:
+        np.copyto(out, result)
+    return out
+
+
 def _broadcast_rows(a, shape, n_rows, dtype, name):
     """A weight-like ``a`` broadcast to ``shape`` (checked), as the elementwise kernels take
     it: one C-contiguous (1, C) row shared by every row when ``a`` varies along the last axis

@@ -26,6 +26,11 @@ BCE_CHUNK = 8192
 # A weight or pos_weight that repeats along rows shorter than this is materialized to the
 # input's full shape so that the kernel runs over one flat row instead of many short ones.
 BCE_MIN_ROW = 64
+# At import (unless numba's threading layer already runs), load libtbb from where pip/conda
+# put it, so that the layer, whoever launches it, finds tbb: tbb stays fast when the other
+# core is busy, omp does not (docs/performance.md).  False: numba's own search only (read
+# once, when fastce is imported).
+PREFER_TBB = True
 
 # With fewer rows than this many per thread, rows are split into chunks that run on different
 # threads and their (max, sum-exp) partials are merged.
@@ -62,3 +67,9 @@ CUDA_SPLIT_MIN_CHUNK = 4096
 # pass adds at least this many values, over at most this many blocks.
 CUDA_REDUCE_ITEMS_PER_THREAD = 8
 CUDA_REDUCE_MAX_BLOCKS = 1024
+
+# Linear cross-entropy: rows per chunk are chosen so that one chunk's logits hold about this
+# many values (64 MB of float32); the weight gradient is accumulated in vocabulary slabs of
+# this many rows (a temporary of LINEAR_VOCAB_SLAB x H instead of V x H).
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+LINEAR_VOCAB_SLAB = 4096

@@ -9,11 +9,12 @@ on it, reduce the loss and cast back.  Small common calls take one jitted entry 
 import numpy as np
 
 from . import _config
-from ._arrays import (EMPTY, _as_array, _reduce_loss, _result, is_device_array,
+from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
-from ._validate import (PROB_TARGET_VALUES, compute_dtype, cross_entropy_problem, position,
-                        raise_bad_class_index, raise_bad_value)
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
+                       _split_stats)
+from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
+                        position, raise_bad_class_index, raise_bad_value, result_dtype)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -32,9 +33,9 @@ def _few_classes_many_rows(N, C):
     return C <= _config.FEW_CLASSES and N >= _config.FEW_CLASSES_MIN_ROWS
 
 
-def _ce_small(logits, target, ignore_index, reduction, want_grad):
+def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=None):
     """The common small call in one jitted entry (``ce_index_small``), or None when the call
-    is not one: C-contiguous native float32/float64 (N, C) logits below the parallel size,
+    is not one: (N, C) logits that ``_runtime._small_call`` accepts,
     int64 (N,) targets, no weight, no smoothing, "mean"/"sum", no grad_output.
 
     For tiny inputs the general path's Python checks and NumPy glue cost several times the
@@ -42,18 +43,26 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad):
     (NumPy's builtin descriptors are singletons; a false "no" only means the general path).
     Any error (an invalid target included) is left to the general path, which raises it.
     """
-    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
+    if not _small_call(logits) or type(target) is not np.ndarray:
         return None
     dt = logits.dtype
-    if not ((dt is _F32 or dt is _F64) and target.dtype is _I64 and logits.ndim == 2
+    if not (target.dtype is _I64 and logits.ndim == 2
             and target.ndim == 1 and len(logits) == len(target)
-            and 0 < logits.size < _config.PARALLEL_MIN_ELEMENTS
-            and logits.flags.c_contiguous and target.flags.c_contiguous
+            and target.flags.c_contiguous
             and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
             and not _few_classes_many_rows(*logits.shape)):
         return None
-    # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
-    grad = np.empty(logits.shape, dt) if want_grad else _EMPTY_2D[dt]
+    if want_grad:
+        if grad_input is None:
+            grad = np.empty(logits.shape, dt)
+        else:
+            _check_grad_input(grad_input, logits, target, None, None)
+            if not grad_input.flags.c_contiguous:
+                return None                 # the general path copies into other layouts
+            grad = grad_input
+    else:
+        # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
+        grad = _EMPTY_2D[dt]
     loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
@@ -63,6 +72,12 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad):
 
 # ---------------------------------------------------------------------------------------------
 # the general path, step by step
+
+
+def _check_grad_input(grad_input, logits, target, weight, grad_output):
+    check_out(grad_input, "grad_input", logits.shape, result_dtype(logits.dtype),
+              [("logits", logits), ("target", target), ("weight", weight),
+               ("grad_output", grad_output)], "the logits'")
 
 
 def _validate_call(logits, target, weight, ignore_index, reduction, label_smoothing):
@@ -167,10 +182,12 @@ def _choose_layout(prob):
 
 
 def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, grad_output,
-            want_grad):
+            want_grad, grad_input=None):
     """The general path: every option, layout and dtype."""
     logits, target, weight, prob = _validate_call(logits, target, weight, ignore_index,
                                                   reduction, label_smoothing)
+    if grad_input is not None:
+        _check_grad_input(grad_input, logits, target, weight, grad_output)
     N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
     x3 = np.ascontiguousarray(logits, dtype=dt).reshape(N, C, S)
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
@@ -178,13 +195,21 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
     t, denom = _check_targets(target, prob, ignore_index, w)
     gscale = (upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
               if want_grad else EMPTY[dt])
-    grad = np.empty((N, C, S), dt) if want_grad else None
+    grad, direct = None, False
+    if want_grad:
+        # The caller's grad_input is written directly when it is C-contiguous in the
+        # compute dtype (float16 logits are computed in float32: copied in at the end).
+        direct = (grad_input is not None and grad_input.dtype == dt
+                  and grad_input.flags.c_contiguous)
+        grad = grad_input.reshape(N, C, S) if direct else np.empty((N, C, S), dt)
     launch = _choose_layout(prob)
     loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
                   _parallel(x3.size))
     out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
     if not want_grad:
         return out
+    if grad_input is not None:
+        return out, _into(grad_input, grad.reshape(logits.shape), direct)
     return out, _result(grad.reshape(logits.shape), logits.dtype)
 
 
@@ -254,7 +279,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
-                            reduction="mean", label_smoothing=0.0, grad_output=None):
+                            reduction="mean", label_smoothing=0.0, grad_output=None,
+                            grad_input=None):
     """Cross-entropy and its gradient with respect to the logits, in one fused call.
 
     Parameters
@@ -264,6 +290,14 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     grad_output : array_like or float, optional
         The upstream gradient: the loss's shape for ``reduction='none'``, a scalar otherwise.
         Default: ones.
+    grad_input : ndarray, optional
+        Where to write the gradient: a writeable array of the logits' shape and dtype,
+        sharing no memory with the other arguments; any memory layout (written directly when
+        C-contiguous, else copied in).  Returned as ``grad_logits``.  The name is torch's
+        for this buffer (the ``grad_input`` of the ``*_backward`` out-variants such as
+        ``nll_loss_backward.grad_input``): the gradient with respect to the input, the
+        counterpart of ``grad_output``.  Reusing one buffer across training steps skips
+        the page faults of a fresh N x C array.
 
     Returns
     -------
@@ -286,14 +320,18 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]))
     >>> g
     array([[-0.5,  0.5]])
+    >>> buf = np.empty((1, 2))
+    >>> loss, g = fastce.cross_entropy_with_grad(np.zeros((1, 2)), np.array([0]), grad_input=buf)
+    >>> g is buf
+    True
     """
     if weight is None and label_smoothing == 0.0 and grad_output is None:
-        out = _ce_small(logits, target, ignore_index, reduction, True)
+        out = _ce_small(logits, target, ignore_index, reduction, True, grad_input)
         if out is not None:
             return out
     if is_device_array(logits):
         return _cuda().cross_entropy_with_grad(
             logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, grad_output=grad_output)
+            label_smoothing=label_smoothing, grad_output=grad_output, grad_input=grad_input)
     return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing,
-                   grad_output, True)
+                   grad_output, True, grad_input)

@@ -64,7 +64,7 @@ _KERNELS = None
 
 
 def _import_kernels():
-    """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``,
+    """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``, ``nll``,
     ``partials``, ``softmax``, ``stats``); imported on the first call, after the stale-cache
     purge.
 
@@ -79,7 +79,7 @@ def _import_kernels():
         return _KERNELS
     _drop_stale_kernel_cache()
     try:
-        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
     except RuntimeError as exc:
         if "cannot cache function" not in str(exc):
             raise
@@ -89,9 +89,9 @@ def _import_kernels():
         cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
         atexit.register(shutil.rmtree, cache_dir, True)
         numba.config.CACHE_DIR = cache_dir
-        from ._cpu import bce, checks, cross_entropy, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
-                                     partials=partials, softmax=softmax, stats=stats)
+                                     nll=nll, partials=partials, softmax=softmax, stats=stats)
     return _KERNELS
 
 
@@ -115,6 +115,72 @@ def _cuda():
 # from other threads take the serial kernels: correct results, no abort.  GNU OpenMP is not
 # fork-safe (a forked child of a process that has used it is killed on its first parallel
 # region), so after os.fork() in such a process the child runs the serial kernels.
+#
+# Why tbb first: with the other core busy, omp makes the calling thread wait at the region's
+# barrier for a worker the OS has descheduled (single calls 20-60x slower than one thread);
+# tbb's calling thread takes the work nobody has picked up (docs/performance.md, "A busy
+# neighbour core").  pip's ``tbb`` wheel puts libtbb.so.12 in the environment's lib/, which
+# numba's tbbpool (no RPATH) does not search: :func:`_make_tbb_loadable` loads it first.
+
+_TBB_SONAME = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
+
+
+def _tbb_candidates(name):
+    """Paths where pip or conda put libtbb, most likely first: the environment's lib/
+    (Library/bin on Windows), the user base's, then whatever the installed ``tbb``
+    distribution lists (read only if the others are missing)."""
+    import sys
+    sub = ("Library", "bin") if sys.platform == "win32" else ("lib",)
+    bases = [sys.prefix, getattr(sys, "base_prefix", sys.prefix)]
+    try:
+        import site
+        bases.append(site.getuserbase())
+    except Exception:  # site may be stripped in embedded interpreters
+        pass
+    for b in bases:
+        yield os.path.join(b, *sub, name)
+    try:
+        from importlib import metadata
+        files = metadata.files("tbb") or ()
+    except Exception:  # no tbb distribution, or unreadable metadata
+        files = ()
+    for f in files:
+        if f.name == name:
+            yield str(f.locate())
+
+
+def _make_tbb_loadable():
+    """Load libtbb into the process (by soname, else from the places pip/conda install it)
+    so that numba's tbbpool, which asks for it by soname, finds it.  Returns whether it is
+    loaded.  Never raises."""
+    import ctypes
+    import sys
+    name = _TBB_SONAME.get(sys.platform, "libtbb.so.12")
+    mode = getattr(ctypes, "RTLD_GLOBAL", 0)
+    try:
+        ctypes.CDLL(name, mode=mode)
+        return True
+    except OSError:
+        pass
+    for path in _tbb_candidates(name):
+        if os.path.isfile(path):
+            try:
+                ctypes.CDLL(path, mode=mode)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _preload_tbb_at_import():
+    """At fastce's import, unless numba's layer already runs: then whatever launches it
+    first (fastce, or the user's own parallel code) finds tbb."""
+    from numba.np.ufunc import parallel as _npar
+    if _config.PREFER_TBB and not _npar._is_initialized:
+        _make_tbb_loadable()
+
+
+_preload_tbb_at_import()
 
 _PAR_UNSET, _PAR_ANY, _PAR_MAIN_ONLY, _PAR_NEVER = range(4)
 _par_mode = _PAR_UNSET
@@ -124,7 +190,7 @@ _par_lock = threading.Lock()
 def _setup_threading_layer():
     """Launch numba's threading layer (pinned to a thread-safe one unless the user chose) and
     set how parallel kernels may be called from here on.  Runs once per process."""
-    global _par_mode
+    global _par_mode, _thread_count
     with _par_lock:
         if _par_mode != _PAR_UNSET:
             return
@@ -139,6 +205,7 @@ def _setup_threading_layer():
                 numba.config.THREADING_LAYER = "default"
         numba.get_num_threads()
         layer = numba.threading_layer()
+        _thread_count = getattr(_npar, "_get_num_threads", None) or numba.get_num_threads
         _par_mode = _PAR_MAIN_ONLY if layer == "workqueue" else _PAR_ANY
 
 
@@ -168,21 +235,43 @@ def threading_layer():
 # serial or parallel
 
 
+def _thread_count():
+    """This thread's numba thread count (``numba.set_num_threads`` is per thread); the raw
+    ctypes getter once the layer is up: about 0.3 us against 2.7 us for the public one."""
+    return numba.get_num_threads()
+
+
 def _parallel(n_elements):
-    """Whether a call over ``n_elements`` values runs the parallel kernel."""
+    """Whether a call over ``n_elements`` values runs the parallel kernel: large enough, a
+    layer that may run it from this thread, and more than one thread set for this thread
+    (``numba.set_num_threads(1)`` takes the serial kernels: no thread-pool round trip)."""
     if n_elements < _config.PARALLEL_MIN_ELEMENTS:
         return False
     mode = _par_mode
-    if mode == _PAR_ANY:
-        return True
     if mode == _PAR_UNSET:
         _setup_threading_layer()
         mode = _par_mode
-        if mode == _PAR_ANY:
-            return True
-    if mode == _PAR_MAIN_ONLY:
-        return threading.current_thread() is threading.main_thread()
+    if mode == _PAR_ANY or (mode == _PAR_MAIN_ONLY
+                            and threading.current_thread() is threading.main_thread()):
+        return _thread_count() > 1
     return False
+
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def _small_call(a):
+    """Whether ``a`` qualifies for an op's small path (one jitted entry, none of the general
+    path's Python glue): an ndarray (no subclass) of native float32/float64, C-contiguous,
+    with 0 < size < ``PARALLEL_MIN_ELEMENTS`` (the serial kernels).  Cheap on purpose:
+    dtypes are compared by identity (NumPy's builtin descriptors are singletons; a false
+    "no" only means the general path)."""
+    if type(a) is not np.ndarray:
+        return False
+    dt = a.dtype
+    return ((dt is _F32 or dt is _F64) and 0 < a.size < _config.PARALLEL_MIN_ELEMENTS
+            and a.flags.c_contiguous)
 
 
 def _row_chunks(N, C):

@@ -7,27 +7,55 @@ the axis is the last (inner == 1), the spatial kernel otherwise, serial or paral
 """
 import numpy as np
 
-from ._arrays import _as_array, _canonical_3d, _result, is_device_array
+from ._arrays import (EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result,
+                      is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
-from ._runtime import _cuda, _import_kernels, _parallel, _row_chunks, _split_stats
-from ._validate import check_axis, compute_dtype
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
+                       _split_stats)
+from ._validate import check_axis, check_out, compute_dtype, result_dtype
 
 __all__ = ["logsumexp", "log_softmax", "softmax"]
 
 _sm = _import_kernels().softmax
 
 
-def _softmax_family(x, axis, mode):
+def _small_rows(x, axis, mode):
+    """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
+    reduced along its last axis -- in one jitted entry (the serial rows kernel), or None
+    when the call is not one.  The general path's Python glue (checks, canonical views,
+    the serial/parallel choice) costs many times the kernel on inputs like (1, 10)
+    (docs/performance.md)."""
+    if not _small_call(x) or x.ndim > 2 or type(axis) is not int or not (
+            axis == -1 or axis == x.ndim - 1):
+        return None
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    lse = mode == MODE_LOGSUMEXP
+    o = np.empty((x2.shape[0], 1 if lse else C), x.dtype)
+    empty = EMPTY[x.dtype]
+    _sm.softmax_rows_serial(x2, o, mode, 1, empty, empty)
+    if lse:
+        return o[0, 0] if x.ndim == 1 else o.reshape(x2.shape[0])
+    return o.reshape(x.shape)
+
+
+def _softmax_family(x, axis, mode, out=None):
     x = _as_array(x, "x")
     dtype = compute_dtype(x.dtype, "x")
     axis = check_axis(axis, x.ndim)
     in_dtype = x.dtype
+    lse = mode == MODE_LOGSUMEXP
+    if out is not None:
+        check_out(out, "out", x.shape, result_dtype(in_dtype), [("x", x)], "x's")
     if x.dtype != dtype:
         x = x.astype(dtype)
     x3, back = _canonical_3d(x, axis)
     outer, C, inner = x3.shape
-    lse = mode == MODE_LOGSUMEXP
-    out3 = np.empty((outer, 1 if lse else C, inner), dtype)
+    shape3 = (outer, 1 if lse else C, inner)
+    if out is None:
+        out3, direct = np.empty(shape3, dtype), False
+    else:
+        out3, direct = _out_buffer(out, x, shape3, dtype)
     if lse and C == 0:
         out3.fill(-np.inf)
     elif out3.size:
@@ -43,6 +71,8 @@ def _softmax_family(x, axis, mode):
         else:
             kern = _sm.softmax_spatial if par else _sm.softmax_spatial_serial
             kern(x3, out3, mode)
+    if out is not None:
+        return _into(out, back(out3, True), direct)
     return _result(back(out3, not lse), in_dtype)
 
 
@@ -75,12 +105,15 @@ def logsumexp(x, axis=-1):
     >>> float(fastce.logsumexp(np.array([1000.0, 1000.0])))  # no overflow
     1000.6931471805599
     """
+    small = _small_rows(x, axis, MODE_LOGSUMEXP)
+    if small is not None:
+        return small
     if is_device_array(x):
         return _cuda().logsumexp(x, axis=axis)
     return _softmax_family(x, axis, MODE_LOGSUMEXP)
 
 
-def log_softmax(x, axis=-1):
+def log_softmax(x, axis=-1, *, out=None):
     """Logarithm of the softmax along an axis: ``x - logsumexp(x, axis)``.
 
     Parameters
@@ -90,6 +123,11 @@ def log_softmax(x, axis=-1):
     axis : int, optional
         The class axis.  Default: the last (``torch.log_softmax`` needs ``dim``; this is the
         same as ``dim=-1``).
+    out : ndarray, optional
+        Where to write the result (NumPy's convention): a writeable array of ``x``'s shape
+        and of the dtype the result would have, sharing no memory with ``x``; any memory
+        layout (the kernels write into it directly when its layout matches ``x``'s C or
+        Fortran order, else the result is copied in).  Returned.
 
     Returns
     -------
@@ -107,12 +145,16 @@ def log_softmax(x, axis=-1):
     >>> np.round(fastce.log_softmax(np.array([0.0, 0.0])), 4)
     array([-0.6931, -0.6931])
     """
+    if out is None:
+        small = _small_rows(x, axis, MODE_LOG_SOFTMAX)
+        if small is not None:
+            return small
     if is_device_array(x):
-        return _cuda().log_softmax(x, axis=axis)
-    return _softmax_family(x, axis, MODE_LOG_SOFTMAX)
+        return _cuda().log_softmax(x, axis=axis, out=out)
+    return _softmax_family(x, axis, MODE_LOG_SOFTMAX, out)
 
 
-def softmax(x, axis=-1):
+def softmax(x, axis=-1, *, out=None):
     """Softmax along an axis: ``exp(x - logsumexp(x, axis))``.
 
     Parameters
@@ -121,6 +163,11 @@ def softmax(x, axis=-1):
         Floating-point input.
     axis : int, optional
         The class axis.  Default: the last.
+    out : ndarray, optional
+        Where to write the result (NumPy's convention): a writeable array of ``x``'s shape
+        and of the dtype the result would have, sharing no memory with ``x``; any memory
+        layout (the kernels write into it directly when its layout matches ``x``'s C or
+        Fortran order, else the result is copied in).  Returned.
 
     Returns
     -------
@@ -137,7 +184,14 @@ def softmax(x, axis=-1):
     >>> import numpy as np, fastce
     >>> fastce.softmax(np.array([[1.0, 1.0]]))
     array([[0.5, 0.5]])
+    >>> buf = np.empty((1, 2))
+    >>> fastce.softmax(np.array([[0.0, 0.0]]), out=buf) is buf
+    True
     """
+    if out is None:
+        small = _small_rows(x, axis, MODE_SOFTMAX)
+        if small is not None:
+            return small
     if is_device_array(x):
-        return _cuda().softmax(x, axis=axis)
-    return _softmax_family(x, axis, MODE_SOFTMAX)
+        return _cuda().softmax(x, axis=axis, out=out)
+    return _softmax_family(x, axis, MODE_SOFTMAX, out)

@@ -32,6 +32,13 @@ def compute_dtype(dtype, name):
                     f"got dtype {dtype}")
 
 
+def result_dtype(dtype):
+    """The dtype of an elementwise result for an input of ``dtype``: the same, in native
+    byte order (float16 is computed in float32 and cast back)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
@@ -280,3 +287,99 @@ def broadcastable(shape, to, name):
     except ValueError:
         raise ValueError(f"{name} of shape {tuple(shape)} cannot be broadcast to the input's "
                          f"shape {tuple(to)}") from None
+
+
+def check_out(out, name, shape, dtype, inputs, like):
+    """An output array given by the caller (``out=`` / ``grad_input=``): a writeable ndarray
+    of exactly the result's ``shape`` and ``dtype`` (no casting: a float64 result is not
+    silently rounded into a float32 buffer), sharing no memory with any of ``inputs``
+    ((name, array) pairs).  Any memory layout is accepted.  ``like`` names what the
+    shape and dtype come from ("x's", "the logits'")."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of shape {tuple(shape)} and dtype "
+                        f"{np.dtype(dtype)}, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have {like} shape {tuple(shape)}, got "
+                         f"{out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have {like} dtype {np.dtype(dtype)}, got "
+                        f"{out.dtype} (fastce does not cast into an output array)")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for in_name, a in inputs:
+        if isinstance(a, np.ndarray) and _overlap(out, a):
+            raise ValueError(f"{name} shares memory with {in_name}: the kernels read "
+                             f"{in_name} while they write {name}; pass a separate array")
+
+
+def _overlap(a, b):
+    if not np.may_share_memory(a, b):
+        return False
+    too_hard = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
+    try:
+        return np.shares_memory(a, b, max_work=100_000)
+    except too_hard:     # interleaved strides too costly to decide: assume they overlap
+        return True
+
+
+def nll_loss_problem(input_shape, input_dtype, target_shape, target_dtype, weight_shape,
+                     ignore_index, reduction, input_name="log_probs"):
+    """Validate an ``nll_loss`` call's metadata (class-index targets only, as in torch); the
+    result is a :class:`CrossEntropyProblem` with ``probs=False``."""
+    dtype = compute_dtype(input_dtype, input_name)
+    shape = tuple(input_shape)
+    if len(shape) == 0:
+        raise ValueError(f"{input_name} must have at least 1 dimension (C,), (N, C) or "
+                         f"(N, C, d1, ..., dk), got a 0-d array")
+    N, C, S = (1, shape[0], 1) if len(shape) == 1 else split_at_axis(shape, 1)
+    index_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    if C == 0:
+        raise ValueError(f"{input_name} must have at least one class, got shape {shape}")
+    if np.dtype(target_dtype).kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype "
+                        f"{np.dtype(target_dtype)} (nll_loss takes no class probabilities)")
+    if tuple(target_shape) != index_shape:
+        raise ValueError(f"target must have shape {index_shape} for {input_name} of shape "
+                         f"{shape}, got {tuple(target_shape)}")
+    if weight_shape is not None and tuple(weight_shape) != (C,):
+        raise ValueError(f"weight must be a 1-D array of length C={C} (one weight per class), "
+                         f"got shape {tuple(weight_shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    return CrossEntropyProblem(N, C, S, False, dtype, index_shape)
+
+
+def linear_cross_entropy_problem(hidden_shape, hidden_dtype, weight_shape, weight_dtype,
+                                 target_shape, target_dtype, bias_shape, bias_dtype,
+                                 ignore_index, reduction, label_smoothing):
+    """Validate a ``linear_cross_entropy`` call's metadata; returns (N, H, V, compute dtype)."""
+    dtype = compute_dtype(hidden_dtype, "hidden")
+    if len(hidden_shape) != 2:
+        raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden_shape)}")
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight must be 2-D (V, H), got shape {tuple(weight_shape)}")
+    N, H = hidden_shape
+    V = weight_shape[0]
+    if weight_shape[1] != H:
+        raise ValueError(f"weight must have shape (V, H={H}) for hidden of shape "
+                         f"{tuple(hidden_shape)}, got {tuple(weight_shape)}")
+    if V == 0:
+        raise ValueError(f"weight must have at least one row (class), got shape "
+                         f"{tuple(weight_shape)}")
+    for name, dt in (("weight", weight_dtype), ("bias", bias_dtype)):
+        if dt is not None and compute_dtype(dt, name) != dtype:
+            raise TypeError(f"{name} must have hidden's dtype {np.dtype(hidden_dtype)}, got "
+                            f"{np.dtype(dt)}")
+    if np.dtype(target_dtype).kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype "
+                        f"{np.dtype(target_dtype)}")
+    if tuple(target_shape) != (N,):
+        raise ValueError(f"target must have shape ({N},), got {tuple(target_shape)}")
+    if bias_shape is not None and tuple(bias_shape) != (V,):
+        raise ValueError(f"bias must have shape ({V},), got {tuple(bias_shape)}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    return N, H, V, dtype

@@ -129,6 +129,55 @@ def test_layer_pinned_to_threadsafe_in_fresh_process():
     assert layer in ("omp", "tbb") and config == "threadsafe"
 
 
+def _tbb_distribution_installed():
+    from importlib import metadata
+    try:
+        metadata.version("tbb")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def test_pip_tbb_is_found_and_chosen():
+    """pip's ``tbb`` wheel puts libtbb in the environment's lib/, where numba's tbbpool does
+    not look; fastce loads it at import, so the layer becomes tbb -- also when the user's own
+    code (not fastce) launches numba's layer first."""
+    if not _tbb_distribution_installed():
+        pytest.skip("the tbb distribution is not installed (a fastce dependency on x86-64)")
+    out = _ok(_python("""
+        import numba, fastce
+        numba.get_num_threads()                 # numba's default choice, launched by the user
+        print(numba.threading_layer())
+    """, env={"NUMBA_THREADING_LAYER": None}))
+    assert out.split() == ["tbb"]
+    out = _ok(_python(THREAD_SCRIPT, env={"NUMBA_THREADING_LAYER": None}))
+    assert out.split() == ["tbb", "threadsafe"]
+
+
+def test_user_choice_of_omp_is_respected():
+    out = _ok(_python(THREAD_SCRIPT, env={"NUMBA_THREADING_LAYER": "omp"}))
+    assert out.split() == ["omp", "omp"]
+
+
+def test_one_thread_takes_the_serial_kernels():
+    """``numba.set_num_threads(1)`` (per thread) makes large calls take the serial kernels,
+    with the same results as the parallel ones."""
+    import numba
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 300))
+    t = rng.integers(0, 300, 512)
+    assert fastce._runtime._parallel(x.size) == (numba.get_num_threads() > 1)
+    want = (fastce.log_softmax(x), fastce.cross_entropy_with_grad(x, t))
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert not fastce._runtime._parallel(x.size)
+        got = (fastce.log_softmax(x), fastce.cross_entropy_with_grad(x, t))
+    finally:
+        numba.set_num_threads(prev)
+    _same(got, want)
+
+
 def test_user_choice_of_workqueue_is_respected_and_does_not_abort():
     """workqueue aborts the process when two threads run parallel kernels at once; fastce
     then runs parallel kernels from the main thread only (others take the serial twins)."""

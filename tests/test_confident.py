@@ -103,7 +103,7 @@ def test_huge_rows_and_split_rows(dtype):
     t[0] = 70_000
     x[0, t[0]] = x[0].max() + dtype(12)
     t[1] = 5
-    # N = 2 rows of 100k run split when there are >= 2 threads (see _api._row_chunks)
+    # N = 2 rows of 100k run split when there are >= 2 threads (see _runtime._row_chunks)
     loss, grad = fastce.cross_entropy_with_grad(x, t, reduction="none")
     _check_rows(x, t, loss, grad, dtype)
     lsm = fastce.log_softmax(x)
@@ -151,7 +151,7 @@ def test_small_call_entry(dtype):
     x, t = _confident_rows(rng, 12, 10, dtype)
     for i in range(x.shape[0]):
         xi, ti = x[i:i + 1], t[i:i + 1]
-        assert fastce._api._ce_small(xi, ti, -100, "sum", True) is not None
+        assert fastce._cross_entropy._ce_small(xi, ti, -100, "sum", True) is not None
         loss, grad = fastce.cross_entropy_with_grad(xi, ti, reduction="sum")
         _check_rows(xi, ti, np.array([loss]), grad, dtype)
 

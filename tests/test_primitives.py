@@ -119,6 +119,9 @@ def test_log1p_vec_accuracy_whole_domain(dtype):
     _log1p_vec(special, out)
     assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2]) and np.isnan(out[3])
     assert out[4] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_log1p_accuracy(dtype):
     """<= 1 ulp from -1 to 1e30, tiny arguments included (log1p(x) = x there)."""
     x = np.concatenate([np.linspace(-0.999, 4.0, 200_001),

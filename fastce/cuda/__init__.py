@@ -85,18 +85,26 @@ def _documented_by(front, waits=None):
     return decorate
 
 
+def _no_out(out, name):
+    if out is not None:
+        raise NotImplementedError(f"{name}= (writing into the caller's array) is not "
+                                  f"implemented for CUDA arrays yet; call without it")
+
+
 @_documented_by(_softmax.logsumexp)
 def logsumexp(x, axis=-1):
     return _backend().softmax_family(x, axis, MODE_LOGSUMEXP)
 
 
 @_documented_by(_softmax.log_softmax)
-def log_softmax(x, axis=-1):
+def log_softmax(x, axis=-1, *, out=None):
+    _no_out(out, "out")
     return _backend().softmax_family(x, axis, MODE_LOG_SOFTMAX)
 
 
 @_documented_by(_softmax.softmax)
-def softmax(x, axis=-1):
+def softmax(x, axis=-1, *, out=None):
+    _no_out(out, "out")
     return _backend().softmax_family(x, axis, MODE_SOFTMAX)
 
 
@@ -110,7 +118,9 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 @_documented_by(_cross_entropy.cross_entropy_with_grad,
                 waits="class indices and probability targets")
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
-                            reduction="mean", label_smoothing=0.0, grad_output=None):
+                            reduction="mean", label_smoothing=0.0, grad_output=None,
+                            grad_input=None):
+    _no_out(grad_input, "grad_input")
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
                                     label_smoothing, grad_output, True)
 
