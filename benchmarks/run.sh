@@ -40,6 +40,10 @@ echo "== installing torch==2.13.0 (CPU), then fastce[bench] into $VENV"
 $PIP install --quiet --disable-pip-version-check "torch==2.13.0" </dev/null
 $PIP install --quiet --disable-pip-version-check -e ".[bench]" </dev/null
 
+# numba's cache of the checked-out kernels, for --python=same runs from $VENV (asv's own
+# environments precompile after each install: asv.conf.json's install_command).
+"$VENV/bin/python" -m fastce precompile --quiet
+
 ASV="$VENV/bin/asv"
 # asv refuses to run without a machine file when stdin is not a terminal
 "$ASV" machine --yes </dev/null >/dev/null

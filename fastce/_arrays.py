@@ -24,6 +24,9 @@ def is_device_array(a):
 def _as_array(a, name):
     """``a`` as an ndarray; anything NumPy accepts is accepted, object arrays are not."""
     if not isinstance(a, np.ndarray):
+        if is_device_array(a):
+            # The first argument decides the device; this one is on the other.
+            _validate.raise_mixed_devices(name, a)
         try:
             a = np.asarray(a)
         except Exception as exc:  # ragged lists and the like

@@ -60,9 +60,10 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
             if not grad_input.flags.c_contiguous:
                 return None                 # the general path copies into other layouts
             grad = grad_input
-        loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
     else:
-        loss, bad = _ce.ce_index_small_forward(logits, target, ignore_index, reduction == "mean")
+        # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
+        grad = _EMPTY_2D[dt]
+    loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
     loss = _SCALAR[dt](loss)

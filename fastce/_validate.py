@@ -128,6 +128,14 @@ def _cross_entropy_problem(logits_shape, logits_dtype, target_shape, target_dtyp
         if tuple(target_shape) != index_shape:
             hint = (" (for class probabilities use a floating target of the logits' dtype)"
                     if tuple(target_shape) == tuple(logits_shape) else "")
+            if nd >= 3 and tuple(target_shape) == tuple(logits_shape[:-1]):
+                # (N, d1, ..., dk, C) logits with an (N, d1, ..., dk) target: channels-last.
+                raise ValueError(
+                    f"logits of shape {tuple(logits_shape)} look channels-last (classes on the "
+                    f"last axis, C={logits_shape[-1]}) for a target of shape "
+                    f"{tuple(target_shape)}: the class axis is 1, as in torch; pass "
+                    f"np.moveaxis(logits, -1, 1) (shape "
+                    f"{(logits_shape[0], logits_shape[-1]) + tuple(logits_shape[1:-1])})")
             raise ValueError(
                 f"target of class indices must have shape {index_shape} for logits of shape "
                 f"{tuple(logits_shape)}, got {tuple(target_shape)}{hint}")
@@ -187,6 +195,13 @@ def check_numeric_dtype(dtype, name):
         raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
 
 
+def raise_mixed_devices(name, a):
+    """A CUDA array passed with host (NumPy) logits/input: torch's "same device" rule."""
+    raise TypeError(f"{name} is a CUDA array ({type(a).__name__}) but the first argument is a "
+                    f"host (NumPy) array: the arrays are on different devices; pass both as "
+                    f"NumPy arrays (CPU kernels) or both as CUDA arrays (CUDA kernels)")
+
+
 def raise_not_array_like(a, name, exc):
     raise TypeError(f"{name} must be array-like, got {type(a).__name__}: {exc}") from None
 
@@ -216,8 +231,7 @@ def raise_bad_value(name, what, value, flat_index, shape):
 def raise_bad_probability(value, flat_index, shape):
     """binary_cross_entropy's input outside [0, 1] or NaN (``value`` a scalar of the input's
     dtype)."""
-    raise ValueError(f"input must hold probabilities in [0, 1]; found {value!r} at position "
-                     f"{position(flat_index, shape)}")
+    raise_bad_value("input", "probabilities in [0, 1]", value, flat_index, shape)
 
 
 def raise_no_cuda_kernel(name):

@@ -866,12 +866,34 @@ def main(argv=None):
     except NoResultsError as exc:
         print(f"fastce-report: {exc}", file=sys.stderr)
         return 2
+    print(describe_run(run, args.results_dir), file=sys.stderr)
     decl = load_declarations(args.benchmark_dir)
     md, images = write_report(run, args.output_dir, plots=not args.no_plots,
                               line_batch=args.line_batch,
                               stream=False if args.quiet else sys.stdout, decl=decl)
-    print(f"wrote {md} and {len(images)} images in {md.parent}")
+    why = ""
+    if not images:
+        why = (" (--no-plots)" if args.no_plots else
+               " (plots need a time_ benchmark over impl x batch x classes x dtype with "
+               "fastce results; this run has none)")
+    print(f"wrote {md} and {len(images)} images in {md.parent}{why}")
     return 0
+
+
+def describe_run(run, results_dir=None):
+    """One line saying which results file the report reads and how much of the suite it holds
+    (a subset run, e.g. ``-b`` or ``--python=same --quick``, shows only what it ran)."""
+    results_dir = Path(results_dir) if results_dir is not None else _default_results_dir()
+    try:
+        n_suite = len([k for k in _load_json(results_dir / "benchmarks.json")
+                       if k != "version"])
+    except (OSError, ValueError):
+        n_suite = None
+    n_run = len(run["benchmarks"])
+    of = f" of the suite's {n_suite}" if n_suite else ""
+    return (f"fastce-report: read {run.get('path')} (commit {str(run.get('commit'))[:8]}, "
+            f"machine {run.get('machine')}, env {run.get('env')}): {n_run}{of} benchmarks "
+            f"in this run; pick another with --commit/--machine/--env")
 
 
 if __name__ == "__main__":

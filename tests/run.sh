@@ -9,4 +9,7 @@ PY=${PYTHON:-python3}
 # torch first and pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test,bench,cuda-ptx,dask]"
+# Compile the common kernel signatures into numba's cache in parallel processes first: the
+# tests then load them instead of compiling each in turn (README "First use").
+.venv/bin/python -m fastce precompile --quiet
 exec .venv/bin/python -m pytest -q "$@"

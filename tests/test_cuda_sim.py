@@ -96,6 +96,7 @@ def test_cuda_array_without_numba_cuda_says_pip_install(monkeypatch):
     monkeypatch.setattr(fastce.cuda, "_IMPL", None)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "numba_cuda" else real(name, *a))
-    with pytest.raises(ImportError, match=re.escape("pip install fastce[cuda]")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'fastce[cuda]' (from a clone "
+                                                    "of fastce: pip install -e '.[cuda]')")):
         fastce.log_softmax(FakeCudaArray())
     assert fastce.cuda.is_available() is False

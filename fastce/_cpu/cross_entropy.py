@@ -318,6 +318,13 @@ ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)
 ce_index_spatial, ce_index_spatial_serial = kernel_twins(_ce_index_spatial)
 ce_prob_rows, ce_prob_rows_serial = kernel_twins(_ce_prob_rows)
 ce_prob_spatial, ce_prob_spatial_serial = kernel_twins(_ce_prob_spatial)
+# ce_index_small takes the rows body and the target check inlined (numba IR) rather than
+# calling their dispatchers: each call to another dispatcher compiles and optimizes the
+# callee once more on the first call (docs/performance.md, "First call").
+_ce_index_rows_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _ce_index_rows)
+_check_index_target_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    check_index_target.py_func)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -332,21 +339,18 @@ def ce_index_small(x, target, ignore_index, mean, grad):
     """
     N, C = x.shape
     no_weight = np.empty(0, dtype=x.dtype)
-    bad, denom = check_index_target(target, C, ignore_index, no_weight)
+    bad, denom = _check_index_target_inlined(target, C, ignore_index, no_weight)
     if bad >= 0:
         return x.dtype.type(0), bad
     gscale = np.empty(1, dtype=x.dtype)
     gscale[0] = (1.0 / denom if denom > 0 else 0.0) if mean else 1.0
     part = np.empty((N, 1), dtype=x.dtype)
-    ce_index_rows_serial(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale, grad,
-                         part, 1, no_weight, no_weight)
-    total = part.sum()
+    _ce_index_rows_inlined(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale,
+                           grad, part, 1, no_weight, no_weight)
+    total = x.dtype.type(0)
+    for i in range(N):          # not part.sum(): two more functions to compile
+        total += part[i, 0]
     if mean:
         total = total / x.dtype.type(denom) if denom > 0 else x.dtype.type(np.nan)
     return total, -1
 
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def ce_index_small_forward(x, target, ignore_index, mean):
-    """:func:`ce_index_small` without a gradient: one array argument fewer to dispatch on."""
-    return ce_index_small(x, target, ignore_index, mean, np.empty((0, 0), dtype=x.dtype))

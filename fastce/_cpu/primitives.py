@@ -165,10 +165,12 @@ def _by_dtype(stub, impl_f32, impl_f64):
     """
     @overload(stub, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
     def _impl(x):
+        # The implementation's own Python function, compiled as the overload: a forwarding
+        # lambda would be one more function for numba to compile at the first call.
         if x == types.float32:
-            return lambda x: impl_f32(x)
+            return impl_f32.py_func
         if x == types.float64:
-            return lambda x: impl_f64(x)
+            return impl_f64.py_func
         return None
     return _impl
 

@@ -9,7 +9,8 @@ back as 0-d arrays.  Semantics, errors and messages are those of the CPU functio
 :mod:`fastce`, value for value.
 
 Importing this module needs nothing beyond fastce's own dependencies; the first call checks
-for NVIDIA's ``numba-cuda`` (``pip install fastce[cuda]``) and for a GPU, and says which is
+for NVIDIA's ``numba-cuda`` (``pip install 'fastce[cuda]'``; from a clone
+``pip install -e '.[cuda]'``) and for a GPU, and says which is
 missing.  With ``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported, the same kernels run
 in Numba's CUDA simulator (slowly; that is how the tests run them without a GPU).
 
@@ -37,7 +38,8 @@ def _backend():
         return _IMPL
     if importlib.util.find_spec("numba_cuda") is None:
         raise ImportError("fastce's CUDA kernels need NVIDIA's numba-cuda, which is not "
-                          "installed: pip install fastce[cuda]")
+                          "installed: pip install 'fastce[cuda]' (from a clone of fastce: "
+                          "pip install -e '.[cuda]')")
     from numba import config, cuda
     if not config.ENABLE_CUDASIM and not cuda.is_available():
         raise RuntimeError("fastce got a CUDA array but numba-cuda finds no usable GPU "
