@@ -41,7 +41,8 @@ def build_cross_entropy(P, soft):
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
     unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
-    safe_shift, exp, inv_sum = P.safe_shift, P.exp, P.inv_sum
+    safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
+    confident, rest_sum = P.confident, P.rest_sum
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
     ftype = P.ftype
@@ -77,10 +78,11 @@ def build_cross_entropy(P, soft):
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth, t,
-                  m, L, sh, inv, ga, ge, gt):
+                  m, L, sh, inv, ga, ge, gt, rest, w_total):
         """Pass 2 of a class-index row over the thread's share of [lo, hi): the gradient
         (``want_grad``) and the sum of the smoothing terms (``smooth``); four independent
-        loads of x (and of the weights) before the four stores, through byte cursors."""
+        loads of x (and of the weights) before the four stores, through byte cursors.
+        ``rest >= 0`` (a confident row): the target's gradient comes from it."""
         sm = ZERO
         c = lo + lane
         p = addr3(x, n, c, s)
@@ -127,8 +129,14 @@ def build_cross_entropy(P, soft):
         if want_grad and t >= lo and t < hi and \
                 np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
             wt = load1(weight, t) if has_w else ONE
-            _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
-            store3(grad, n, t, s, vt - gt)
+            if rest >= ZERO:
+                # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
+                # CPU's _target_grad): gt = g (1 - eps) w_t, ge = g eps / C.
+                pt = ONE / (ONE + rest)
+                store3(grad, n, t, s, gt * (-rest * pt) + ge * (w_total * pt - wt))
+            else:
+                _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
+                store3(grad, n, t, s, vt - gt)
         return sm
 
     @cuda.jit(device=True)
@@ -222,11 +230,27 @@ def build_cross_entropy(P, soft):
                             hi if active else lo)
         m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
         w_t = weight[t] if (has_w and active) else ONE
-        part = ZERO
-        if active and k == 0:
+        # The target's share (loss and gradient) belongs to the chunk that holds it.
+        holds_t = active and t >= lo and t < hi
+        xt = NEG_INF
+        nll = ZERO
+        need = False
+        if holds_t:
             xt = x[n, t, s]
+            if xt != NEG_INF:
+                nll = lse_minus(m, L, xt)
+                need = confident(xt - m, nll)
+        # Confident rows (the target holds the max, the loss could be off by more than a
+        # few ulp; the CPU's test): the loss is log1p(rest) from a second pass over the row.
+        rest = -ONE
+        if cuda.syncthreads_or(need):  # rare; block-uniform, as the reductions need
+            rest = rest_sum(x, n, s, C, lane, G, xt, need)
+            if need:
+                nll = log1p(rest)
+        part = ZERO
+        if holds_t:
             # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * lse_minus(m, L, xt) if xt != NEG_INF else INF
+            part = keep * w_t * nll if xt != NEG_INF else INF
         sm = ZERO
         if active and (want_grad or smooth):
             w_total = stats[1] if has_w else ftype(C)
@@ -238,10 +262,10 @@ def build_cross_entropy(P, soft):
             gt = g * keep * w_t
             if want_grad:
                 sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth, t,
-                               m, L, sh, inv, ga, ge, gt)
+                               m, L, sh, inv, ga, ge, gt, rest, w_total)
             else:
                 sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True, t,
-                               m, L, sh, inv, ga, ge, gt)
+                               m, L, sh, inv, ga, ge, gt, rest, w_total)
         elif valid and want_grad:
             zero_row(grad, n, s, lo, hi, lane, G)
         if smooth:

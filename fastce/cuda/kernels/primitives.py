@@ -286,8 +286,96 @@ def build_primitives(dtype, shuffle=None):
     def add2(a1, b1, a2, b2):
         return a1 + a2, b1 + b2
 
+    # Confident rows (issue #13): the CPU's test and second pass (fastce._cpu.primitives:
+    # confident, lse_needs_rest, exp_diff, rest_sum), in the kernel's own dtype -- float32
+    # kernels stay free of float64 (the exact difference comes from TwoSum, as for float64).
+    CONF_BASE, CONF_SLOPE, LSE_REST = ftype(1.5), ftype(1.5), ftype(0.6)
+
+    @cuda.jit(device=True)
+    def confident(gap, v):
+        """Whether ``v = lse - x_p`` from the one-pass statistics, with ``gap = x_p - max``,
+        may be off by more than a few ulp (the CPU's test).  False for NaN or inf."""
+        return gap >= ZERO and v < CONF_BASE + CONF_SLOPE * gap
+
+    @cuda.jit(device=True)
+    def lse_needs_rest(lse, L):
+        """Whether ``lse = max + L`` may have lost relative precision (near 0)."""
+        return abs(lse) < LSE_REST * (L + ONE)
+
+    @cuda.jit(device=True)
+    def two_sum(a, b):
+        """``(fl(a + b), err)`` with ``a + b = s + err`` exactly (NVVM does not reassociate
+        without fast-math)."""
+        sm = a + b
+        bb = sm - a
+        return sm, (a - (sm - bb)) + (b - bb)
+
+    @cuda.jit(device=True)
+    def exp_diff(v, pivot):
+        """``exp(v - pivot)`` from the exact difference ``d + e``: ``exp(d) (1 + e)`` (0 for
+        ``v = -inf``, where ``e`` is NaN)."""
+        d, e = two_sum(v, -pivot)
+        t = exp(d)
+        return t + t * e if t != ZERO else t
+
+    @cuda.jit(device=True)
+    def rest_push(hi, lo, cnt, v, pivot):
+        """Add ``exp(v - pivot)`` to the compensated sum ``(hi, lo)``, or count ``v`` in
+        ``cnt`` when it equals the pivot (its term is exactly 1)."""
+        eq = v == pivot
+        hi, e = two_sum(hi, ZERO if eq else exp_diff(v, pivot))
+        return hi, lo + e, cnt + (ONE if eq else ZERO)
+
+    @cuda.jit(device=True)
+    def thread_rest(x, n, s, C, lane, G, pivot):
+        """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
+        ``(hi, lo, cnt)``, ``hi + lo`` the compensated sum of ``exp(x_c - pivot)`` over the
+        entries not equal to the pivot, ``cnt`` the count of those equal.  Four loads a step;
+        ``C = 0`` reads nothing."""
+        hi = ZERO
+        lo = ZERO
+        cnt = ZERO
+        c = lane
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]
+        end = C - 3 * G
+        while c < end:
+            v0 = load_at(x, p, n, c, s)
+            v1 = load_at(x, p + d, n, c + G, s)
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            hi, lo, cnt = rest_push(hi, lo, cnt, v0, pivot)
+            hi, lo, cnt = rest_push(hi, lo, cnt, v1, pivot)
+            hi, lo, cnt = rest_push(hi, lo, cnt, v2, pivot)
+            hi, lo, cnt = rest_push(hi, lo, cnt, v3, pivot)
+            c += 4 * G
+            p += 4 * d
+        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
+            if c + j * G < C:
+                hi, lo, cnt = rest_push(hi, lo, cnt, load_at(x, p + j * d, n, c + j * G, s),
+                                        pivot)
+        return hi, lo, cnt
+
+    @cuda.jit(device=True)
+    def sum_two(h1, l1, h2, l2):
+        # Symmetric: TwoSum's error is exact, so both partner lanes get the same bits.
+        sm, e = two_sum(h1, h2)
+        return sm, e + (l1 + l2)
+
     allreduce_max_sumexp = _group_allreduce(merge_max_sumexp, NEG_INF, ZERO, nbtype, shuffle)
     allreduce_sum2 = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
+    allreduce_two_sum = _group_allreduce(sum_two, ZERO, ZERO, nbtype, shuffle)
+
+    @cuda.jit(device=True)
+    def rest_sum(x, n, s, C, lane, G, pivot, need):
+        """``rest = sum_{c != p} exp(x[n, c, s] - pivot)`` for a row whose entry ``p`` holds
+        the pivot, the row's maximum (the other entries equal to it add 1 each), summed by
+        the group; -1 where ``need`` is False.  Every thread of the group must call it (it
+        reduces); a thread with ``need`` False reads nothing."""
+        hi, lo, cnt = thread_rest(x, n, s, C if need else 0, lane, G, pivot)
+        hi, lo = allreduce_two_sum(hi, lo, G)
+        cnt, _ = allreduce_sum2(cnt, ZERO, G)
+        return (hi + (cnt - ONE)) + lo if need else -ONE
 
     @cuda.jit(device=True)
     def unit(n_units, G, n_split, S, C):
@@ -390,7 +478,7 @@ def build_primitives(dtype, shuffle=None):
         return allreduce_max_sumexp(m, acc, G)
 
     return SimpleNamespace(
-        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, 
+        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
         shift_log_sum=shift_log_sum, lse_minus=lse_minus,
@@ -398,4 +486,6 @@ def build_primitives(dtype, shuffle=None):
         merge_max_sumexp=merge_max_sumexp, rescaled=rescaled, push_block4=push_block4,
         push_block8=push_block8,
         allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
-        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp)
+        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp,
+        confident=confident, lse_needs_rest=lse_needs_rest, two_sum=two_sum,
+        exp_diff=exp_diff, rest_sum=rest_sum, allreduce_two_sum=allreduce_two_sum)
