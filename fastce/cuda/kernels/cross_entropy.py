@@ -42,7 +42,7 @@ def build_cross_entropy(P, soft):
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
     unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
     safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
-    confident, rest_sum = P.confident, P.rest_sum
+    confident, rest_sum, block_any = P.confident, P.rest_sum, P.block_any
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
     ftype = P.ftype
@@ -243,7 +243,7 @@ def build_cross_entropy(P, soft):
         # Confident rows (the target holds the max, the loss could be off by more than a
         # few ulp; the CPU's test): the loss is log1p(rest) from a second pass over the row.
         rest = -ONE
-        if cuda.syncthreads_or(need):  # rare; block-uniform, as the reductions need
+        if block_any(need):  # rare; block-uniform, as the reductions need
             rest = rest_sum(x, n, s, C, lane, G, xt, need)
             if need:
                 nll = log1p(rest)

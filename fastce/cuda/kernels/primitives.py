@@ -167,7 +167,9 @@ def build_primitives(dtype, shuffle=None):
         ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
         ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
-        ``row_max_sumexp``.
+        ``row_max_sumexp``; for confident rows (issue #13) ``confident``,
+        ``lse_needs_rest``, ``two_sum``, ``exp_diff``, ``allreduce_two_sum``, ``block_any``
+        and ``rest_sum`` (the second pass).
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -365,6 +367,25 @@ def build_primitives(dtype, shuffle=None):
     allreduce_max_sumexp = _group_allreduce(merge_max_sumexp, NEG_INF, ZERO, nbtype, shuffle)
     allreduce_sum2 = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
     allreduce_two_sum = _group_allreduce(sum_two, ZERO, ZERO, nbtype, shuffle)
+    # rest_sum's own instance: a device function holding shared arrays must not reach one
+    # kernel by two call paths (NVVM links its module twice: "_cudapy_smem_N multiply
+    # defined"), and the cross-entropy kernel calls allreduce_sum2 itself.
+    allreduce_count = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
+
+    @cuda.jit(device=True)
+    def block_any(pred):
+        """Whether ``pred`` holds for any thread of the block: the block-uniform test that
+        guards the second pass, whose reductions every thread must reach.  A shared flag and
+        two barriers (NVVM 13 rejects numba's ``syncthreads_or``); once per kernel: the flag
+        is not reset for a second call."""
+        flag = cuda.shared.array(1, np.int32)
+        if cuda.threadIdx.x == 0:
+            flag[0] = 0
+        cuda.syncthreads()
+        if pred:
+            flag[0] = 1  # every writer writes the same value
+        cuda.syncthreads()
+        return flag[0] != 0
 
     @cuda.jit(device=True)
     def rest_sum(x, n, s, C, lane, G, pivot, need):
@@ -374,7 +395,7 @@ def build_primitives(dtype, shuffle=None):
         reduces); a thread with ``need`` False reads nothing."""
         hi, lo, cnt = thread_rest(x, n, s, C if need else 0, lane, G, pivot)
         hi, lo = allreduce_two_sum(hi, lo, G)
-        cnt, _ = allreduce_sum2(cnt, ZERO, G)
+        cnt, _ = allreduce_count(cnt, ZERO, G)
         return (hi + (cnt - ONE)) + lo if need else -ONE
 
     @cuda.jit(device=True)
@@ -488,4 +509,5 @@ def build_primitives(dtype, shuffle=None):
         allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
         unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp,
         confident=confident, lse_needs_rest=lse_needs_rest, two_sum=two_sum,
-        exp_diff=exp_diff, rest_sum=rest_sum, allreduce_two_sum=allreduce_two_sum)
+        exp_diff=exp_diff, rest_sum=rest_sum, block_any=block_any,
+        allreduce_two_sum=allreduce_two_sum)

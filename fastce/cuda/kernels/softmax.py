@@ -32,7 +32,8 @@ def build_softmax(P):
     thread_max_sumexp, rescaled, nan_max = P.thread_max_sumexp, P.rescaled, P.nan_max
     shift_log_sum, lse_minus = P.shift_log_sum, P.lse_minus
     safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
-    confident, lse_needs_rest, rest_sum = P.confident, P.lse_needs_rest, P.rest_sum
+    confident, lse_needs_rest, rest_sum, block_any = (P.confident, P.lse_needs_rest,
+                                                         P.rest_sum, P.block_any)
     NEG_INF, ZERO = P.NEG_INF, P.ZERO
     allreduce_max_sumexp = P.allreduce_max_sumexp
 
@@ -137,7 +138,7 @@ def build_softmax(P):
                 else:
                     top = m if n_split == 1 else part_m[r * n_split + k]  # the chunk's max
                     need = confident(top - a, lse_minus(a, L, top))
-            if cuda.syncthreads_or(need):  # rare; block-uniform, as the reductions need
+            if block_any(need):  # rare; block-uniform, as the reductions need
                 rest = rest_sum(x, n, s, C, lane, G, m, need)
                 if need:
                     L = log1p(rest)
