@@ -78,11 +78,10 @@ def build_cross_entropy(P, soft):
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth, t,
-                  m, L, sh, inv, ga, ge, gt, rest, w_total):
+                  m, L, sh, inv, ga, ge, gt):
         """Pass 2 of a class-index row over the thread's share of [lo, hi): the gradient
         (``want_grad``) and the sum of the smoothing terms (``smooth``); four independent
-        loads of x (and of the weights) before the four stores, through byte cursors.
-        ``rest >= 0`` (a confident row): the target's gradient comes from it."""
+        loads of x (and of the weights) before the four stores, through byte cursors."""
         sm = ZERO
         c = lo + lane
         p = addr3(x, n, c, s)
@@ -129,14 +128,8 @@ def build_cross_entropy(P, soft):
         if want_grad and t >= lo and t < hi and \
                 np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
             wt = load1(weight, t) if has_w else ONE
-            if rest >= ZERO:
-                # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
-                # CPU's _target_grad): gt = g (1 - eps) w_t, ge = g eps / C.
-                pt = ONE / (ONE + rest)
-                store3(grad, n, t, s, gt * (-rest * pt) + ge * (w_total * pt - wt))
-            else:
-                _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
-                store3(grad, n, t, s, vt - gt)
+            _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
+            store3(grad, n, t, s, vt - gt)
         return sm
 
     @cuda.jit(device=True)
@@ -239,18 +232,8 @@ def build_cross_entropy(P, soft):
             xt = x[n, t, s]
             if xt != NEG_INF:
                 nll = lse_minus(m, L, xt)
+                # a confident row (the target holds the max; the CPU's test): see below
                 need = confident(xt - m, nll)
-        # Confident rows (the target holds the max, the loss could be off by more than a
-        # few ulp; the CPU's test): the loss is log1p(rest) from a second pass over the row.
-        rest = -ONE
-        if block_any(need):  # rare; block-uniform, as the reductions need
-            rest = rest_sum(x, n, s, C, lane, G, xt, need)
-            if need:
-                nll = log1p(rest)
-        part = ZERO
-        if holds_t:
-            # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * nll if xt != NEG_INF else INF
         sm = ZERO
         if active and (want_grad or smooth):
             w_total = stats[1] if has_w else ftype(C)
@@ -262,14 +245,33 @@ def build_cross_entropy(P, soft):
             gt = g * keep * w_t
             if want_grad:
                 sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth, t,
-                               m, L, sh, inv, ga, ge, gt, rest, w_total)
+                               m, L, sh, inv, ga, ge, gt)
             else:
                 sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True, t,
-                               m, L, sh, inv, ga, ge, gt, rest, w_total)
+                               m, L, sh, inv, ga, ge, gt)
         elif valid and want_grad:
             zero_row(grad, n, s, lo, hi, lane, G)
         if smooth:
             sm, _ = allreduce_sum2(sm, ZERO, G)
+        # Confident rows: the loss is log1p(rest) and the target's gradient comes from rest,
+        # a second pass over the row (rare; last, so that little is live across it).
+        if block_any(need):  # block-uniform, as the reductions need
+            rest = rest_sum(x, n, s, C, lane, G, xt, need)
+            if need:
+                nll = log1p(rest)
+                if want_grad and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+                    # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
+                    # CPU's _target_grad); it replaces what pass 2 wrote there.  The factors
+                    # are read again rather than kept live across the pass.
+                    gr = upstream(gout, g0, r, mean, stats[0])
+                    wr = weight[t] if has_w else ONE
+                    pt = ONE / (ONE + rest)
+                    store3(grad, n, t, s, (gr * keep * wr) * (-rest * pt) +
+                           (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr))
+        part = ZERO
+        if holds_t:
+            # A target on a -inf logit costs +inf, even in an all-masked row.
+            part = keep * w_t * nll if xt != NEG_INF else INF
         if valid and lane == 0:
             loss_part[r, k] = part + eps_c * sm if smooth else part
 

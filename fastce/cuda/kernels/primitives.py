@@ -321,19 +321,22 @@ def build_primitives(dtype, shuffle=None):
         return t + t * e if t != ZERO else t
 
     @cuda.jit(device=True)
-    def rest_push(hi, lo, cnt, v, pivot):
-        """Add ``exp(v - pivot)`` to the compensated sum ``(hi, lo)``, or count ``v`` in
-        ``cnt`` when it equals the pivot (its term is exactly 1)."""
-        eq = v == pivot
-        hi, e = two_sum(hi, ZERO if eq else exp_diff(v, pivot))
-        return hi, lo + e, cnt + (ONE if eq else ZERO)
+    def rest_term(v, pivot):
+        """``exp(v - pivot)``, or 0 where ``v`` equals the pivot (those are counted apart:
+        their term is exactly 1)."""
+        return ZERO if v == pivot else exp_diff(v, pivot)
+
+    @cuda.jit(device=True)
+    def is_pivot(v, pivot):
+        return ONE if v == pivot else ZERO
 
     @cuda.jit(device=True)
     def thread_rest(x, n, s, C, lane, G, pivot):
         """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
-        ``(hi, lo, cnt)``, ``hi + lo`` the compensated sum of ``exp(x_c - pivot)`` over the
-        entries not equal to the pivot, ``cnt`` the count of those equal.  Four loads a step;
-        ``C = 0`` reads nothing."""
+        ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
+        equal to the pivot (four terms a step summed pairwise, the step sums compensated
+        with TwoSum), ``cnt`` the count of those equal.  Four loads a step; ``C = 0`` reads
+        nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
@@ -346,16 +349,19 @@ def build_primitives(dtype, shuffle=None):
             v1 = load_at(x, p + d, n, c + G, s)
             v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
             v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-            hi, lo, cnt = rest_push(hi, lo, cnt, v0, pivot)
-            hi, lo, cnt = rest_push(hi, lo, cnt, v1, pivot)
-            hi, lo, cnt = rest_push(hi, lo, cnt, v2, pivot)
-            hi, lo, cnt = rest_push(hi, lo, cnt, v3, pivot)
+            hi, e = two_sum(hi, (rest_term(v0, pivot) + rest_term(v1, pivot)) +
+                            (rest_term(v2, pivot) + rest_term(v3, pivot)))
+            lo += e
+            cnt += (is_pivot(v0, pivot) + is_pivot(v1, pivot)) + \
+                (is_pivot(v2, pivot) + is_pivot(v3, pivot))
             c += 4 * G
             p += 4 * d
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             if c + j * G < C:
-                hi, lo, cnt = rest_push(hi, lo, cnt, load_at(x, p + j * d, n, c + j * G, s),
-                                        pivot)
+                v = load_at(x, p + j * d, n, c + j * G, s)
+                hi, e = two_sum(hi, rest_term(v, pivot))
+                lo += e
+                cnt += is_pivot(v, pivot)
         return hi, lo, cnt
 
     @cuda.jit(device=True)
