@@ -16,6 +16,7 @@ knobs in ``fastce._config`` are lowered so that tiny inputs take every kernel pa
 warp/block and thread-per-row groups, split rows); each case asserts the path it meant to
 take, so a change of heuristics cannot silently leave a path untested.
 """
+import mpmath
 import numpy as np
 import pytest
 from numba import config
@@ -606,3 +607,166 @@ def test_public_api_dispatches_device_arrays():
     got = fastce.softmax(d)
     assert not isinstance(got, np.ndarray)
     close(host(got), fastce.softmax(d.copy_to_host()), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# confident rows (issue #13): full relative precision, against mpmath at 50 digits
+
+CONF_BOUND = 8  # relative error bound in eps of the dtype (the CPU's, tests/test_confident.py)
+
+
+def _conf_rows(n_rows, C, dtype, rng):
+    """(n_rows, C) rows whose entry p[i] holds the row max, above the others' max by gaps
+    from 0.05 to ~70 (float32) / ~690 (float64): losses from ~1 down to ~1e-30 / 1e-300."""
+    top = 70.0 if dtype == np.float32 else 690.0
+    gaps = np.array([0.05, 3.0, 17.0, 45.0, top])
+    x = rng.standard_normal((n_rows, C)) * 2
+    p = rng.integers(0, C, n_rows)
+    for i in range(n_rows):
+        others = np.delete(x[i], p[i])
+        x[i, p[i]] = (others.max() if C > 1 else 0.0) + gaps[(i + rng.integers(5)) % 5]
+    return x.astype(dtype), p
+
+
+def _to_layout(rows, shape, N, C, S):
+    """(N * S, C) rows in (n, s) order -> the array of ``shape`` (class axis 1 of (N, C, S))."""
+    return np.ascontiguousarray(rows.reshape(N, S, C).transpose(0, 2, 1)).reshape(shape)
+
+
+def _from_layout(a, N, C, S):
+    return np.ascontiguousarray(np.asarray(a).reshape(N, C, S).transpose(0, 2, 1)).reshape(
+        N * S, C)
+
+
+def _mp_rest(row, p):
+    """(pivot, rest) at 50 digits: rest = sum_{j != p} exp(row[j] - row[p])."""
+    with mpmath.workdps(50):
+        xp = mpmath.mpf(float(row[p]))
+        return xp, mpmath.fsum(mpmath.exp(mpmath.mpf(float(v)) - xp)
+                               for j, v in enumerate(row) if j != p)
+
+
+def _rel(got, ref, dtype):
+    """Relative error in eps (results below the smallest normal compared absolutely)."""
+    fi = np.finfo(dtype)
+    return abs(float(got) - ref) / max(abs(ref), float(fi.tiny)) / float(fi.eps)
+
+
+CONF_WORST = {}  # (kernel, dtype name) -> worst relative error seen, in eps
+
+
+def _note(key, err):
+    CONF_WORST[key] = max(CONF_WORST.get(key, 0.0), err)
+    assert err <= CONF_BOUND, (key, err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_confident_errors():
+    yield
+    if CONF_WORST:
+        print("\nconfident rows, worst relative error (eps):",
+              {f"{k}/{d}": round(v, 2) for (k, d), v in sorted(CONF_WORST.items())})
+
+
+@pytest.mark.parametrize("path", list(CE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_confident_cross_entropy(monkeypatch, dtype, path):
+    """Index targets on the row max: the loss log1p(rest) and the target gradient
+    -rest/(1 + rest) within 8 eps of mpmath (forward and fused kernels); the other gradient
+    entries, and a smoothed, weighted call, equal to the CPU kernels (its loss within 16
+    eps)."""
+    shape, G, n_split = CE_LAYOUTS[path]
+    use_path(monkeypatch, path)
+    N, C = (1, shape[0]) if len(shape) == 1 else shape[:2]
+    S = int(np.prod(shape[2:], dtype=np.int64))
+    check_plan(N * S, C, S, G, n_split)
+    rng = np.random.default_rng(11)
+    rows, p = _conf_rows(N * S, C, dtype, rng)
+    if n_split > 1:
+        p[:2] = (3, C - 2)  # a target in each chunk
+        for i in range(2):
+            rows[i, p[i]] = np.delete(rows[i], p[i]).max() + dtype(1 + 20 * i)
+    x = _to_layout(rows, shape, N, C, S)
+    t = p.reshape(() if len(shape) == 1 else (shape[0],) + shape[2:]).astype(np.int64)
+    kw = dict(reduction="none")
+    loss_f = host(fc.cross_entropy(dev(x), dev(t), **kw)).reshape(-1)
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), **kw)
+    loss, grad = host(loss).reshape(-1), _from_layout(host(grad), N, C, S)
+    for i in range(N * S):
+        _, rest = _mp_rest(rows[i], p[i])
+        with mpmath.workdps(50):
+            ref_loss, ref_g = float(mpmath.log1p(rest)), float(-rest / (1 + rest))
+        _note(("cross_entropy loss", np.dtype(dtype).name), _rel(loss_f[i], ref_loss, dtype))
+        _note(("cross_entropy loss", np.dtype(dtype).name), _rel(loss[i], ref_loss, dtype))
+        _note(("cross_entropy grad[t]", np.dtype(dtype).name),
+              _rel(grad[i, p[i]], ref_g, dtype))
+    close(grad, _from_layout(fastce.cross_entropy_with_grad(x, t, **kw)[1], N, C, S), dtype)
+    # smoothing and weights: the same formulas as the CPU kernels (which are exact)
+    w = (rng.random(C) + 0.5).astype(dtype)
+    kw = dict(reduction="none", label_smoothing=0.1, weight=w)
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), **kw)
+    ref_loss, ref_grad = fastce.cross_entropy_with_grad(x, t, **kw)
+    tight = dict(rtol=16 * float(np.finfo(dtype).eps), atol=float(np.finfo(dtype).tiny))
+    close(host(loss), ref_loss, dtype, **tight)
+    # (the other classes' gradient p_c A - eps/C w_c cancels in both: default tolerance)
+    close(host(grad), ref_grad, dtype)
+
+
+@pytest.mark.parametrize("path", list(SOFTMAX_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_confident_log_softmax_logsumexp(monkeypatch, dtype, path):
+    """log_softmax of rows with a clear max: every entry -((max - x_c) + log1p(rest)) within
+    8 eps of mpmath; logsumexp of rows whose max is 0 (a result near 0): log1p(rest)."""
+    shape, axis, G, n_split = SOFTMAX_LAYOUTS[path]
+    use_path(monkeypatch, path)
+    N, C, S = fastce._validate.split_at_axis(shape, axis % len(shape))
+    check_plan(N * S, C, S, G, n_split)
+    rng = np.random.default_rng(12)
+    rows, p = _conf_rows(N * S, C, dtype, rng)
+    out = _from_layout(host(fc.log_softmax(dev(_to_layout(rows, shape, N, C, S)), axis=axis)),
+                       N, C, S)
+    near0 = rows - rows[np.arange(N * S), p][:, None]  # max exactly 0
+    lse = host(fc.logsumexp(dev(_to_layout(near0, shape, N, C, S)), axis=axis)).reshape(-1)
+    for i in range(N * S):
+        xp, rest = _mp_rest(rows[i], p[i])
+        with mpmath.workdps(50):
+            lp = mpmath.log1p(rest)
+            for c in range(C):
+                ref = float(-((xp - mpmath.mpf(float(rows[i, c]))) + lp))
+                _note(("log_softmax", np.dtype(dtype).name), _rel(out[i, c], ref, dtype))
+        _, rest0 = _mp_rest(near0[i], p[i])
+        with mpmath.workdps(50):
+            _note(("logsumexp", np.dtype(dtype).name),
+                  _rel(lse[i], float(mpmath.log1p(rest0)), dtype))
+
+
+ISSUE_ROWS = [  # issue #13's table: (logits, target 0), dtype
+    ([20.0] + [0.0] * 9, np.float32),
+    ([30.0, 0.0, 0.0], np.float32),
+    ([30.0, 0.0, 0.0], np.float64),
+    ([50.0] + list(np.linspace(-5, 5, 999)), np.float64),
+]
+
+
+@pytest.mark.parametrize("k", range(len(ISSUE_ROWS)))
+def test_confident_issue_table(k):
+    """The issue's rows (tiny-launch block path; C = 1000 strides 32 threads): loss,
+    target gradient and log_softmax at the target within 8 eps of mpmath, and
+    logsumexp([0, -40]) = 4.248e-18 (float64)."""
+    vals, dtype = ISSUE_ROWS[k]
+    x = np.array([vals], dtype)
+    t = np.zeros(1, np.int64)
+    _, rest = _mp_rest(x[0], 0)
+    with mpmath.workdps(50):
+        ref_loss, ref_g = float(mpmath.log1p(rest)), float(-rest / (1 + rest))
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), reduction="none")
+    name = np.dtype(dtype).name
+    _note(("issue table loss", name), _rel(host(loss)[0], ref_loss, dtype))
+    _note(("issue table grad[t]", name), _rel(host(grad)[0, 0], ref_g, dtype))
+    _note(("issue table log_softmax", name),
+          _rel(host(fc.log_softmax(dev(x)))[0, 0], -ref_loss, dtype))
+    if k == 0:
+        lse = host(fc.logsumexp(dev(np.array([0.0, -40.0]))))
+        with mpmath.workdps(50):
+            ref = float(mpmath.log1p(mpmath.exp(-40)))
+        _note(("issue table logsumexp", "float64"), _rel(lse, ref, np.float64))

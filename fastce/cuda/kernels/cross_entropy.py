@@ -41,7 +41,8 @@ def build_cross_entropy(P, soft):
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
     unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
-    safe_shift, exp, inv_sum = P.safe_shift, P.exp, P.inv_sum
+    safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
+    confident, rest_sum, block_any = P.confident, P.rest_sum, P.block_any
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
     ftype = P.ftype
@@ -222,11 +223,17 @@ def build_cross_entropy(P, soft):
                             hi if active else lo)
         m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
         w_t = weight[t] if (has_w and active) else ONE
-        part = ZERO
-        if active and k == 0:
+        # The target's share (loss and gradient) belongs to the chunk that holds it.
+        holds_t = active and t >= lo and t < hi
+        xt = NEG_INF
+        nll = ZERO
+        need = False
+        if holds_t:
             xt = x[n, t, s]
-            # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * lse_minus(m, L, xt) if xt != NEG_INF else INF
+            if xt != NEG_INF:
+                nll = lse_minus(m, L, xt)
+                # a confident row (the target holds the max; the CPU's test): see below
+                need = confident(xt - m, nll)
         sm = ZERO
         if active and (want_grad or smooth):
             w_total = stats[1] if has_w else ftype(C)
@@ -246,6 +253,25 @@ def build_cross_entropy(P, soft):
             zero_row(grad, n, s, lo, hi, lane, G)
         if smooth:
             sm, _ = allreduce_sum2(sm, ZERO, G)
+        # Confident rows: the loss is log1p(rest) and the target's gradient comes from rest,
+        # a second pass over the row (rare; last, so that little is live across it).
+        if block_any(need):  # block-uniform, as the reductions need
+            rest = rest_sum(x, n, s, C, lane, G, xt, need)
+            if need:
+                nll = log1p(rest)
+                if want_grad and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+                    # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
+                    # CPU's _target_grad); it replaces what pass 2 wrote there.  The factors
+                    # are read again rather than kept live across the pass.
+                    gr = upstream(gout, g0, r, mean, stats[0])
+                    wr = weight[t] if has_w else ONE
+                    pt = ONE / (ONE + rest)
+                    store3(grad, n, t, s, (gr * keep * wr) * (-rest * pt) +
+                           (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr))
+        part = ZERO
+        if holds_t:
+            # A target on a -inf logit costs +inf, even in an all-masked row.
+            part = keep * w_t * nll if xt != NEG_INF else INF
         if valid and lane == 0:
             loss_part[r, k] = part + eps_c * sm if smooth else part
 

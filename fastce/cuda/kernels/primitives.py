@@ -167,7 +167,9 @@ def build_primitives(dtype, shuffle=None):
         ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
         ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
-        ``row_max_sumexp``.
+        ``row_max_sumexp``; for confident rows (issue #13) ``confident``,
+        ``lse_needs_rest``, ``two_sum``, ``exp_diff``, ``allreduce_two_sum``, ``block_any``
+        and ``rest_sum`` (the second pass).
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -286,8 +288,121 @@ def build_primitives(dtype, shuffle=None):
     def add2(a1, b1, a2, b2):
         return a1 + a2, b1 + b2
 
+    # Confident rows (issue #13): the CPU's test and second pass (fastce._cpu.primitives:
+    # confident, lse_needs_rest, exp_diff, rest_sum), in the kernel's own dtype -- float32
+    # kernels stay free of float64 (the exact difference comes from TwoSum, as for float64).
+    CONF_BASE, CONF_SLOPE, LSE_REST = ftype(1.5), ftype(1.5), ftype(0.6)
+
+    @cuda.jit(device=True)
+    def confident(gap, v):
+        """Whether ``v = lse - x_p`` from the one-pass statistics, with ``gap = x_p - max``,
+        may be off by more than a few ulp (the CPU's test).  False for NaN or inf."""
+        return gap >= ZERO and v < CONF_BASE + CONF_SLOPE * gap
+
+    @cuda.jit(device=True)
+    def lse_needs_rest(lse, L):
+        """Whether ``lse = max + L`` may have lost relative precision (near 0)."""
+        return abs(lse) < LSE_REST * (L + ONE)
+
+    @cuda.jit(device=True)
+    def two_sum(a, b):
+        """``(fl(a + b), err)`` with ``a + b = s + err`` exactly (NVVM does not reassociate
+        without fast-math)."""
+        sm = a + b
+        bb = sm - a
+        return sm, (a - (sm - bb)) + (b - bb)
+
+    @cuda.jit(device=True)
+    def exp_diff(v, pivot):
+        """``exp(v - pivot)`` from the exact difference ``d + e``: ``exp(d) (1 + e)`` (0 for
+        ``v = -inf``, where ``e`` is NaN)."""
+        d, e = two_sum(v, -pivot)
+        t = exp(d)
+        return t + t * e if t != ZERO else t
+
+    @cuda.jit(device=True)
+    def rest_term(v, pivot):
+        """``exp(v - pivot)``, or 0 where ``v`` equals the pivot (those are counted apart:
+        their term is exactly 1)."""
+        return ZERO if v == pivot else exp_diff(v, pivot)
+
+    @cuda.jit(device=True)
+    def is_pivot(v, pivot):
+        return ONE if v == pivot else ZERO
+
+    @cuda.jit(device=True)
+    def thread_rest(x, n, s, C, lane, G, pivot):
+        """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
+        ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
+        equal to the pivot (four terms a step summed pairwise, the step sums compensated
+        with TwoSum), ``cnt`` the count of those equal.  Four loads a step; ``C = 0`` reads
+        nothing."""
+        hi = ZERO
+        lo = ZERO
+        cnt = ZERO
+        c = lane
+        p = addr3(x, n, c, s)
+        d = G * x.strides[1]
+        end = C - 3 * G
+        while c < end:
+            v0 = load_at(x, p, n, c, s)
+            v1 = load_at(x, p + d, n, c + G, s)
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            hi, e = two_sum(hi, (rest_term(v0, pivot) + rest_term(v1, pivot)) +
+                            (rest_term(v2, pivot) + rest_term(v3, pivot)))
+            lo += e
+            cnt += (is_pivot(v0, pivot) + is_pivot(v1, pivot)) + \
+                (is_pivot(v2, pivot) + is_pivot(v3, pivot))
+            c += 4 * G
+            p += 4 * d
+        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
+            if c + j * G < C:
+                v = load_at(x, p + j * d, n, c + j * G, s)
+                hi, e = two_sum(hi, rest_term(v, pivot))
+                lo += e
+                cnt += is_pivot(v, pivot)
+        return hi, lo, cnt
+
+    @cuda.jit(device=True)
+    def sum_two(h1, l1, h2, l2):
+        # Symmetric: TwoSum's error is exact, so both partner lanes get the same bits.
+        sm, e = two_sum(h1, h2)
+        return sm, e + (l1 + l2)
+
     allreduce_max_sumexp = _group_allreduce(merge_max_sumexp, NEG_INF, ZERO, nbtype, shuffle)
     allreduce_sum2 = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
+    allreduce_two_sum = _group_allreduce(sum_two, ZERO, ZERO, nbtype, shuffle)
+    # rest_sum's own instance: a device function holding shared arrays must not reach one
+    # kernel by two call paths (NVVM links its module twice: "_cudapy_smem_N multiply
+    # defined"), and the cross-entropy kernel calls allreduce_sum2 itself.
+    allreduce_count = _group_allreduce(add2, ZERO, ZERO, nbtype, shuffle)
+
+    @cuda.jit(device=True)
+    def block_any(pred):
+        """Whether ``pred`` holds for any thread of the block: the block-uniform test that
+        guards the second pass, whose reductions every thread must reach.  A shared flag and
+        two barriers (NVVM 13 rejects numba's ``syncthreads_or``); once per kernel: the flag
+        is not reset for a second call."""
+        flag = cuda.shared.array(1, np.int32)
+        if cuda.threadIdx.x == 0:
+            flag[0] = 0
+        cuda.syncthreads()
+        if pred:
+            flag[0] = 1  # every writer writes the same value
+        cuda.syncthreads()
+        return flag[0] != 0
+
+    @cuda.jit(device=True)
+    def rest_sum(x, n, s, C, lane, G, pivot, need):
+        """``rest = sum_{c != p} exp(x[n, c, s] - pivot)`` for a row whose entry ``p`` holds
+        the pivot, the row's maximum (the other entries equal to it add 1 each), summed by
+        the group; -1 where ``need`` is False.  Every thread of the group must call it (it
+        reduces); a thread with ``need`` False reads nothing."""
+        hi, lo, cnt = thread_rest(x, n, s, C if need else 0, lane, G, pivot)
+        hi, lo = allreduce_two_sum(hi, lo, G)
+        cnt, _ = allreduce_count(cnt, ZERO, G)
+        return (hi + (cnt - ONE)) + lo if need else -ONE
 
     @cuda.jit(device=True)
     def unit(n_units, G, n_split, S, C):
@@ -390,7 +505,7 @@ def build_primitives(dtype, shuffle=None):
         return allreduce_max_sumexp(m, acc, G)
 
     return SimpleNamespace(
-        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle, 
+        dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
         exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
         shift_log_sum=shift_log_sum, lse_minus=lse_minus,
@@ -398,4 +513,7 @@ def build_primitives(dtype, shuffle=None):
         merge_max_sumexp=merge_max_sumexp, rescaled=rescaled, push_block4=push_block4,
         push_block8=push_block8,
         allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
-        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp)
+        unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp,
+        confident=confident, lse_needs_rest=lse_needs_rest, two_sum=two_sum,
+        exp_diff=exp_diff, rest_sum=rest_sum, block_any=block_any,
+        allreduce_two_sum=allreduce_two_sum)

@@ -30,9 +30,10 @@ def build_softmax(P):
     """
     unit, row_max_sumexp = P.unit, P.row_max_sumexp
     thread_max_sumexp, rescaled, nan_max = P.thread_max_sumexp, P.rescaled, P.nan_max
-    lse_from_max_sumexp, shift_log_sum, lse_minus = (P.lse_from_max_sumexp, P.shift_log_sum,
-                                                      P.lse_minus)
-    safe_shift, exp, inv_sum = P.safe_shift, P.exp, P.inv_sum
+    shift_log_sum, lse_minus = P.shift_log_sum, P.lse_minus
+    safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
+    confident, lse_needs_rest, rest_sum, block_any = (P.confident, P.lse_needs_rest,
+                                                         P.rest_sum, P.block_any)
     NEG_INF, ZERO = P.NEG_INF, P.ZERO
     allreduce_max_sumexp = P.allreduce_max_sumexp
 
@@ -125,15 +126,30 @@ def build_softmax(P):
         N, C, S = x.shape
         valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
         m, acc = unit_stats(x, G, n_split, part_m, part_s, valid, lane, r, n, s, lo, hi)
-        if not valid:
-            return  # after the last reduction: no barrier is left to wait for this thread
-        if mode == MODE_LOGSUMEXP:
-            if lane == 0 and k == 0:
-                out[n, 0, s] = lse_from_max_sumexp(m, acc)
-        elif mode == MODE_LOG_SOFTMAX:
+        if mode == MODE_LOGSUMEXP or mode == MODE_LOG_SOFTMAX:
             a, L = shift_log_sum(m, acc)
-            write_row(x, out, n, s, lo, hi, lane, G, True, a, L)
-        else:
+            # Confident rows (the CPU's test, fastce._cpu.softmax): logsumexp near 0, or a
+            # log_softmax chunk holding the row max with a small log(sum): L is redone as
+            # log1p(rest), the max's term carried apart.
+            need = False
+            if valid:
+                if mode == MODE_LOGSUMEXP:
+                    need = k == 0 and lse_needs_rest(a + L, L)
+                else:
+                    top = m if n_split == 1 else part_m[r * n_split + k]  # the chunk's max
+                    need = confident(top - a, lse_minus(a, L, top))
+            if block_any(need):  # rare; block-uniform, as the reductions need
+                rest = rest_sum(x, n, s, C, lane, G, m, need)
+                if need:
+                    L = log1p(rest)
+            if not valid:
+                return  # after the last reduction: no barrier is left to wait for this thread
+            if mode == MODE_LOGSUMEXP:
+                if lane == 0 and k == 0:
+                    out[n, 0, s] = a + L
+            else:
+                write_row(x, out, n, s, lo, hi, lane, G, True, a, L)
+        elif valid:
             write_row(x, out, n, s, lo, hi, lane, G, False, safe_shift(m), inv_sum(m, acc))
 
     return SimpleNamespace(stats_kernel=stats_kernel, softmax_kernel=softmax_kernel,
