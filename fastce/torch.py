@@ -160,7 +160,9 @@ def _(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing
     return torch.empty_like(input)
 
 
-def _ce_setup(ctx, inputs, output):
+def _save_input_target_weight(ctx, inputs, output):
+    """Setup of the losses whose backward recomputes from (input, target, weight) and the
+    remaining (non-tensor) options: cross-entropy, NLL, BCE."""
     input, target, weight, *opts = inputs
     ctx.save_for_backward(input, target, weight)
     ctx.opts = opts
@@ -173,7 +175,7 @@ def _ce_backward(ctx, grad):
             None, None, None, None, None)
 
 
-_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+_cross_entropy_op.register_autograd(_ce_backward, setup_context=_save_input_target_weight)
 _cross_entropy_backward_op.register_autograd(_no_double_backward("cross_entropy"))
 
 
@@ -257,7 +259,7 @@ def _nll_backward(ctx, grad):
     return _nll_loss_backward_op(grad, input, target, weight, *ctx.opts), None, None, None, None
 
 
-_nll_loss_op.register_autograd(_nll_backward, setup_context=_ce_setup)
+_nll_loss_op.register_autograd(_nll_backward, setup_context=_save_input_target_weight)
 _nll_loss_backward_op.register_autograd(_no_double_backward("nll_loss"))
 
 
@@ -316,19 +318,13 @@ def _(grad_loss, input, target, weight, reduction):
     return torch.empty_like(input)
 
 
-def _bce_setup(ctx, inputs, output):
-    input, target, weight, *opts = inputs
-    ctx.save_for_backward(input, target, weight)
-    ctx.opts = opts
-
-
 def _bce_backward(ctx, grad):
     _needs_only_input("binary_cross_entropy", ctx, 3)
     input, target, weight = ctx.saved_tensors
     return _bce_backward_op(grad, input, target, weight, *ctx.opts), None, None, None
 
 
-_bce_op.register_autograd(_bce_backward, setup_context=_bce_setup)
+_bce_op.register_autograd(_bce_backward, setup_context=_save_input_target_weight)
 _bce_backward_op.register_autograd(_no_double_backward("binary_cross_entropy"))
 
 
