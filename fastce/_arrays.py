@@ -17,8 +17,16 @@ def is_device_array(a):
     """Whether ``a`` is a CUDA array: anything with ``__cuda_array_interface__``, or a Numba
     device array (``__cuda_ndarray__``: the CUDA simulator's have no interface, numba
     #7505)."""
-    return not isinstance(a, np.ndarray) and (hasattr(a, "__cuda_array_interface__")
-                                              or getattr(a, "__cuda_ndarray__", False) is True)
+    if isinstance(a, np.ndarray):
+        return False
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        return True
+    try:
+        return hasattr(a, "__cuda_array_interface__")
+    except RuntimeError:
+        # A CUDA torch tensor that requires grad refuses to export its interface (hasattr
+        # passes only AttributeError on); the CUDA host detaches it.
+        return bool(getattr(a, "is_cuda", False))
 
 
 def _as_array(a, name):

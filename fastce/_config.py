@@ -57,7 +57,13 @@ CHECK_BLOCK = 4096
 
 # CUDA launch configuration.
 CUDA_THREADS_PER_BLOCK = 256
-CUDA_SMALL_C = 64
+# Rows of at most this many classes get a warp (or a sub-warp: a power of two >= C) each,
+# larger ones a block: at 4096 rows x 100 / 1000 classes a warp per row ran the kernels 4x / 2.6x
+# faster on an H100 than a block per row (docs/gpu.md).
+CUDA_SMALL_C = 1024
+# K-dim inputs (rows strided by S > 1) with at most this many classes get a thread per row
+# (neighbouring threads read neighbouring positions); S >= 32 always does.
+CUDA_THREAD_ROW_MAX_C = 64
 # Rows with a huge C are split over several blocks when there are fewer rows than this many
 # blocks (about two per SM of an H100) ...
 CUDA_SPLIT_TARGET_BLOCKS = 264

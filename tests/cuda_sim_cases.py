@@ -49,6 +49,7 @@ HALF_TOL = dict(rtol=2e-3, atol=2e-3)
 def tiny_launches(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_THREADS_PER_BLOCK", 32)
     monkeypatch.setattr(_config, "CUDA_SMALL_C", 8)
+    monkeypatch.setattr(_config, "CUDA_THREAD_ROW_MAX_C", 8)
     monkeypatch.setattr(_config, "CUDA_SPLIT_MIN_CHUNK", 16)
     monkeypatch.setattr(_config, "CUDA_SPLIT_TARGET_BLOCKS", 0)
 
@@ -69,6 +70,13 @@ def check_plan(rows, C, S, expect_G, expect_split, allow_split=True):
 
 def dev(a):
     return cuda.to_device(np.asarray(a, order="C"))
+
+
+def permuted(d, axes):
+    """A view of the device array ``d`` with its axes permuted (no copy: Numba's own
+    ``.T`` / ``.transpose`` copy on a real GPU, and refuse more than two dimensions)."""
+    v = _impl._as_view(d)
+    return _impl._strided_view(v, [v.shape[i] for i in axes], [v.strides[i] for i in axes])
 
 
 def host(d):
@@ -179,11 +187,11 @@ def test_softmax_family_float16_and_layouts(monkeypatch):
     np.testing.assert_allclose(host(got).astype(np.float32),
                                fastce.log_softmax(x).astype(np.float32), **HALF_TOL)
     xf = rng.standard_normal((20, 3)).astype(np.float32)
-    d = dev(xf).T
+    d = permuted(dev(xf), (1, 0))
     assert not _impl._is_c_contig(d)
     close(host(fc.softmax(d)), fastce.softmax(xf.T), np.float32)
     x4 = rng.standard_normal((2, 3, 4, 5)).astype(np.float64)
-    d4 = dev(x4).transpose((0, 2, 1, 3))
+    d4 = permuted(dev(x4), (0, 2, 1, 3))
     assert _impl._grouped_view(d4, (0, 1, 2, 4)) is None  # really takes the copy
     close(host(fc.logsumexp(d4, axis=1)), fastce.logsumexp(x4.transpose(0, 2, 1, 3), axis=1),
           np.float64)
@@ -561,10 +569,11 @@ real_gpu = pytest.mark.skipif(SIM, reason="needs a real GPU")
 
 
 @real_gpu
-@pytest.mark.parametrize("shape", [(64, 50000), (4096, 1000), (3, 7), (8, 21, 64, 64)])
+@pytest.mark.parametrize("shape", [(64, 50000), (512, 3000), (4096, 1000), (3, 7),
+                                   (8, 21, 64, 64), (4, 300, 5)])
 def test_default_launch_sizes(monkeypatch, shape):
     """The launch configuration of fastce._config (not the simulator's tiny one), on sizes
-    that take the split, block, warp and thread-per-position paths."""
+    that take the split, block, warp, sub-warp and thread-per-position paths."""
     monkeypatch.undo()
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(shape) * 4).astype(np.float32)
@@ -770,3 +779,25 @@ def test_confident_issue_table(k):
         with mpmath.workdps(50):
             ref = float(mpmath.log1p(mpmath.exp(-40)))
         _note(("issue table logsumexp", "float64"), _rel(lse, ref, np.float64))
+
+
+@real_gpu
+def test_cupy_and_numba_arrays_come_back_as_their_type(monkeypatch):
+    """CuPy arrays in give CuPy arrays out, Numba device arrays give Numba device arrays, on
+    the arrays' own stream, equal to the CPU path (C- and Fortran-ordered inputs, which the
+    launcher types differently)."""
+    monkeypatch.undo()
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 700)).astype(np.float32)
+    t = rng.integers(0, 700, 300)
+    for xin in (x, np.asfortranarray(x)):
+        got = fastce.log_softmax(cupy.asarray(xin))
+        assert isinstance(got, cupy.ndarray)
+        close(cupy.asnumpy(got), fastce.log_softmax(xin), np.float32)
+        loss = fastce.cross_entropy(cupy.asarray(xin), cupy.asarray(t), reduction="none")
+        assert isinstance(loss, cupy.ndarray)
+        close(cupy.asnumpy(loss), fastce.cross_entropy(xin, t, reduction="none"), np.float32)
+        got = fastce.softmax(cuda.to_device(xin))
+        assert getattr(got, "__cuda_ndarray__", False)
+        close(host(got), fastce.softmax(xin), np.float32)

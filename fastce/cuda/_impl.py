@@ -40,22 +40,33 @@ from .._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, PROB_TARGE
 from .kernels.bce import build_bce
 from .kernels.cross_entropy import build_cross_entropy
 from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
+from ._launch import CALL_DEVICE, DeviceView, FastKernel
 from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
 from .kernels.softmax import build_softmax
 
 SIM = bool(config.ENABLE_CUDASIM)
+_copy_kernel = FastKernel(copy_kernel)
+
+
+def kernels(dtype, shuffle=None):
+    """Every kernel of one compute dtype (built once per process and block size; numba
+    compiles each on its first launch with a given signature).  ``shuffle``: the reduction
+    twin (default: warp shuffles, except under the simulator)."""
+    # The block size is part of the key: the float32 kernels are compiled with launch bounds
+    # for it, and a launch with more threads than the bound fails (CUDA_ERROR_INVALID_VALUE).
+    return _kernels(np.dtype(dtype), shuffle, _threads())
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(dtype, shuffle=None):
-    """Every kernel of one compute dtype (built once per process; numba compiles each on its
-    first launch with a given signature).  ``shuffle``: the reduction twin (default: warp
-    shuffles, except under the simulator)."""
-    P = build_primitives(np.dtype(dtype), shuffle)
+def _kernels(dtype, shuffle, threads_per_block):
+    P = build_primitives(dtype, shuffle)
     soft = build_softmax(P)
     ns = SimpleNamespace(P=P)
     for part in (soft, build_cross_entropy(P, soft), build_bce(P), build_reduce(P)):
         ns.__dict__.update(vars(part))
+    for name, value in vars(ns).items():
+        if name.endswith("_kernel"):
+            setattr(ns, name, FastKernel(value))
     return ns
 
 
@@ -82,7 +93,7 @@ def plan(rows, C, S, allow_split=True):
     """
     tpb = _threads()
     small = int(_config.CUDA_SMALL_C)
-    if S >= 32 or (S > 1 and C <= small):
+    if S >= 32 or (S > 1 and C <= int(_config.CUDA_THREAD_ROW_MAX_C)):
         G = 1
     elif C <= small:
         G = min(32, 1 << max(0, int(C - 1).bit_length()))
@@ -112,15 +123,37 @@ def _is_cupy(a):
     return type(a).__module__.split(".")[0] == "cupy"
 
 
-def _as_numba(a):
-    """A Numba device array viewing ``a``'s memory (no copy)."""
-    if getattr(a, "__cuda_ndarray__", False):
+def _as_view(a):
+    """A view of the device array ``a``'s memory (no copy): a :class:`DeviceView` on a GPU,
+    a Numba (simulator) array under the simulator."""
+    if SIM:
+        if getattr(a, "__cuda_ndarray__", False):
+            return a
+        return cuda.as_cuda_array(a, sync=False)
+    if type(a) is DeviceView:
         return a
     if _is_torch(a):
         a = a.detach()  # tensors with requires_grad refuse to export their interface
-    # sync=False: the kernels run on the array's own stream (see Call.stream) instead of the
-    # host waiting for it.
-    return cuda.as_cuda_array(a, sync=False)
+        dtype = _torch_numpy_dtype(a.dtype)
+        if dtype is not None:
+            return DeviceView(a.data_ptr(), tuple(a.shape),
+                              tuple(st * dtype.itemsize for st in a.stride()), dtype, a)
+    if getattr(a, "__cuda_ndarray__", False):
+        return DeviceView(a.device_ctypes_pointer.value, a.shape, a.strides, a.dtype, a)
+    desc = a.__cuda_array_interface__
+    dtype = np.dtype(desc["typestr"])
+    shape = tuple(desc["shape"])
+    strides = desc.get("strides") or _c_strides(shape, dtype.itemsize)
+    return DeviceView(desc["data"][0], shape, strides, dtype, a)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_numpy_dtype(torch_dtype):
+    """The NumPy dtype of a torch dtype, or None for one NumPy lacks (bfloat16...)."""
+    try:
+        return np.dtype(str(torch_dtype).rpartition(".")[2])
+    except TypeError:
+        return None
 
 
 def _strided_view(a, shape, strides):
@@ -133,8 +166,7 @@ def _strided_view(a, shape, strides):
         base = a._ary
         return FakeCUDAArray(np.lib.stride_tricks.as_strided(base, shape, strides),
                              stream=a.stream)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    return DeviceNDArray(shape, strides, a.dtype, stream=a.stream, gpu_data=a.gpu_data)
+    return DeviceView(a.ptr, shape, strides, a.dtype, a.owner)
 
 
 def _c_strides(shape, itemsize):
@@ -205,7 +237,7 @@ class Call:
         self.cupy = _is_cupy(primary)
         self._ctx = contextlib.ExitStack()
         if is_device_array(primary):
-            self.x = _as_numba(primary)
+            self.x = _as_view(primary)
             self.stream = self._stream(primary)
         else:
             # fastce.cuda's functions also take host arrays: copied to the device.
@@ -214,7 +246,13 @@ class Call:
 
     def __enter__(self):
         if self.torch and not SIM:
-            self._ctx.enter_context(cuda.gpus[self.like.device.index or 0])
+            import torch
+            index = self.like.device.index or 0
+            if torch.cuda.current_device() != index:
+                # Kernels are compiled and launched in the tensor's device's context.
+                self._ctx.enter_context(cuda.gpus[index])
+            self._ctx.callback(setattr, CALL_DEVICE, "index", None)
+            CALL_DEVICE.index = index
         return self
 
     def __exit__(self, *exc):
@@ -224,7 +262,7 @@ class Call:
     def _stream(self, a):
         if self.torch:
             import torch
-            return cuda.external_stream(torch.cuda.current_stream(a.device).cuda_stream)
+            return _external_stream(torch.cuda.current_stream(a.device).cuda_stream)
         if getattr(a, "__cuda_ndarray__", False):
             return a.stream
         st = a.__cuda_array_interface__.get("stream")
@@ -234,7 +272,7 @@ class Call:
             return cuda.legacy_default_stream()
         if st == 2:
             return cuda.per_thread_default_stream()
-        return cuda.external_stream(st)
+        return _external_stream(st)
 
     # -- arrays in -----------------------------------------------------------------------------
 
@@ -242,13 +280,16 @@ class Call:
         """(array, is_device): a Numba device view of a device array, else an ndarray (with
         the CPU path's TypeError for what NumPy cannot take)."""
         if is_device_array(a):
-            return _as_numba(a), True
+            return _as_view(a), True
         return _as_array(a, name), False
 
     def to_device(self, a, dtype=None):
         """A device copy of the host array ``a`` (C-contiguous, optionally converted)."""
         a = np.asarray(a, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
-        return cuda.to_device(a, stream=self.stream)
+        if self.torch and not SIM:
+            import torch
+            return _as_view(torch.as_tensor(a, device=self.like.device))
+        return _as_view(cuda.to_device(a, stream=self.stream))
 
     def empty(self, shape, dtype):
         shape = tuple(int(d) for d in shape)
@@ -256,8 +297,8 @@ class Call:
         if self.torch and not SIM:
             import torch
             t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=self.like.device)
-            return cuda.as_cuda_array(t, sync=False)
-        return cuda.device_array(shape, dtype, stream=self.stream)
+            return _as_view(t)
+        return _as_view(cuda.device_array(shape, dtype, stream=self.stream))
 
     def contiguous(self, a, dtype):
         """A new C-contiguous array of ``dtype`` with ``a``'s values (one strided copy)."""
@@ -279,7 +320,7 @@ class Call:
         dst = _strided_view(out, shape6, _c_strides(shape6, out.dtype.itemsize))
         tpb = _threads()
         blocks = min(-(-out.size // tpb), 65535)
-        copy_kernel[blocks, tpb, self.stream](src, dst)
+        _copy_kernel[blocks, tpb, self.stream](src, dst)
         return out
 
     def compute(self, a, dtype):
@@ -319,7 +360,7 @@ class Call:
         """A C-contiguous ``a`` with another shape (a view)."""
         shape = tuple(int(d) for d in shape)
         if a.size == 0:
-            return cuda.device_array(shape, a.dtype, stream=self.stream)
+            return self.empty(shape, a.dtype)
         return _strided_view(a, shape, _c_strides(shape, a.dtype.itemsize))
 
     # -- arrays out ----------------------------------------------------------------------------
@@ -333,13 +374,16 @@ class Call:
             a = self.reshape(self.contiguous(a, dtype), shape)
         if SIM:
             return a
+        owner = a.owner
         if self.torch:
+            if _is_torch(owner) and owner.data_ptr() == a.ptr and owner.numel() == a.size:
+                return owner.view(a.shape)  # a is all of a contiguous tensor we made
             import torch
             return torch.as_tensor(a, device=self.like.device)
         if self.cupy:
             import cupy
             return cupy.asarray(a)
-        return a
+        return cuda.as_cuda_array(a, sync=False)
 
     def read(self, a, index):
         """One element of a device array, on the host (a NumPy scalar)."""
@@ -350,6 +394,11 @@ class Call:
         return h.reshape(-1)[0]
 
     def flag(self, sentinel):
+        """A device error flag holding ``sentinel`` (kernels atomically lower it)."""
+        if self.torch and not SIM:
+            import torch
+            t = torch.full((1,), sentinel, dtype=torch.int64, device=self.like.device)
+            return _as_view(t)
         return self.to_device(np.array([sentinel], np.int64))
 
     def check_values(self, K, a3, values):
@@ -377,10 +426,27 @@ class Call:
 
     def first_error(self, flag, sentinel):
         """The position recorded in a device error flag, or None (waits for the stream)."""
+        if not SIM and _is_torch(flag.owner):
+            first = int(flag.owner.item())  # torch's current stream is the call's stream
+            return None if first >= sentinel else first
         h = flag.copy_to_host(stream=self.stream)
         if self.stream:
             self.stream.synchronize()
         return None if int(h[0]) >= sentinel else int(h[0])
+
+
+_EXTERNAL_STREAMS = {}
+
+
+def _external_stream(handle):
+    """Numba's wrapper of a foreign stream handle, made once per handle (the wrapper holds
+    only the handle; making it costs ~20 us)."""
+    st = _EXTERNAL_STREAMS.get(handle)
+    if st is None:
+        if len(_EXTERNAL_STREAMS) > 256:
+            _EXTERNAL_STREAMS.clear()
+        st = _EXTERNAL_STREAMS[handle] = cuda.external_stream(handle)
+    return st
 
 
 def _is_c_contig(a):
@@ -393,7 +459,7 @@ _EMPTY = {}
 def _empty(dtype, ndim=1):
     key = (np.dtype(dtype), ndim)
     if key not in _EMPTY:
-        _EMPTY[key] = cuda.device_array((0,) * ndim, np.dtype(dtype))
+        _EMPTY[key] = _as_view(cuda.device_array((0,) * ndim, np.dtype(dtype)))
     return _EMPTY[key]
 
 
