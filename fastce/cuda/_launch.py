@@ -178,6 +178,10 @@ class FastKernel:
         self._configs = {}
         self._functions = {}
 
+    def __getattr__(self, name):
+        # Everything else (py_func, targetoptions, overloads...) is the dispatcher's.
+        return getattr(self.dispatcher, name)
+
     def __getitem__(self, launch):
         if SIM:
             return self.dispatcher[launch]
