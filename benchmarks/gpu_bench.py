@@ -5,6 +5,7 @@ Run on a machine with a GPU and a CUDA build of torch::
     python benchmarks/gpu_bench.py               # markdown table on stdout
     python benchmarks/gpu_bench.py --compile     # adds torch.compile (inductor) as a peer
     python benchmarks/gpu_bench.py --json out.json
+    python benchmarks/gpu_bench.py --compile --min-elements 4000000   # the large shapes only
 
 Inputs are torch CUDA tensors, which fastce hands to its CUDA kernels (``fastce.cross_entropy``
 etc. dispatch on ``__cuda_array_interface__``).  Each timing is the median over ``--rounds``
@@ -150,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ops", nargs="*", default=list(SHAPES))
+    ap.add_argument("--min-elements", type=int, default=0,
+                    help="only the shapes with at least this many logits")
     ap.add_argument("--json", help="write the figures to this file too")
     args = ap.parse_args(argv)
 
@@ -165,6 +168,8 @@ def main(argv=None):
     rows = []
     for op in args.ops:
         for n, c in SHAPES[op]:
+            if n * c < args.min_elements:
+                continue
             inputs = make_inputs(op, n, c, gen)
             fns = {"fastce": fastce_callable(op, inputs), "torch": torch_callables(op, inputs)}
             if args.compile:
