@@ -7,7 +7,7 @@ and pos_weight as (1, C) rows or the full (R, C)), and one pass of the elementwi
 ``fastce._cpu.bce`` computes the loss (or its per-chunk partial sums), the gradient when asked,
 and counts invalid targets / probabilities.  Only when it counted some are the data checks run
 to name the first one, in the order the errors have always come (targets first).  CUDA arrays
-go to ``fastce.cuda`` (forward only).
+go to ``fastce.cuda``.
 """
 import numpy as np
 
@@ -16,7 +16,7 @@ from ._arrays import (_as_array, _broadcast_rows, _reduce_loss, _result, is_devi
                       upstream_gradient)
 from ._runtime import _cuda, _import_kernels, _parallel
 from ._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, bce_problem, position,
-                        raise_bad_probability, raise_bad_value, raise_no_cuda_kernel)
+                        raise_bad_probability, raise_bad_value)
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits",
            "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits_with_grad"]
@@ -209,9 +209,6 @@ def binary_cross_entropy_with_grad(input, target, *, weight=None, reduction="mea
     ------
     ValueError
         As :func:`binary_cross_entropy`; a ``grad_output`` of the wrong shape.
-    NotImplementedError
-        For a CUDA input: ``fastce.cuda`` has no fused BCE gradient yet.
-
     Notes
     -----
     One read of input and target, one write of the gradient (and of the loss for 'none'):
@@ -227,7 +224,9 @@ def binary_cross_entropy_with_grad(input, target, *, weight=None, reduction="mea
     (0.2231, array([-0.625,  0.625]))
     """
     if is_device_array(input):
-        raise_no_cuda_kernel("binary_cross_entropy_with_grad")
+        return _cuda().binary_cross_entropy_with_grad(input, target, weight=weight,
+                                                      reduction=reduction,
+                                                      grad_output=grad_output)
     return _bce_run(input, target, weight, None, reduction, grad_output, True, False)
 
 
@@ -258,9 +257,6 @@ def binary_cross_entropy_with_logits_with_grad(input, target, *, weight=None, po
     ------
     ValueError
         As :func:`binary_cross_entropy_with_logits`; a ``grad_output`` of the wrong shape.
-    NotImplementedError
-        For a CUDA input: ``fastce.cuda`` has no fused BCE gradient yet.
-
     Notes
     -----
     One read of input and target, one write of the gradient (and of the loss for 'none').
@@ -276,5 +272,7 @@ def binary_cross_entropy_with_logits_with_grad(input, target, *, weight=None, po
     (0.6931, array([-0.25,  0.25]))
     """
     if is_device_array(input):
-        raise_no_cuda_kernel("binary_cross_entropy_with_logits_with_grad")
+        return _cuda().binary_cross_entropy_with_logits_with_grad(
+            input, target, weight=weight, pos_weight=pos_weight, reduction=reduction,
+            grad_output=grad_output)
     return _bce_run(input, target, weight, pos_weight, reduction, grad_output, True, True)

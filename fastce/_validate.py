@@ -234,12 +234,6 @@ def raise_bad_probability(value, flat_index, shape):
     raise_bad_value("input", "probabilities in [0, 1]", value, flat_index, shape)
 
 
-def raise_no_cuda_kernel(name):
-    """A CPU-only function called with a CUDA array."""
-    raise NotImplementedError(f"fastce.{name} has no CUDA kernel yet: call it with NumPy "
-                              f"arrays, or use fastce.cuda's forward-only functions")
-
-
 # What the data checks accept (the ``what`` of :func:`raise_bad_value`), per argument.
 PROB_TARGET_VALUES = (0.0, np.inf, "class probabilities (finite and >= 0)")
 BCE_TARGET_VALUES = (0.0, 1.0, "values in [0, 1]")    # torch: "between 0 and 1"

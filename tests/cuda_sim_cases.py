@@ -488,6 +488,61 @@ BCE_RUNS = [(d, c, r) for d in DTYPES for c in BCE_CASES for r in ("mean", "sum"
 
 @pytest.mark.parametrize("dtype,case,reduction", BCE_RUNS,
                          ids=[f"{np.dtype(d).name}-{c}-{r}" for d, c, r in BCE_RUNS])
+def test_bce_with_grad(dtype, case, reduction):
+    """The fused loss + gradient kernels against the CPU's fused path and torch's autograd:
+    weights, pos_weight, and the upstream gradient as a host scalar, a device scalar or (for
+    'none') a device array."""
+    shape, wshape, pwshape = BCE_CASES[case]
+    rng = np.random.default_rng(6)
+    p = rng.uniform(0.02, 0.98, shape).astype(dtype)
+    y = rng.random(shape).astype(dtype)
+    x = (rng.standard_normal(shape) * 6).astype(dtype)
+    w = None if wshape is None else (rng.random(wshape) + 0.5).astype(dtype)
+    pw = None if pwshape is None else (rng.random(pwshape) * 3).astype(dtype)
+    go = (rng.standard_normal(shape) if reduction == "none" else np.array(1.7)).astype(dtype)
+    for go_in in (None, go, dev(go)):
+        dw = None if w is None else dev(w)
+        loss, grad = fc.binary_cross_entropy_with_grad(dev(p), dev(y), weight=dw,
+                                                       reduction=reduction, grad_output=go_in)
+        ref_loss, ref_grad = fastce.binary_cross_entropy_with_grad(
+            p, y, weight=w, reduction=reduction, grad_output=None if go_in is None else go)
+        close(host(loss), ref_loss, dtype)
+        close(host(grad), ref_grad, dtype)
+        loss, grad = fc.binary_cross_entropy_with_logits_with_grad(
+            dev(x), dev(y), weight=dw, pos_weight=None if pw is None else dev(pw),
+            reduction=reduction, grad_output=go_in)
+        ref_loss, ref_grad = fastce.binary_cross_entropy_with_logits_with_grad(
+            x, y, weight=w, pos_weight=pw, reduction=reduction,
+            grad_output=None if go_in is None else go)
+        close(host(loss), ref_loss, dtype)
+        close(host(grad), ref_grad, dtype)
+    # torch's autograd, in float64, for the logits form
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    F.binary_cross_entropy_with_logits(
+        xt, torch.tensor(y.astype(np.float64)),
+        weight=None if w is None else torch.tensor(w.astype(np.float64)),
+        pos_weight=None if pw is None else torch.tensor(pw.astype(np.float64)),
+        reduction=reduction).backward(torch.tensor(go.astype(np.float64)))
+    _, grad = fc.binary_cross_entropy_with_logits_with_grad(
+        dev(x), dev(y), weight=None if w is None else dev(w),
+        pos_weight=None if pw is None else dev(pw), reduction=reduction, grad_output=go)
+    close(host(grad), xt.grad.numpy(), dtype)
+
+
+def test_bce_with_grad_errors():
+    """The fused functions raise what the forward ones raise, and check grad_output."""
+    p = np.array([[0.5, 0.5, 2.0]], np.float32)
+    with pytest.raises(ValueError, match=r"input must hold probabilities in \[0, 1\]"):
+        fc.binary_cross_entropy_with_grad(dev(p), dev(np.full_like(p, 0.5)))
+    with pytest.raises(ValueError, match=r"target must hold finite values"):
+        fc.binary_cross_entropy_with_logits_with_grad(dev(p), dev(p * np.float32(np.nan)))
+    with pytest.raises(ValueError, match="grad_output must be a scalar for reduction='mean'"):
+        fc.binary_cross_entropy_with_logits_with_grad(dev(p), dev(p * 0.1),
+                                                      grad_output=np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("dtype,case,reduction", BCE_RUNS,
+                         ids=[f"{np.dtype(d).name}-{c}-{r}" for d, c, r in BCE_RUNS])
 def test_bce(dtype, case, reduction):
     shape, wshape, pwshape = BCE_CASES[case]
     rng = np.random.default_rng(4)

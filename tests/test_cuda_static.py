@@ -62,7 +62,7 @@ def report():
 KERNELS = [f"{dt}/{k}" for dt in ("float32", "float64") for k in (
     "stats_kernel", "softmax_kernel", "softmax_kernel_strided", "prepare_kernel",
     "prepare_kernel_int32", "index_kernel", "prob_kernel", "bce_kernel", "bce_logits_kernel",
-    "sum_kernel", "rowsum_kernel", "bad_value_kernel")] + [
+    "bce_grad_kernel", "bce_logits_grad_kernel", "sum_kernel", "rowsum_kernel", "bad_value_kernel")] + [
     f"copy/copy_{k}" for k in ("f16_to_f32", "f32_to_f16", "f32_to_f32")]
 
 

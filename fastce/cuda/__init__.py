@@ -25,7 +25,9 @@ from .. import _bce, _cross_entropy, _softmax
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
-           "binary_cross_entropy", "binary_cross_entropy_with_logits", "is_available"]
+           "binary_cross_entropy", "binary_cross_entropy_with_logits",
+           "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits_with_grad",
+           "is_available"]
 
 _IMPL = None
 
@@ -135,3 +137,16 @@ def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=N
                                      reduction="mean"):
     return _backend().binary_cross_entropy_with_logits(input, target, weight, pos_weight,
                                                        reduction)
+
+
+@_documented_by(_bce.binary_cross_entropy_with_grad, waits="inputs and targets")
+def binary_cross_entropy_with_grad(input, target, *, weight=None, reduction="mean",
+                                   grad_output=None):
+    return _backend().binary_cross_entropy(input, target, weight, reduction, grad_output, True)
+
+
+@_documented_by(_bce.binary_cross_entropy_with_logits_with_grad, waits="targets")
+def binary_cross_entropy_with_logits_with_grad(input, target, *, weight=None, pos_weight=None,
+                                               reduction="mean", grad_output=None):
+    return _backend().binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                       reduction, grad_output, True)

@@ -659,7 +659,14 @@ def _reduce_elementwise(call, K, out, shape, reduction, in_dtype):
     return call.result(_sum(call, K, out, reduction, None, out.shape[0]), (), in_dtype)
 
 
-def binary_cross_entropy(input, target, weight, reduction):
+def _bce_grad_args(call, grad_output, reduction, shape, n, dt):
+    """(g0, gout, scale, grad) of the fused gradient kernels (see ``bce.upstream``)."""
+    g0, gout = _grad_output(call, grad_output, reduction, shape, dt)
+    scale = dt.type(1.0 / n if (reduction == "mean" and n) else 1.0)
+    return g0, gout, scale, call.empty((n,), dt)
+
+
+def binary_cross_entropy(input, target, weight, reduction, grad_output=None, want_grad=False):
     with Call(input) as call:
         dt, shape, p, y, w = _bce_inputs(call, target, weight, reduction)
         K = kernels(dt)
@@ -668,18 +675,28 @@ def binary_cross_entropy(input, target, weight, reduction):
         y_flag = call.check_values(K, y3, BCE_TARGET_VALUES)
         out = call.empty((n,), dt)
         flag = call.flag(n)
+        if want_grad:
+            g0, gout, scale, grad = _bce_grad_args(call, grad_output, reduction, shape, n, dt)
         if n:
             tpb = _threads()
-            K.bce_kernel[min(-(-n // tpb), 65535), tpb, call.stream](p, y, w, out, flag)
+            blocks = min(-(-n // tpb), 65535)
+            if want_grad:
+                K.bce_grad_kernel[blocks, tpb, call.stream](p, y, w, gout, g0, scale, out,
+                                                            grad, flag)
+            else:
+                K.bce_kernel[blocks, tpb, call.stream](p, y, w, out, flag)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
         call.raise_bad_value(y_flag, y3, shape, "target", BCE_TARGET_VALUES)
         bad = call.first_error(flag, n)
         if bad is not None:
             raise_bad_probability(call.x.dtype.type(call.read(p, (bad,))), bad, shape)
-        return res
+        if not want_grad:
+            return res
+        return res, call.result(grad, shape, call.x.dtype)
 
 
-def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
+                                     grad_output=None, want_grad=False):
     with Call(input) as call:
         dt, shape, x, y, w = _bce_inputs(call, target, weight, reduction)
         K = kernels(dt)
@@ -695,9 +712,18 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
         y3 = call.reshape(y, (1, n, 1))
         y_flag = call.check_values(K, y3, BCE_LOGITS_TARGET_VALUES)
         out = call.empty((n,), dt)
+        if want_grad:
+            g0, gout, scale, grad = _bce_grad_args(call, grad_output, reduction, shape, n, dt)
         if n:
             tpb = _threads()
-            K.bce_logits_kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, out)
+            blocks = min(-(-n // tpb), 65535)
+            if want_grad:
+                K.bce_logits_grad_kernel[blocks, tpb, call.stream](x, y, w, pw, gout, g0, scale,
+                                                                   out, grad)
+            else:
+                K.bce_logits_kernel[blocks, tpb, call.stream](x, y, w, pw, out)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
         call.raise_bad_value(y_flag, y3, shape, "target", BCE_LOGITS_TARGET_VALUES)
-        return res
+        if not want_grad:
+            return res
+        return res, call.result(grad, shape, call.x.dtype)
