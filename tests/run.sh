@@ -12,4 +12,5 @@ PY=${PYTHON:-python3}
 # Compile the common kernel signatures into numba's cache in parallel processes first: the
 # tests then load them instead of compiling each in turn (README "First use").
 .venv/bin/python -m fastce precompile --quiet
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist) for CI's two cores; FASTCE_TEST_WORKERS=0 runs in one process.
+exec .venv/bin/python -m pytest -q -n "${FASTCE_TEST_WORKERS:-2}" "$@"

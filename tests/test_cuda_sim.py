@@ -3,8 +3,9 @@
 * The CUDA kernels run in Numba's CUDA simulator against the CPU kernels and torch:
   ``tests/cuda_sim_cases.py``, in a subprocess, because ``NUMBA_ENABLE_CUDASIM=1`` must be set
   before numba is first imported and this process has imported it already.  A failure shows
-  the subprocess' pytest report.  ``FASTCE_SIM_PYTEST_ARGS`` adds arguments to that run
-  (e.g. ``-k softmax``).
+  the subprocess' pytest report.  The cases are split over four subprocesses (shards) that
+  pytest-xdist's workers share.  ``FASTCE_SIM_PYTEST_ARGS`` adds arguments to that run
+  (e.g. ``-k softmax``) and makes it one.
 * Importing works without CUDA, and a CUDA array on a machine without a GPU, or without
   numba-cuda, gives an error naming the missing piece.
 """
@@ -24,6 +25,9 @@ import fastce.cuda
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAS_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+# The simulator cases run in this many subprocesses (each takes every SHARDS-th case), so that
+# pytest-xdist's workers share them; one when FASTCE_SIM_PYTEST_ARGS selects cases.
+SHARDS = 1 if os.environ.get("FASTCE_SIM_PYTEST_ARGS") else 4
 
 
 def _gpu_present():
@@ -52,8 +56,9 @@ class FakeCudaArray:
                                                "pip install fastce[cuda]")
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="the simulator cases compare with torch")
-def test_cuda_kernels_in_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_cuda_kernels_in_simulator(shard):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", FASTCE_SIM_SHARD=f"{shard}/{SHARDS}")
     cmd = [sys.executable, "-m", "pytest", os.path.join("tests", "cuda_sim_cases.py"), "-q",
            "-p", "no:cacheprovider", "-rfE", "--durations=5"]
     cmd += shlex.split(os.environ.get("FASTCE_SIM_PYTEST_ARGS", ""))
@@ -64,7 +69,7 @@ def test_cuda_kernels_in_simulator():
     passed = re.search(r"(\d+) passed", out)
     # Guard against a run that skipped or deselected everything.
     assert passed and int(passed.group(1)) >= (1 if "FASTCE_SIM_PYTEST_ARGS" in os.environ
-                                               else 150), report
+                                               else 150 // SHARDS), report
     print(out[-3000:])
 
 
