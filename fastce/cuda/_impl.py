@@ -492,7 +492,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         cap, z = large_vocab_options(softcap, z_loss, return_lse, dt)
         K = kernels(dt, softcap=None if cap is None else float(softcap))
         z = dt.type(z)
-        lse = call.empty((N * S,), dt) if return_lse else _empty(dt)
+        lse = call.empty((N * S,), dt) if return_lse else None
+        lse_arg = (lse,) if return_lse else ()
         rows = N * S
         eps = float(label_smoothing)
         keep, eps_c = dt.type(1 - eps), dt.type(eps / C)
@@ -519,7 +520,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
                 K.prob_kernel[blocks, tpb, call.stream](
                     x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G,
-                    z, lse)
+                    z, lse_arg)
             stats, denom, flag = None, rows, None
         else:
             tpb = _threads()
@@ -546,7 +547,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 parts = call.empty((rows, n_split), dt)
                 K.index_kernel[blocks, tpb, call.stream](
                     x3, t2, int(ignore_index), wd, stats, keep, eps_c, mean, g0, gout, grad3,
-                    parts, G, n_split, pm, ps, z, lse)
+                    parts, G, n_split, pm, ps, z, lse_arg)
                 if n_split == 1 or reduction != "none":
                     loss = call.reshape(parts, (rows * n_split,))
                 else:
