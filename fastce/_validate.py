@@ -8,6 +8,7 @@ separate passes over the data before the compute kernel (``fastce._cpu.checks`` 
 what they find through the ``raise_*`` functions here, so the messages are the same.
 """
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -386,30 +387,36 @@ def linear_cross_entropy_problem(hidden_shape, hidden_dtype, weight_shape, weigh
     return N, H, V, dtype
 
 
-def large_vocab_options(softcap, z_loss, return_lse, dtype):
-    """The large-vocabulary options of cross-entropy checked: ``(cap, z_loss)`` with ``cap``
-    None or the pair ``(softcap, 1 / softcap)`` in the compute ``dtype`` (what the kernels
-    take), ``z_loss`` a float."""
+def check_large_vocab(softcap, z_loss, return_lse):
+    """The large-vocabulary options of cross-entropy checked, dtype-free and in plain Python
+    (``fastce.torch`` calls it where torch.compile traces): ``(softcap, z_loss)`` as floats
+    (``softcap`` None when off)."""
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    try:
-        z = float(z_loss)
-        ok = math.isfinite(z) and z >= 0 and not isinstance(z_loss, (bool, np.bool_))
-    except (TypeError, ValueError):
-        raise TypeError(f"z_loss must be a finite float >= 0, got {z_loss!r}") from None
-    if not ok:
+    if not isinstance(z_loss, numbers.Real) or isinstance(z_loss, (bool, np.bool_)):
+        raise TypeError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    z = float(z_loss)
+    if not (math.isfinite(z) and z >= 0):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is None:
         return None, z
-    try:
-        c = float(softcap)
-    except (TypeError, ValueError):
-        raise TypeError(f"softcap must be None or a float > 0, got {softcap!r}") from None
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, (bool, np.bool_)):
+        raise TypeError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    c = float(softcap)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    return c, z
+
+
+def large_vocab_options(softcap, z_loss, return_lse, dtype):
+    """:func:`check_large_vocab`, then ``(cap, z_loss)`` as the kernels take them: ``cap``
+    None or the pair ``(softcap, 1 / softcap)`` in the compute ``dtype``."""
+    c, z = check_large_vocab(softcap, z_loss, return_lse)
+    if c is None:
+        return None, z
+    fin = np.finfo(dtype)
+    if not (c <= fin.max and 1.0 / c <= fin.max):
+        raise ValueError(f"softcap must be a finite float > 0 whose inverse is finite too in "
+                         f"{np.dtype(dtype).name}, got {softcap!r}")
     t = np.dtype(dtype).type
-    with np.errstate(over="ignore", divide="ignore"):
-        pair = (t(c), t(1.0 / c) if c > 0 else t(0))
-    if isinstance(softcap, (bool, np.bool_)) or not (math.isfinite(c) and c > 0) \
-            or not (np.isfinite(pair[0]) and pair[1] > 0):
-        raise ValueError(f"softcap must be None or a finite float > 0 (and its inverse "
-                         f"representable in {np.dtype(dtype).name}), got {softcap!r}")
-    return pair, z
+    return (t(c), t(1.0 / c)), z

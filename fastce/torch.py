@@ -32,7 +32,7 @@ from torch import Tensor
 
 import fastce as _fc
 from . import linear as _linear
-from ._validate import check_reduction, large_vocab_options
+from ._validate import check_large_vocab, check_reduction
 
 __all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy",
            "binary_cross_entropy_with_logits", "log_softmax", "softmax", "logsumexp",
@@ -256,9 +256,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _refuse_grad("cross_entropy", target=target, weight=weight)
-    cap, z = large_vocab_options(softcap, z_loss, return_lse, np.float64)
+    cap, z = check_large_vocab(softcap, z_loss, return_lse)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
-            None if cap is None else float(softcap), z)
+            cap, z)
     if return_lse:
         return _cross_entropy_lse_op(*args)
     return _cross_entropy_op(*args)
@@ -802,9 +802,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     """
     check_reduction(reduction)
     _refuse_grad("linear_cross_entropy", target=target)
-    cap, z = large_vocab_options(softcap, z_loss, False, np.float64)
-    opts = (int(ignore_index), reduction, float(label_smoothing),
-            None if cap is None else float(softcap), z)
+    cap, z = check_large_vocab(softcap, z_loss, False)
+    opts = (int(ignore_index), reduction, float(label_smoothing), cap, z)
     wants_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if wants_grad and reduction != "none":
@@ -825,7 +824,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                  reduction="mean", label_smoothing=0.0, *, softcap=None, z_loss=0.0):
         super().__init__(weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing)
-        large_vocab_options(softcap, z_loss, False, np.float64)
+        check_large_vocab(softcap, z_loss, False)
         self.softcap = softcap
         self.z_loss = z_loss
 
