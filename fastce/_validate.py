@@ -414,8 +414,8 @@ def large_vocab_options(softcap, z_loss, return_lse, dtype):
     c, z = check_large_vocab(softcap, z_loss, return_lse)
     if c is None:
         return None, z
-    fin = np.finfo(dtype)
-    if not (c <= fin.max and 1.0 / c <= fin.max):
+    big = float(np.finfo(dtype).max)
+    if not (c <= big and 1.0 / c <= big):
         raise ValueError(f"softcap must be a finite float > 0 whose inverse is finite too in "
                          f"{np.dtype(dtype).name}, got {softcap!r}")
     t = np.dtype(dtype).type
