@@ -124,7 +124,7 @@ def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad
     across rows instead of paying each row's fixed cost, at the price of an N x C copy."""
     N, C, dt = prob.N, prob.C, prob.dtype
     cap, z, lse = lv
-    lse = lse.reshape(1, N) if lse.size else _EMPTY_2D[dt]
+    lse = None if lse is None else lse.reshape(1, N)
     xT = np.ascontiguousarray(x3.reshape(N, C).T).reshape(1, C, N)
     gT = np.empty((1, C, N), dt) if grad is not None else _EMPTY_3D[dt]
     loss = np.empty((1, N), dt)
@@ -146,7 +146,7 @@ def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, 
     into chunks run on different threads."""
     N, C, dt = prob.N, prob.C, prob.dtype
     cap, z, lse = lv
-    lse = lse.reshape(N) if lse.size else EMPTY[dt]
+    lse = None if lse is None else lse.reshape(N)
     x2 = x3.reshape(N, C)
     g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
     if prob.probs:
@@ -171,7 +171,7 @@ def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, pa
     """(N, C, S): the class axis strided, the kernels vectorized across positions."""
     N, S, dt = prob.N, prob.S, prob.dtype
     cap, z, lse = lv
-    lse = lse.reshape(N, S) if lse.size else _EMPTY_2D[dt]
+    lse = None if lse is None else lse.reshape(N, S)
     g3 = grad if grad is not None else _EMPTY_3D[dt]
     loss = np.empty((N, S), dt)
     if prob.probs:
@@ -201,8 +201,9 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         _check_grad_input(grad_input, logits, target, weight, grad_output)
     N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
     cap, z = large_vocab_options(softcap, z_loss, return_lse, dt)
-    # Every sample's lse when asked for (the kernels write it, ignored ones included).
-    lse = np.empty(N * S, dt) if return_lse else EMPTY[dt]
+    # Every sample's lse when asked for (the kernels write it, ignored ones included).  The
+    # options not used are None: the kernels are then compiled without them.
+    lse = np.empty(N * S, dt) if return_lse else None
     x3 = np.ascontiguousarray(logits, dtype=dt).reshape(N, C, S)
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
     w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
@@ -218,7 +219,7 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         grad = grad_input.reshape(N, C, S) if direct else np.empty((N, C, S), dt)
     launch = _choose_layout(prob)
     loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
-                  _parallel(x3.size), (cap, dt.type(z), lse))
+                  _parallel(x3.size), (cap, dt.type(z) if z else None, lse))
     out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
     lse_out = (_result(lse.reshape(prob.loss_shape), logits.dtype),) if return_lse else ()
     if not want_grad:

@@ -69,9 +69,13 @@ def _reference(x, t, kw, go):
     return loss.detach().numpy(), xt.grad.numpy(), lse.detach().numpy()
 
 
+# float64 takes the options all on (each combination of options given or None is a kernel
+# specialization to compile: the module's run time is mostly compilation).
 CASES = [(d, lay, opt, probs) for d in (np.float32, np.float64) for lay in LAYOUTS
          for opt in OPTIONS for probs in (False, True)
-         if not (probs and opt in ("z", "cap_z_weight_ignore"))]   # (nothing to ignore)
+         if not (probs and opt in ("z", "cap_z_weight_ignore"))     # (nothing to ignore)
+         and (d == np.float32 or (opt in ("cap_z_smooth_none", "cap_z_weight_smooth_sum")
+                                  and lay in ("rows", "kdim")))]
 
 
 @pytest.mark.parametrize("dtype,layout,option,probs", CASES,
@@ -90,7 +94,8 @@ def test_matches_torch_reference(dtype, layout, option, probs):
     f_loss, f_lse = fastce.cross_entropy(x, t, return_lse=True, **kw)
     np.testing.assert_allclose(f_loss, loss, rtol=1e-6 if dtype == np.float32 else 1e-14)
     np.testing.assert_array_equal(f_lse, lse)
-    np.testing.assert_array_equal(fastce.cross_entropy(x, t, **kw), f_loss)
+    if dtype == np.float32 and option == "cap_z_smooth_none":   # (the kernels without lse)
+        np.testing.assert_array_equal(fastce.cross_entropy(x, t, **kw), f_loss)
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0])

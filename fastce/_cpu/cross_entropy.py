@@ -17,15 +17,18 @@ With the large-vocabulary options, every logit is first soft-capped, ``y = cap t
 cap)`` (``cap`` None: the kernels compile without it, see ``primitives.softcap``), the
 statistics above are the capped row's, and a non-ignored row's loss gets ``z_loss * lse**2``
 (unweighted; its gradient ``2 z_loss lse p_c`` joins A); every gradient element is then
-multiplied by ``dy/dx = 1 - (y / cap)**2``.  ``lse_out`` (empty: not wanted) receives each
-row's lse, ignored rows included.
+multiplied by ``dy/dx = 1 - (y / cap)**2``.  ``lse_out`` receives each row's lse, ignored
+rows included.  ``z_loss`` and ``lse_out`` are None when not used: like ``cap``, numba then
+compiles the kernels without them (``if arg is None`` on an argument is decided at compile
+time), so the default path runs the code it ran before the options existed.
 
 Rows are unnormalized here; ``fastce._cross_entropy`` applies the reduction.  Gradient rows are written
 right after the row's statistics, while the row is still in L2: one read of the logits from
 memory and one write.  Targets arrive validated (in range or ``ignore_index``).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .._config import FASTMATH
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
@@ -70,11 +73,17 @@ def _target_grad(rest, g, keep_wt, eps_c, w_total, w_t, zz):
             + (g * zz) * p_t)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy")
 def _z_grad(z_loss, a, L):
-    """``2 z_loss lse``, the z-loss's share of a row's softmax coefficient; exactly 0 without
-    z-loss (also for a row whose lse is not finite)."""
-    return np.float32(2) * z_loss * (a + L) if z_loss != 0 else z_loss
+    """``2 z_loss lse`` (``lse = a + L``), the z-loss's share of a row's softmax coefficient;
+    0 without z-loss (``z_loss`` None).  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.cross_entropy._z_grad is for jitted code")
+
+
+@overload(_z_grad, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _z_grad_impl(z_loss, a, L):
+    if z_loss is None or isinstance(z_loss, (types.NoneType, types.Omitted)):
+        return lambda z_loss, a, L: np.float32(0)
+    return lambda z_loss, a, L: np.float32(2) * z_loss * (a + L)
 
 
 def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
@@ -86,7 +95,6 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
     N, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
-    want_lse = lse_out.shape[0] > 0
     one = x.dtype.type(1)
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
@@ -106,20 +114,22 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                 grow = grad[i, lo:hi]
                 for c in range(grow.shape[0]):
                     grow[c] = 0
-            if want_lse and k == 0:
-                if n_chunks == 1:
-                    m, s = row_max_sumexp(x[i], cap)
-                else:
-                    m, s = stat_m[i], stat_s[i]
-                lse_out[i] = lse_from_max_sumexp(m, s)
+            if lse_out is not None:
+                if k == 0:
+                    if n_chunks == 1:
+                        m, s = row_max_sumexp(x[i], cap)
+                    else:
+                        m, s = stat_m[i], stat_s[i]
+                    lse_out[i] = lse_from_max_sumexp(m, s)
             continue
         if n_chunks == 1:
             m, s = row_max_sumexp(x[i], cap)
         else:
             m, s = stat_m[i], stat_s[i]
         a, L = shift_log_sum(m, s)
-        if want_lse and k == 0:
-            lse_out[i] = a + L
+        if lse_out is not None:
+            if k == 0:
+                lse_out[i] = a + L
         w_t = weight[t] if has_w else one
         part = zero
         # The target's share (loss and gradient) belongs to the chunk that holds it.
@@ -136,7 +146,7 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                 part = keep * w_t * nll
             else:
                 part = x.dtype.type(np.inf)
-            if z_loss != 0:
+            if z_loss is not None:
                 part += z_loss * (a + L) * (a + L)
         if eps > 0:
             acc = zero
@@ -175,13 +185,12 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
 
 def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
                       cap, z_loss, lse_out):
-    """(N, C, S) layout; ``target``, ``loss`` and ``lse_out`` (unless empty) are (N, S),
+    """(N, C, S) layout; ``target``, ``loss`` and ``lse_out`` (unless None) are (N, S),
     ``gscale`` (N*S,) or (1,)."""
     wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
-    want_lse = lse_out.shape[0] > 0
     one = x.dtype.type(1)
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
@@ -194,7 +203,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
         tn = target[n, s0:s1]
         for j in range(B):
             m[j], lse[j] = shift_log_sum(m[j], s[j])  # lse[j] holds L: lse = m + L
-        if want_lse:
+        if lse_out is not None:
             for j in range(B):
                 lse_out[n, s0 + j] = m[j] + lse[j]
         if eps > 0:
@@ -239,14 +248,15 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     t = tn[j]
                     w_t = weight[t] if has_w else one
                     loss[n, s0 + j] = keep * w_t * x.dtype.type(log1p(rest[j])) + eps_c * acc[j]
-        if z_loss != 0:
+        if z_loss is not None:
             for j in range(B):
                 if tn[j] != ignore_index:
                     loss[n, s0 + j] += z_loss * (m[j] + lse[j]) * (m[j] + lse[j])
         if want_grad:
             # Per position: zz <- 2 z_loss lse, acc <- g*A and lse <- g*eps/C (both 0 where
             # ignored), s <- 1/s.
-            zz = np.zeros(B if z_loss != 0 else 0, dtype=x.dtype)
+            if z_loss is not None:
+                zz = np.zeros(B, dtype=x.dtype)
             for j in range(B):
                 t = tn[j]
                 g = _upstream(gscale, n * S + s0 + j)
@@ -256,7 +266,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 else:
                     w_t = weight[t] if has_w else one
                     zj = zero
-                    if z_loss != 0:
+                    if z_loss is not None:
                         zj = _z_grad(z_loss, m[j], lse[j])
                         zz[j] = zj
                     acc[j] = g * (keep * w_t + eps_c * w_total + zj)
@@ -282,7 +292,9 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     g = _upstream(gscale, n * S + s0 + j)
                     yt = softcap(x[n, t, s0 + j], cap)
                     if n_conf > 0 and rest[j] >= 0:
-                        zj = zz[j] if z_loss != 0 else zero
+                        zj = zero
+                        if z_loss is not None:
+                            zj = zz[j]
                         grad[n, t, s0 + j] = softcap_grad(
                             _target_grad(rest[j], g, keep * w_t, eps_c, w_total, w_t, zj),
                             yt, cap)
@@ -298,7 +310,6 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_o
     N, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
-    want_lse = lse_out.shape[0] > 0
     one = x.dtype.type(1)
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
@@ -308,7 +319,7 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_o
         trow = target[i]
         m, s = row_max_sumexp(row, cap)
         a, L = shift_log_sum(m, s)
-        if want_lse:
+        if lse_out is not None:
             lse_out[i] = a + L
         acc_wt = zero
         acc = zero
@@ -316,7 +327,7 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_o
             wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
             acc_wt += wt
             acc += wt * lse_minus(a, L, softcap(row[c], cap)) if wt != 0 else zero
-        if z_loss != 0:
+        if z_loss is not None:
             acc += z_loss * (a + L) * (a + L)
         loss[i] = acc
         if want_grad:
@@ -332,13 +343,12 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_o
 
 
 def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
-    """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` and ``lse_out`` (unless empty)
+    """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` and ``lse_out`` (unless None)
     are (N, S)."""
     wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
-    want_lse = lse_out.shape[0] > 0
     one = x.dtype.type(1)
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
@@ -351,7 +361,7 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, ls
         L = np.empty(B, dtype=x.dtype)
         for j in range(B):
             m[j], L[j] = shift_log_sum(m[j], s[j])
-        if want_lse:
+        if lse_out is not None:
             for j in range(B):
                 lse_out[n, s0 + j] = m[j] + L[j]
         for c in range(C):
@@ -363,8 +373,10 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, ls
                 acc_wt[j] += wt
                 acc[j] += wt * lse_minus(m[j], L[j], softcap(xc[j], cap)) if wt != 0 else zero
         for j in range(B):
-            zl = z_loss * (m[j] + L[j]) * (m[j] + L[j]) if z_loss != 0 else zero
-            loss[n, s0 + j] = acc[j] + zl
+            loss[n, s0 + j] = acc[j]
+        if z_loss is not None:
+            for j in range(B):
+                loss[n, s0 + j] += z_loss * (m[j] + L[j]) * (m[j] + L[j])
         if want_grad:
             for j in range(B):
                 g = _upstream(gscale, n * S + s0 + j)
@@ -415,8 +427,7 @@ def ce_index_small(x, target, ignore_index, mean, grad):
     gscale[0] = (1.0 / denom if denom > 0 else 0.0) if mean else 1.0
     part = np.empty((N, 1), dtype=x.dtype)
     _ce_index_rows_inlined(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale,
-                           grad, part, 1, no_weight, no_weight, None, x.dtype.type(0),
-                           no_weight)
+                           grad, part, 1, no_weight, no_weight, None, None, None)
     total = x.dtype.type(0)
     for i in range(N):          # not part.sum(): two more functions to compile
         total += part[i, 0]
