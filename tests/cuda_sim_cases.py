@@ -781,9 +781,12 @@ LV_OPTIONS = {
     "z_smooth_ignore_none": ("smooth_ignore_none", None, 0.1),
     "cap_smooth_weight_sum": ("smooth_weight_sum", 3.0, 0.0),
 }
-LV_CASES = [(np.float32, p, o) for p in ("1d", "subwarp", "block", "split", "kdim_thread",
-                                           "kdim_block") for o in LV_OPTIONS] + \
-    [(np.float64, p, "cap_z_weight_ignore_mean") for p in ("block", "split", "kdim_thread")]
+# (The simulator runs a thread per GPU thread: the block-wide layouts take two option sets.)
+LV_CASES = [(np.float32, p, o) for p in ("1d", "subwarp", "block", "kdim_thread")
+            for o in LV_OPTIONS] + \
+    [(np.float32, "split", o) for o in ("cap_z_weight_ignore_mean", "cap_smooth_weight_sum")] + \
+    [(np.float32, "kdim_block", o) for o in ("cap_z_weight_ignore_mean", "z_smooth_ignore_none")] + \
+    [(np.float64, p, "cap_z_weight_ignore_mean") for p in ("block", "kdim_thread")]
 
 
 def _lv_reference(x, t, w, kw, go, softcap, z_loss):
