@@ -118,8 +118,8 @@ def main(argv=None):
             f()
             times[k].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"({args.batch}, {args.classes}) float32, median of {args.rounds} interleaved rounds, ms;"
-          f" ratio = options on / off for the same implementation")
+    print(f"({args.batch}, {args.classes}) float32, median of {args.rounds} interleaved "
+          f"rounds, ms; ratio = options on / off for the same implementation")
     print(f"{'implementation':<14} {'what':<13} " + " ".join(f"{o:>16}" for o in OPTIONS))
     for impl in ("fastce", "fastce.torch", "torch"):
         for what in ("forward", "forward+grad"):

@@ -785,7 +785,8 @@ LV_OPTIONS = {
 LV_CASES = [(np.float32, p, o) for p in ("1d", "subwarp", "block", "kdim_thread")
             for o in LV_OPTIONS] + \
     [(np.float32, "split", o) for o in ("cap_z_weight_ignore_mean", "cap_smooth_weight_sum")] + \
-    [(np.float32, "kdim_block", o) for o in ("cap_z_weight_ignore_mean", "z_smooth_ignore_none")] + \
+    [(np.float32, "kdim_block", o)
+     for o in ("cap_z_weight_ignore_mean", "z_smooth_ignore_none")] + \
     [(np.float64, p, "cap_z_weight_ignore_mean") for p in ("block", "kdim_thread")]
 
 
