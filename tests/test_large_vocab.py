@@ -297,3 +297,18 @@ def test_torch_compile_no_graph_break():
         return loss + lse.sum()
 
     assert torch._dynamo.explain(f)(x).graph_break_count == 0
+
+
+def test_special_values_with_softcap():
+    """-inf logits are capped to -softcap (masked classes become finite, as in the torch
+    formulation), +inf to +softcap, NaN stays NaN; values, lse and gradients match."""
+    x = np.array([[0.0, -np.inf, 1, 2], [np.inf, 0, 1, 2], [np.nan, 0, 1, 2], [-np.inf] * 4],
+                 np.float32)
+    t = np.array([1, 0, 2, 3])
+    kw = dict(weight=None, reduction="none", label_smoothing=0.0, softcap=5.0, z_loss=0.1)
+    loss, grad, lse = fastce.cross_entropy_with_grad(x, t, return_lse=True, **kw)
+    r_loss, r_grad, r_lse = _reference(x, t, kw, None)
+    np.testing.assert_allclose(loss, r_loss, **TOL[np.float32])   # NaN where NaN
+    np.testing.assert_allclose(lse, r_lse, **TOL[np.float32])
+    np.testing.assert_allclose(grad, r_grad, **TOL[np.float32])
+    assert np.isfinite(loss[[0, 1, 3]]).all() and np.isnan(grad[2]).all()
