@@ -441,15 +441,18 @@ def _make_tanh(dtype, c, lo, hi):
         q = c[deg - 1]
         for k in range(deg - 2, -1, -1):
             q = q * r + c[k]
-        t = _scale_by_pow2(r * q, n) + (_scale_by_pow2(one, n) - one)
+        # One-step scaling: n >= the dtype's lowest normal exponent - 1 here, where 2^n
+        # comes out as exactly 0 (then t = -1, as the true value rounds to).
+        t = _scale_by_pow2_normal(r * q, n) + (_scale_by_pow2_normal(one, n) - one)
         th = zero - t / (t + two)       # (tanh(+0) = +0, not -t/(t + 2) = -0)
         return th if x >= 0 else -th
 
     return _tanh
 
 
-_tanh_f32 = _make_tanh(np.float32, _F32["c"], _F32["lo"], _F32["hi"])
-_tanh_f64 = _make_tanh(np.float64, _F64["c"], _F64["lo"], _F64["hi"])
+# Clamped at lo_term (e^-88 and below: tanh of half of it is 1 in float32 either way).
+_tanh_f32 = _make_tanh(np.float32, _F32["c"], _F32["lo_term"], _F32["hi"])
+_tanh_f64 = _make_tanh(np.float64, _F64["c"], _F64["lo_term"], _F64["hi"])
 
 
 def tanh(x):
