@@ -493,7 +493,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         K = kernels(dt, softcap=None if cap is None else float(softcap))
         z = dt.type(z)
         lse = call.empty((N * S,), dt) if return_lse else None
-        lse_arg = (lse,) if return_lse else ()
+        lse_arg = lse if return_lse else _empty(dt, 2)   # (its rank decides, compile-time)
         rows = N * S
         eps = float(label_smoothing)
         keep, eps_c = dt.type(1 - eps), dt.type(eps / C)

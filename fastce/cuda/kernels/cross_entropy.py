@@ -18,9 +18,9 @@ The large-vocabulary options are the CPU kernels' too: logits soft-capped on loa
 ``P.cap_value``; the cap is a compile-time constant of the primitives ``P``, identity without
 it), every gradient element times the cap's derivative (``P.cap_grad``), ``z_loss * lse**2``
 added to a non-ignored row's loss with ``2 z_loss lse`` joining the softmax coefficient, and
-each row's lse written to ``lse_out[0]`` when ``lse_out`` is the 1-tuple ``(lse,)``, not
-the empty tuple (ignored rows included).  The tuple's length is a compile-time constant:
-numba prunes the branch, so kernels that return no lse hold no trace of it.
+each row's lse written to ``lse_out`` when that is 1-D (ignored rows included); without
+lse it is a 2-D placeholder.  An array's rank is a compile-time constant: numba prunes the
+branch, so the kernels that return no lse hold no trace of it.
 
 Class-index targets are checked by :func:`prepare_kernel` on the device: an index outside
 [0, C) that is not ``ignore_index`` lowers an error flag to its flat position (the host turns
@@ -218,11 +218,11 @@ def build_cross_entropy(P, soft):
                      grad, loss_part, G, n_split, part_m, part_s, z_loss, lse_out):
         """Class-index targets.  ``stats`` = [denominator, sum of weights] (device);
         ``keep = 1 - eps``, ``eps_c = eps / C``; ``grad`` is (N, C, S), or (0, 0, 0) for the
-        forward only; ``loss_part`` is (N * S, n_split); ``lse_out`` () or ((N * S,),)."""
+        forward only; ``loss_part`` is (N * S, n_split); ``lse_out`` (N * S,) or 2-D (none)."""
         N, C, S = x.shape
         has_w = weight.shape[0] > 0
         want_grad = grad.shape[0] > 0
-        want_lse = len(lse_out) == 1
+        want_lse = lse_out.ndim == 1
         smooth = eps_c > ZERO
         valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
         t = int64(0)
@@ -236,9 +236,9 @@ def build_cross_entropy(P, soft):
         m, acc = unit_stats(x, G, n_split, part_m, part_s, read, lane, r, n, s, lo,
                             hi if read else lo)
         m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
-        if len(lse_out) == 1:
+        if lse_out.ndim == 1:
             if valid and lane == 0 and k == 0:
-                lse_out[0][r] = m + L
+                lse_out[r] = m + L
         w_t = weight[t] if (has_w and active) else ONE
         # The target's share (loss and gradient) belongs to the chunk that holds it.
         holds_t = active and t >= lo and t < hi
@@ -424,9 +424,9 @@ def build_cross_entropy(P, soft):
         m, acc = allreduce_max_sumexp(m, acc, G)
         tw, _ = allreduce_sum2(tw, ZERO, G)
         m, L = shift_log_sum(m, acc)
-        if len(lse_out) == 1:
+        if lse_out.ndim == 1:
             if valid and lane == 0:
-                lse_out[0][r] = m + L
+                lse_out[r] = m + L
         # Pass 2: the loss terms and the gradient.
         g = upstream(gout, g0, r, mean, denom)
         zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO

@@ -25,7 +25,7 @@ def launch_signatures(K, dt):
     I1 = types.Array(i64, 1, "C")
     T2 = types.Array(i64, 2, "A")
     T2i32 = types.Array(types.int32, 2, "A")
-    NO_LSE = types.Tuple(())  # the cross-entropy kernels' lse_out when no lse is returned
+    NO_LSE = A2  # the cross-entropy kernels' lse_out placeholder when no lse is returned
     return {
         "stats_kernel": (K.stats_kernel, (A3, i64, i64, A1, A1)),
         "softmax_kernel": (K.softmax_kernel, (A3, A3, i64, i64, i64, A1, A1)),
