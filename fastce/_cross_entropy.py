@@ -14,7 +14,8 @@ from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_
 from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
                        _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
-                        position, raise_bad_class_index, raise_bad_value, result_dtype)
+                        large_vocab_options, position, raise_bad_class_index, raise_bad_value,
+                        result_dtype)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -118,58 +119,68 @@ def _check_targets(target, prob, ignore_index, w):
     return t_flat, denom
 
 
-def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
     """(N, C) with a few classes and many rows, run as the K-dim layout (1, C, N): vectorized
     across rows instead of paying each row's fixed cost, at the price of an N x C copy."""
     N, C, dt = prob.N, prob.C, prob.dtype
+    cap, z, lse = lv
+    lse = None if lse is None else lse.reshape(1, N)
     xT = np.ascontiguousarray(x3.reshape(N, C).T).reshape(1, C, N)
     gT = np.empty((1, C, N), dt) if grad is not None else _EMPTY_3D[dt]
     loss = np.empty((1, N), dt)
     if prob.probs:
         tT = np.ascontiguousarray(t.reshape(N, C).T).reshape(1, C, N)
         (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
-            xT, tT, w, eps, gscale, gT, loss)
+            xT, tT, w, eps, gscale, gT, loss, cap, z, lse)
     else:
         (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
-            xT, t.reshape(1, N), ignore_index, w, dt.type(w_total), eps, gscale, gT, loss)
+            xT, t.reshape(1, N), ignore_index, w, dt.type(w_total), eps, gscale, gT, loss,
+            cap, z, lse)
     if grad is not None:
         grad.reshape(N, C)[...] = gT.reshape(C, N).T
     return loss
 
 
-def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
-    """(N, C) rows; with few, long rows (class-index targets) each row is cut into chunks run
-    on different threads."""
+def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
+    """(N, C) rows; with few, long rows (class-index targets, no softcap) each row is cut
+    into chunks run on different threads."""
     N, C, dt = prob.N, prob.C, prob.dtype
+    cap, z, lse = lv
+    lse = None if lse is None else lse.reshape(N)
     x2 = x3.reshape(N, C)
     g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
     if prob.probs:
         loss = np.empty(N, dt)
         (_ce.ce_prob_rows if par else _ce.ce_prob_rows_serial)(
-            x2, t.reshape(N, C), w, eps, gscale, g2, loss)
+            x2, t.reshape(N, C), w, eps, gscale, g2, loss, cap, z, lse)
         return loss
-    n_chunks = _row_chunks(N, C) if par else 1
+    # (The split statistics are of the raw logits: capped rows are not split.)
+    n_chunks = _row_chunks(N, C) if par and cap is None else 1
     m, s = _split_stats(x2, n_chunks)
     part = np.empty((N, n_chunks), dt)
     # With split statistics the forward has little left to do: the serial twin saves a
     # second thread-pool wake-up.
     rows_par = par and (grad is not None or n_chunks == 1 or eps > 0)
     (_ce.ce_index_rows if rows_par else _ce.ce_index_rows_serial)(
-        x2, t, ignore_index, w, dt.type(w_total), eps, gscale, g2, part, n_chunks, m, s)
+        x2, t, ignore_index, w, dt.type(w_total), eps, gscale, g2, part, n_chunks, m, s,
+        cap, z, lse)
     return part[:, 0] if n_chunks == 1 else part.sum(axis=1)
 
 
-def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
     """(N, C, S): the class axis strided, the kernels vectorized across positions."""
     N, S, dt = prob.N, prob.S, prob.dtype
+    cap, z, lse = lv
+    lse = None if lse is None else lse.reshape(N, S)
     g3 = grad if grad is not None else _EMPTY_3D[dt]
     loss = np.empty((N, S), dt)
     if prob.probs:
         (_ce.ce_prob_spatial if par else _ce.ce_prob_spatial_serial)(
-            x3, t, w, eps, gscale, g3, loss)
+            x3, t, w, eps, gscale, g3, loss, cap, z, lse)
     else:
         (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
-            x3, t.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3, loss)
+            x3, t.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3, loss,
+            cap, z, lse)
     return loss
 
 
@@ -182,13 +193,17 @@ def _choose_layout(prob):
 
 
 def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, grad_output,
-            want_grad, grad_input=None):
+            want_grad, grad_input=None, softcap=None, z_loss=0.0, return_lse=False):
     """The general path: every option, layout and dtype."""
     logits, target, weight, prob = _validate_call(logits, target, weight, ignore_index,
                                                   reduction, label_smoothing)
     if grad_input is not None:
         _check_grad_input(grad_input, logits, target, weight, grad_output)
     N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
+    cap, z = large_vocab_options(softcap, z_loss, return_lse, dt)
+    # Every sample's lse when asked for (the kernels write it, ignored ones included).  The
+    # options not used are None: the kernels are then compiled without them.
+    lse = np.empty(N * S, dt) if return_lse else None
     x3 = np.ascontiguousarray(logits, dtype=dt).reshape(N, C, S)
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
     w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
@@ -204,13 +219,14 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         grad = grad_input.reshape(N, C, S) if direct else np.empty((N, C, S), dt)
     launch = _choose_layout(prob)
     loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
-                  _parallel(x3.size))
+                  _parallel(x3.size), (cap, dt.type(z) if z else None, lse))
     out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
+    lse_out = (_result(lse.reshape(prob.loss_shape), logits.dtype),) if return_lse else ()
     if not want_grad:
-        return out
+        return (out,) + lse_out if return_lse else out
     if grad_input is not None:
-        return out, _into(grad_input, grad.reshape(logits.shape), direct)
-    return out, _result(grad.reshape(logits.shape), logits.dtype)
+        return (out, _into(grad_input, grad.reshape(logits.shape), direct)) + lse_out
+    return (out, _result(grad.reshape(logits.shape), logits.dtype)) + lse_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +234,7 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0):
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, return_lse=False):
     """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
     Parameters
@@ -239,12 +255,26 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         ``weight``); with probability targets by the number of loss elements.
     label_smoothing : float, optional
         In [0, 1]: the target is mixed with the uniform distribution, exactly as torch does.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2): every logit ``x`` is replaced by ``softcap *
+        tanh(x / softcap)`` before anything else, in the same pass.  A finite float > 0;
+        None (default) for none.
+    z_loss : float, optional
+        PaLM's auxiliary z-loss (Liger-Kernel's ``lse_square_scale``): ``z_loss * lse**2``,
+        with ``lse`` the log-sum-exp of the (capped) logits, is added to the loss of every
+        sample that is not ignored, before the reduction.  It is not multiplied by the class
+        weight, and 'mean' divides it by the same denominator as the rest.  Default 0.
+    return_lse : bool, optional
+        Also return each sample's lse (of the capped logits): the loss's shape for
+        ``reduction='none'`` (the target's shape), ignored samples included.
 
     Returns
     -------
     numpy scalar or ndarray
         A scalar of the logits' dtype for 'mean'/'sum'; the per-element loss (the target's
         shape) for 'none'.
+    lse : ndarray
+        With ``return_lse=True`` only: ``(loss, lse)`` is returned.
 
     Raises
     ------
@@ -261,31 +291,44 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     a ``-inf`` logit costs ``+inf``.  With every target ignored, 'mean' is NaN (0/0), as in
     torch.
 
+    With class weights, the z-loss term is unweighted (as in Liger-Kernel), but 'mean'
+    divides the whole per-sample loss by torch's denominator, the summed weights of the
+    non-ignored targets (Liger divides the z-loss part by their count instead); the two
+    agree without weights.  ``reduction='none'`` followed by ``sum() / denominator`` is
+    always 'mean'.
+
     Examples
     --------
     >>> import numpy as np, fastce
     >>> x = np.array([[0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.8, 0.1, 0.1]], np.float32)
     >>> round(float(fastce.cross_entropy(x, np.array([1, 0, 2]))), 4)
     1.2037
+    >>> loss, lse = fastce.cross_entropy(x, np.array([1, 0, 2]), softcap=30.0, z_loss=1e-4,
+    ...                                  return_lse=True)
+    >>> lse.shape
+    (3,)
     """
-    if weight is None and label_smoothing == 0.0:
+    if (weight is None and label_smoothing == 0.0 and softcap is None and z_loss == 0.0
+            and return_lse is False):
         out = _ce_small(logits, target, ignore_index, reduction, False)
         if out is not None:
             return out
     if is_device_array(logits):
         return _cuda().cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
-                                     reduction=reduction, label_smoothing=label_smoothing)
-    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, None, False)
+                                     reduction=reduction, label_smoothing=label_smoothing,
+                                     softcap=softcap, z_loss=z_loss, return_lse=return_lse)
+    return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, None, False,
+                   softcap=softcap, z_loss=z_loss, return_lse=return_lse)
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, grad_output=None,
-                            grad_input=None):
+                            grad_input=None, softcap=None, z_loss=0.0, return_lse=False):
     """Cross-entropy and its gradient with respect to the logits, in one fused call.
 
     Parameters
     ----------
-    logits, target, weight, ignore_index, reduction, label_smoothing
+    logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss
         As in :func:`cross_entropy`.
     grad_output : array_like or float, optional
         The upstream gradient: the loss's shape for ``reduction='none'``, a scalar otherwise.
@@ -298,6 +341,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
         ``nll_loss_backward.grad_input``): the gradient with respect to the input, the
         counterpart of ``grad_output``.  Reusing one buffer across training steps skips
         the page faults of a fresh N x C array.
+    return_lse : bool, optional
+        Also return each sample's lse, as :func:`cross_entropy` does.
 
     Returns
     -------
@@ -306,13 +351,17 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     grad_logits : ndarray
         d(sum(grad_output * loss)) / d(logits), the logits' shape and dtype: what
         ``loss.backward(grad_output)`` leaves in ``logits.grad`` in torch.
+    lse : ndarray
+        With ``return_lse=True`` only: ``(loss, grad_logits, lse)`` is returned.
 
     Notes
     -----
     Each row is read once from memory for its statistics and the gradient row
     ``g * (A * softmax(x) - eps / C * w - (1 - eps) * w[t] * onehot(t))`` is written while the
     row is still in cache: one read and one write of N x C values.  Ignored rows get a zero
-    gradient.
+    gradient.  With ``z_loss`` the coefficient of ``softmax(x)`` gains ``2 * z_loss * lse``
+    (unweighted); with ``softcap`` every element is multiplied by ``1 - tanh(x / softcap)**2``,
+    the derivative of the cap.
 
     Examples
     --------
@@ -325,13 +374,16 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     >>> g is buf
     True
     """
-    if weight is None and label_smoothing == 0.0 and grad_output is None:
+    if (weight is None and label_smoothing == 0.0 and grad_output is None and softcap is None
+            and z_loss == 0.0 and return_lse is False):
         out = _ce_small(logits, target, ignore_index, reduction, True, grad_input)
         if out is not None:
             return out
     if is_device_array(logits):
         return _cuda().cross_entropy_with_grad(
             logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, grad_output=grad_output, grad_input=grad_input)
+            label_smoothing=label_smoothing, grad_output=grad_output, grad_input=grad_input,
+            softcap=softcap, z_loss=z_loss, return_lse=return_lse)
     return _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing,
-                   grad_output, True, grad_input)
+                   grad_output, True, grad_input, softcap=softcap, z_loss=z_loss,
+                   return_lse=return_lse)

@@ -7,6 +7,8 @@ separate passes over the data before the compute kernel (``fastce._cpu.checks`` 
 ``check_*``/``first_*`` kernels), on the GPU flags set by device kernels -- and both report
 what they find through the ``raise_*`` functions here, so the messages are the same.
 """
+import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -377,3 +379,38 @@ def linear_cross_entropy_problem(hidden_shape, hidden_dtype, weight_shape, weigh
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     return N, H, V, dtype
+
+
+def check_large_vocab(softcap, z_loss, return_lse):
+    """The large-vocabulary options of cross-entropy checked, dtype-free and in plain Python
+    (``fastce.torch`` calls it where torch.compile traces): ``(softcap, z_loss)`` as floats
+    (``softcap`` None when off)."""
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if not isinstance(z_loss, numbers.Real) or isinstance(z_loss, (bool, np.bool_)):
+        raise TypeError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    z = float(z_loss)
+    if not (math.isfinite(z) and z >= 0):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is None:
+        return None, z
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, (bool, np.bool_)):
+        raise TypeError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    c = float(softcap)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    return c, z
+
+
+def large_vocab_options(softcap, z_loss, return_lse, dtype):
+    """:func:`check_large_vocab`, then ``(cap, z_loss)`` as the kernels take them: ``cap``
+    None or the pair ``(softcap, 1 / softcap)`` in the compute ``dtype``."""
+    c, z = check_large_vocab(softcap, z_loss, return_lse)
+    if c is None:
+        return None, z
+    big = float(np.finfo(dtype).max)
+    if not (c <= big and 1.0 / c <= big):
+        raise ValueError(f"softcap must be a finite float > 0 whose inverse is finite too in "
+                         f"{np.dtype(dtype).name}, got {softcap!r}")
+    t = np.dtype(dtype).type
+    return (t(c), t(1.0 / c)), z

@@ -11,7 +11,8 @@ import numpy as np
 from . import _config
 from ._arrays import EMPTY, _as_array, _result, upstream_gradient
 from ._cross_entropy import _check_targets, cross_entropy, cross_entropy_with_grad
-from ._validate import CrossEntropyProblem, linear_cross_entropy_problem
+from ._validate import (CrossEntropyProblem, large_vocab_options,
+                        linear_cross_entropy_problem)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
@@ -41,7 +42,7 @@ class NumpyBLAS:
 
 
 def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_output,
-         want_grad, blas=NumpyBLAS):
+         want_grad, blas=NumpyBLAS, softcap=None, z_loss=0.0):
     """The implementation; ``blas`` does the matmuls on the arrays' memory (``fastce.torch``
     passes torch's, which accumulates in place with GEMM's beta = 1)."""
     hidden = _as_array(hidden, "hidden")
@@ -56,6 +57,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape, target.dtype,
         None if bias is None else bias.shape, None if bias is None else bias.dtype,
         ignore_index, reduction, label_smoothing)
+    large_vocab_options(softcap, z_loss, False, dt)   # checked here too: N may be 0
     h = np.ascontiguousarray(hidden, dtype=dt)
     W = np.ascontiguousarray(weight, dtype=dt)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dt)
@@ -85,7 +87,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         blas.matmul(h_c, W.T, z)
         if b is not None:
             z += b
-        opts = dict(ignore_index=ignore_index, reduction=part, label_smoothing=label_smoothing)
+        opts = dict(ignore_index=ignore_index, reduction=part, label_smoothing=label_smoothing,
+                    softcap=softcap, z_loss=z_loss)
         if not want_grad:
             loss_c = cross_entropy(z, t[r0:r1], **opts)
         else:
@@ -119,7 +122,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
-                         reduction="mean", label_smoothing=0.0):
+                         reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` without holding the N x V logits.
 
     Parameters
@@ -138,6 +141,12 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
         'mean' divides by the number of non-ignored targets.
     label_smoothing : float, optional
         In [0, 1], as in :func:`fastce.cross_entropy`.
+    softcap : float, optional
+        Logit soft-capping: the logits become ``softcap * tanh(logits / softcap)`` (in the
+        cross-entropy kernel, chunk by chunk), as in :func:`fastce.cross_entropy`.
+    z_loss : float, optional
+        ``z_loss * lse**2`` joins each non-ignored row's loss, as in
+        :func:`fastce.cross_entropy`.
 
     Returns
     -------
@@ -160,16 +169,17 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     True
     """
     return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, None,
-                False)
+                False, softcap=softcap, z_loss=z_loss)
 
 
 def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_index=-100,
-                                   reduction="mean", label_smoothing=0.0, grad_output=None):
+                                   reduction="mean", label_smoothing=0.0, grad_output=None,
+                                   softcap=None, z_loss=0.0):
     """:func:`linear_cross_entropy` and its gradients, in one chunked pass.
 
     Parameters
     ----------
-    hidden, weight, target, bias, ignore_index, reduction, label_smoothing
+    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, z_loss
         As in :func:`linear_cross_entropy`.
     grad_output : array_like or float, optional
         The upstream gradient: (N,) for ``reduction='none'``, a scalar otherwise.  Default:
@@ -202,4 +212,4 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
     ((4, 8), (10, 8))
     """
     return _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                grad_output, True)
+                grad_output, True, softcap=softcap, z_loss=z_loss)

@@ -977,3 +977,67 @@ def get_implementation(name):
             f"installed: {impl.install_hint}"
         )
     return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# Large-vocabulary options (softcap, z-loss): plain torch, differentiable.
+
+
+def torch_cross_entropy_zloss_softcap(logits, target, *, weight=None, ignore_index=-100,
+                                      reduction="mean", label_smoothing=0.0, softcap=None,
+                                      z_loss=0.0, return_lse=False):
+    """Cross-entropy with logit soft-capping and z-loss, written in plain torch ops: the
+    reference that ``fastce.cross_entropy(..., softcap=, z_loss=, return_lse=)`` is tested
+    against.
+
+    Parameters
+    ----------
+    logits, target, weight : torch.Tensor or array_like
+        As for :func:`torch.nn.functional.cross_entropy`; arrays are wrapped (not copied)
+        as CPU tensors.  Pass tensors with ``requires_grad`` to differentiate through it.
+    ignore_index, reduction, label_smoothing
+        As for :func:`torch.nn.functional.cross_entropy`.
+    softcap : float, optional
+        The logits become ``softcap * torch.tanh(logits / softcap)`` first.
+    z_loss : float, optional
+        ``z_loss * lse**2`` (lse of the capped logits over the class axis) joins the loss of
+        every non-ignored sample before the reduction, unweighted; 'mean' divides the sum
+        by torch's own denominator (summed target weights of the non-ignored samples, or the
+        number of samples for probability targets).
+    return_lse : bool, optional
+        Also return the per-sample lse (the loss's shape for 'none').
+
+    Returns
+    -------
+    torch.Tensor, or (torch.Tensor, torch.Tensor) with ``return_lse``
+    """
+    torch = _torch()
+    F = torch.nn.functional
+
+    def tensor(a):
+        return a if torch.is_tensor(a) else _tensor(a)
+
+    x, t = tensor(logits), tensor(target)
+    w = None if weight is None else tensor(weight)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    lse = torch.logsumexp(x, dim=1 if x.ndim > 1 else 0)
+    if t.is_floating_point():
+        keep = torch.ones_like(lse, dtype=torch.bool)
+        denom = torch.tensor(float(ce.numel()), dtype=ce.dtype)
+    else:
+        keep = t != ignore_index
+        safe_t = torch.where(keep, t, torch.zeros_like(t))
+        wt = torch.ones_like(ce) if w is None else w[safe_t]
+        denom = torch.where(keep, wt, torch.zeros_like(wt)).sum()
+    if z_loss:
+        ce = ce + torch.where(keep, z_loss * lse * lse, torch.zeros_like(lse))
+    if reduction == "none":
+        loss = ce
+    elif reduction == "sum":
+        loss = ce.sum()
+    else:
+        loss = ce.sum() / denom
+    return (loss, lse) if return_lse else loss

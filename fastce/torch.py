@@ -32,7 +32,7 @@ from torch import Tensor
 
 import fastce as _fc
 from . import linear as _linear
-from ._validate import check_reduction
+from ._validate import check_large_vocab, check_reduction
 
 __all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy",
            "binary_cross_entropy_with_logits", "log_softmax", "softmax", "logsumexp",
@@ -136,27 +136,48 @@ def _needs_only_input(op, ctx, n_inputs):
 
 @torch.library.custom_op("fastce::cross_entropy", mutates_args=())
 def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
-                      ignore_index: int, reduction: str, label_smoothing: float) -> Tensor:
+                      ignore_index: int, reduction: str, label_smoothing: float,
+                      softcap: Optional[float], z_loss: float) -> Tensor:
     return _run(_fc.cross_entropy, input, target, weight=weight, ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing)
+                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                z_loss=z_loss)
 
 
 @_cross_entropy_op.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss):
     return _loss_fake(input, reduction, _index_loss_shape(input, target))
+
+
+@torch.library.custom_op("fastce::cross_entropy_lse", mutates_args=())
+def _cross_entropy_lse_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                          ignore_index: int, reduction: str, label_smoothing: float,
+                          softcap: Optional[float], z_loss: float) -> tuple[Tensor, Tensor]:
+    """The loss and the per-sample lse (``return_lse=True``); the lse is not differentiable."""
+    return _run(_fc.cross_entropy, input, target, weight=weight, ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                z_loss=z_loss, return_lse=True)
+
+
+@_cross_entropy_lse_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss):
+    shape = _index_loss_shape(input, target)
+    return _loss_fake(input, reduction, shape), input.new_empty(shape)
 
 
 @torch.library.custom_op("fastce::cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward_op(grad_loss: Tensor, input: Tensor, target: Tensor,
                                weight: Optional[Tensor], ignore_index: int, reduction: str,
-                               label_smoothing: float) -> Tensor:
+                               label_smoothing: float, softcap: Optional[float],
+                               z_loss: float) -> Tensor:
     return _run(_fc.cross_entropy_with_grad, input, target, weight=weight,
                 ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, grad_output=grad_loss)[1]
+                label_smoothing=label_smoothing, grad_output=grad_loss, softcap=softcap,
+                z_loss=z_loss)[1]
 
 
 @_cross_entropy_backward_op.register_fake
-def _(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing):
+def _(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing, softcap,
+      z_loss):
     return torch.empty_like(input)
 
 
@@ -168,19 +189,27 @@ def _save_input_target_weight(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _ce_backward(ctx, grad):
+def _ce_backward(ctx, grad, grad_lse=None):
+    # (grad_lse: the lse of cross_entropy_lse is marked non-differentiable.)
     _needs_only_input("cross_entropy", ctx, 3)
     input, target, weight = ctx.saved_tensors
-    return (_cross_entropy_backward_op(grad, input, target, weight, *ctx.opts),
-            None, None, None, None, None)
+    return ((_cross_entropy_backward_op(grad, input, target, weight, *ctx.opts),)
+            + (None,) * (2 + len(ctx.opts)))
+
+
+def _save_ce_lse(ctx, inputs, output):
+    _save_input_target_weight(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1])
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_save_input_target_weight)
+_cross_entropy_lse_op.register_autograd(_ce_backward, setup_context=_save_ce_lse)
 _cross_entropy_backward_op.register_autograd(_no_double_backward("cross_entropy"))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
-                  reduce=None, reduction="mean", label_smoothing=0.0):
+                  reduce=None, reduction="mean", label_smoothing=0.0, *, softcap=None,
+                  z_loss=0.0, return_lse=False):
     """``torch.nn.functional.cross_entropy`` on fastce's fused kernels.
 
     Parameters
@@ -196,11 +225,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     ignore_index : int, optional
     reduction : {'mean', 'sum', 'none'}, optional
     label_smoothing : float, optional
+    softcap : float, optional
+        Logit soft-capping, ``softcap * tanh(input / softcap)`` (Gemma 2); see
+        :func:`fastce.cross_entropy`.
+    z_loss : float, optional
+        PaLM's z-loss coefficient: ``z_loss * lse**2`` joins each non-ignored sample's loss
+        (unweighted); see :func:`fastce.cross_entropy`.
+    return_lse : bool, optional
+        Also return the per-sample lse (not differentiable: it carries no gradient).
 
     Returns
     -------
     Tensor
-        The loss, differentiable with respect to ``input``.
+        The loss, differentiable with respect to ``input``; with ``return_lse=True`` the
+        tuple ``(loss, lse)``.
 
     Raises
     ------
@@ -218,8 +256,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _refuse_grad("cross_entropy", target=target, weight=weight)
-    return _cross_entropy_op(input, target, weight, int(ignore_index), reduction,
-                             float(label_smoothing))
+    cap, z = check_large_vocab(softcap, z_loss, return_lse)
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+            cap, z)
+    if return_lse:
+        return _cross_entropy_lse_op(*args)
+    return _cross_entropy_op(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,46 +625,50 @@ def logsumexp(input, dim, keepdim=False):
 
 @torch.library.custom_op("fastce::linear_cross_entropy", mutates_args=())
 def _linear_ce_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                  ignore_index: int, reduction: str, label_smoothing: float) -> Tensor:
+                  ignore_index: int, reduction: str, label_smoothing: float,
+                  softcap: Optional[float], z_loss: float) -> Tensor:
     _cpu_only(hidden, "linear_cross_entropy")
     return _run(_linear_ce_numpy, hidden, weight, target, bias, ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing)
+                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                z_loss=z_loss)
 
 
 @_linear_ce_op.register_fake
-def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, z_loss):
     return _loss_fake(hidden, reduction, (hidden.shape[0],))
 
 
 @torch.library.custom_op("fastce::linear_cross_entropy_with_grad", mutates_args=())
 def _linear_ce_grad_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                        ignore_index: int, reduction: str, label_smoothing: float,
+                       softcap: Optional[float], z_loss: float,
                        grad_loss: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss and the gradients (hidden, weight, bias -- an empty tensor without bias)."""
     return _lce_with_grad(hidden, weight, target, bias, ignore_index, reduction,
-                          label_smoothing, grad_loss)
+                          label_smoothing, softcap, z_loss, grad_loss)
 
 
 def _lce_with_grad(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                   grad_loss):
+                   softcap, z_loss, grad_loss):
     _cpu_only(hidden, "linear_cross_entropy")
     out = _run(_linear_ce_numpy, hidden, weight, target, bias, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, grad_output=grad_loss,
-               want_grad=True)
+               want_grad=True, softcap=softcap, z_loss=z_loss)
     if bias is None:
         out = out + (hidden.new_empty(0),)
     return out
 
 
 @_linear_ce_grad_op.register_fake
-def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_loss):
+def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, z_loss,
+      grad_loss):
     return (_loss_fake(hidden, reduction, (hidden.shape[0],)), torch.empty_like(hidden),
             torch.empty_like(weight),
             hidden.new_empty(0) if bias is None else torch.empty_like(bias))
 
 
 def _lce_setup(ctx, inputs, output):
-    hidden, weight, target, bias, ignore_index, reduction, label_smoothing, _ = inputs
+    bias = inputs[3]
     _, d_hidden, d_weight, d_bias = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
@@ -630,7 +676,7 @@ def _lce_setup(ctx, inputs, output):
 
 
 def _lce_backward(ctx, grad_loss, *unused):
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[7]:
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[9]:
         raise NotImplementedError("fastce.torch.linear_cross_entropy differentiates hidden, "
                                   "weight and bias only")
     compiling = torch.compiler.is_compiling()
@@ -647,7 +693,7 @@ def _lce_backward(ctx, grad_loss, *unused):
         grads = tuple(g * grad_loss for g in grads)
     d_hidden, d_weight, d_bias = grads
     return (d_hidden, d_weight, None, d_bias if ctx.has_bias else None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _linear_ce_grad_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -656,14 +702,17 @@ _linear_ce_grad_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 @torch.library.custom_op("fastce::linear_cross_entropy_backward", mutates_args=())
 def _linear_ce_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
                            bias: Optional[Tensor], ignore_index: int, reduction: str,
-                           label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+                           label_smoothing: float, softcap: Optional[float],
+                           z_loss: float) -> tuple[Tensor, Tensor, Tensor]:
     _, d_hidden, d_weight, d_bias = _lce_with_grad(hidden, weight, target, bias, ignore_index,
-                                                   reduction, label_smoothing, grad_loss)
+                                                   reduction, label_smoothing, softcap, z_loss,
+                                                   grad_loss)
     return d_hidden, d_weight, d_bias
 
 
 @_linear_ce_backward_op.register_fake
-def _(grad_loss, hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+def _(grad_loss, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+      softcap, z_loss):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             hidden.new_empty(0) if bias is None else torch.empty_like(bias))
 
@@ -678,7 +727,8 @@ def _lce_none_backward(ctx, grad_loss):
     hidden, weight, target, bias = ctx.saved_tensors
     d_hidden, d_weight, d_bias = _linear_ce_backward_op(grad_loss, hidden, weight, target,
                                                         bias, *ctx.opts)
-    return d_hidden, d_weight, None, (None if bias is None else d_bias), None, None, None
+    return ((d_hidden, d_weight, None, (None if bias is None else d_bias))
+            + (None,) * len(ctx.opts))
 
 
 _linear_ce_op.register_autograd(_lce_none_backward, setup_context=_lce_none_setup)
@@ -699,9 +749,11 @@ class _TorchBLAS:
 
 
 def _linear_ce_numpy(hidden, weight, target, bias, *, ignore_index, reduction,
-                     label_smoothing, grad_output=None, want_grad=False):
+                     label_smoothing, grad_output=None, want_grad=False, softcap=None,
+                     z_loss=0.0):
     return _linear._run(hidden, weight, target, bias, ignore_index, reduction,
-                        label_smoothing, grad_output, want_grad, blas=_TorchBLAS)
+                        label_smoothing, grad_output, want_grad, blas=_TorchBLAS,
+                        softcap=softcap, z_loss=z_loss)
 
 
 def _cpu_only(x, op):
@@ -711,7 +763,7 @@ def _cpu_only(x, op):
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
-                         reduction="mean", label_smoothing=0.0):
+                         reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0):
     """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` without the N x V logits.
 
     Parameters
@@ -724,7 +776,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
         (N,) integer class indices.
     bias : Tensor, optional
         (V,).
-    ignore_index, reduction, label_smoothing
+    ignore_index, reduction, label_smoothing, softcap, z_loss
         As in :func:`cross_entropy`.
 
     Returns
@@ -750,7 +802,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     """
     check_reduction(reduction)
     _refuse_grad("linear_cross_entropy", target=target)
-    opts = (int(ignore_index), reduction, float(label_smoothing))
+    cap, z = check_large_vocab(softcap, z_loss, False)
+    opts = (int(ignore_index), reduction, float(label_smoothing), cap, z)
     wants_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if wants_grad and reduction != "none":
@@ -764,11 +817,21 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`."""
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`; the keywords
+    ``softcap`` and ``z_loss`` (after torch's own) as in :func:`cross_entropy`."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, softcap=None, z_loss=0.0):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction,
+                         label_smoothing)
+        check_large_vocab(softcap, z_loss, False)
+        self.softcap = softcap
+        self.z_loss = z_loss
 
     def forward(self, input, target):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             softcap=self.softcap, z_loss=self.z_loss)
 
 
 class NLLLoss(torch.nn.NLLLoss):

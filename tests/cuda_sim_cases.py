@@ -856,3 +856,84 @@ def test_cupy_and_numba_arrays_come_back_as_their_type(monkeypatch):
         got = fastce.softmax(cuda.to_device(xin))
         assert getattr(got, "__cuda_ndarray__", False)
         close(host(got), fastce.softmax(xin), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# large-vocabulary options (#12 item 2): softcap, z_loss, return_lse
+
+# name: (CE_OPTIONS key, softcap, z_loss)
+LV_OPTIONS = {
+    "cap_z_weight_ignore_mean": ("weight_ignore_mean", 2.0, 0.05),
+    "z_smooth_ignore_none": ("smooth_ignore_none", None, 0.1),
+    "cap_smooth_weight_sum": ("smooth_weight_sum", 3.0, 0.0),
+}
+# (The simulator runs a thread per GPU thread: the block-wide layouts take two option sets.)
+LV_CASES = [(np.float32, p, o) for p in ("1d", "subwarp", "block", "kdim_thread")
+            for o in LV_OPTIONS] + \
+    [(np.float32, "split", o) for o in ("cap_z_weight_ignore_mean", "cap_smooth_weight_sum")] + \
+    [(np.float32, "kdim_block", o)
+     for o in ("cap_z_weight_ignore_mean", "z_smooth_ignore_none")] + \
+    [(np.float64, p, "cap_z_weight_ignore_mean") for p in ("block", "kdim_thread")]
+
+
+def _lv_reference(x, t, w, kw, go, softcap, z_loss):
+    """Loss, gradient and lse from fastce.reference's plain-torch formulation (float64)."""
+    from fastce.reference import torch_cross_entropy_zloss_softcap
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    tt = torch.tensor(t.astype(np.float64) if t.dtype.kind == "f" else t)
+    wt = None if w is None else torch.tensor(w.astype(np.float64))
+    loss, lse = torch_cross_entropy_zloss_softcap(xt, tt, weight=wt, softcap=softcap,
+                                                  z_loss=z_loss, return_lse=True, **kw)
+    loss.backward(torch.ones_like(loss) if go is None else torch.tensor(go.astype(np.float64)))
+    return loss.detach().numpy(), xt.grad.numpy(), lse.detach().numpy()
+
+
+@pytest.mark.parametrize("dtype,path,option", LV_CASES,
+                         ids=[f"{np.dtype(d).name}-{p}-{o}" for d, p, o in LV_CASES])
+def test_cross_entropy_softcap_zloss_lse(monkeypatch, dtype, path, option):
+    base, softcap, z_loss = LV_OPTIONS[option]
+    x, t, w, kw, go, go_kind = _ce_case(monkeypatch, path, dtype, base)
+    lv = dict(softcap=softcap, z_loss=z_loss, return_lse=True)
+    loss, grad, lse = fc.cross_entropy_with_grad(
+        dev(x), dev(t), weight=None if w is None else dev(w),
+        grad_output=_gpu_go(go, go_kind), **kw, **lv)
+    ref_loss, ref_grad, ref_lse = fastce.cross_entropy_with_grad(x, t, weight=w, grad_output=go,
+                                                                 **kw, **lv)
+    loss, grad, lse = host(loss), host(grad), host(lse)
+    assert lse.shape == t.shape and lse.dtype == dtype
+    close(loss, ref_loss, dtype)
+    close(grad, ref_grad, dtype)
+    close(lse, ref_lse, dtype)
+    t_loss, t_grad, t_lse = _lv_reference(x, t, w, kw, go, softcap, z_loss)
+    close(loss, t_loss, dtype)
+    close(grad, t_grad, dtype)
+    close(lse, t_lse, dtype)    # ignored rows included
+    f_loss, f_lse = fc.cross_entropy(dev(x), dev(t), weight=None if w is None else dev(w),
+                                     **kw, **lv)
+    close(host(f_loss), t_loss, dtype)
+    close(host(f_lse), t_lse, dtype)
+
+
+@pytest.mark.parametrize("path", ["subwarp", "kdim_block"])
+def test_cross_entropy_softcap_zloss_probability_targets(monkeypatch, path):
+    x, t, w, kw, go, go_kind = _ce_case(monkeypatch, path, np.float32, "smooth_weight_sum",
+                                        probs=True)
+    lv = dict(softcap=2.5, z_loss=0.02, return_lse=True)
+    loss, grad, lse = fc.cross_entropy_with_grad(dev(x), dev(t), weight=w,
+                                                 grad_output=_gpu_go(go, go_kind), **kw, **lv)
+    t_loss, t_grad, t_lse = _lv_reference(x, t, w, kw, go, 2.5, 0.02)
+    close(host(loss), t_loss, np.float32)
+    close(host(grad), t_grad, np.float32)
+    close(host(lse), t_lse, np.float32)
+
+
+def test_cross_entropy_large_vocab_errors():
+    x = dev(np.zeros((2, 3), np.float32))
+    t = dev(np.array([0, 1]))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            fc.cross_entropy(x, t, softcap=bad)
+    with pytest.raises(ValueError, match="z_loss"):
+        fc.cross_entropy(x, t, z_loss=-0.1)
+    with pytest.raises(TypeError, match="return_lse"):
+        fc.cross_entropy(x, t, return_lse="yes")

@@ -13,17 +13,27 @@ and its gradient, scaled by the upstream factor g_i (1/denominator for "mean"),
     g_i * (A * p_c - eps / C * w[c] - (1 - eps) * w[t] * [c == t]),
     A = (1 - eps) * w[t] + eps / C * sum_c w[c].
 
+With the large-vocabulary options, every logit is first soft-capped, ``y = cap tanh(x /
+cap)`` (``cap`` None: the kernels compile without it, see ``primitives.softcap``), the
+statistics above are the capped row's, and a non-ignored row's loss gets ``z_loss * lse**2``
+(unweighted; its gradient ``2 z_loss lse p_c`` joins A); every gradient element is then
+multiplied by ``dy/dx = 1 - (y / cap)**2``.  ``lse_out`` receives each row's lse, ignored
+rows included.  ``z_loss`` and ``lse_out`` are None when not used: like ``cap``, numba then
+compiles the kernels without them (``if arg is None`` on an argument is decided at compile
+time), so the default path runs the code it ran before the options existed.
+
 Rows are unnormalized here; ``fastce._cross_entropy`` applies the reduction.  Gradient rows are written
 right after the row's statistics, while the row is still in L2: one read of the logits from
 memory and one write.  Targets arrive validated (in range or ``ignore_index``).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .._config import FASTMATH
-from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_minus,
-                         rest_sum, row_max_sumexp, safe_shift, shift_log_sum, spatial_rest_sum,
-                         wide_vectors)
+from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
+                         lse_from_max_sumexp, lse_minus, rest_sum, row_max_sumexp, safe_shift,
+                         shift_log_sum, softcap, softcap_grad, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
 
@@ -53,18 +63,34 @@ def _upstream(gscale, i):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _target_grad(rest, g, keep_wt, eps_c, w_total, w_t):
-    """The target's gradient ``g (keep w_t (p_t - 1) + eps/C (w_total p_t - w_t))`` of a
-    confident row, with ``p_t - 1 = -rest / (1 + rest)`` taken from the row's rest sum
-    instead of the cancelling ``p_t - 1`` (float64, rounded once at the store)."""
+def _target_grad(rest, g, keep_wt, eps_c, w_total, w_t, zz):
+    """The target's gradient ``g (keep w_t (p_t - 1) + eps/C (w_total p_t - w_t) + zz p_t)``
+    of a confident row (``zz = 2 z_loss lse``), with ``p_t - 1 = -rest / (1 + rest)`` taken
+    from the row's rest sum instead of the cancelling ``p_t - 1`` (float64, rounded once at
+    the store)."""
     p_t = np.float64(1) / (np.float64(1) + rest)
-    return g * (keep_wt * (-rest * p_t)) + (g * eps_c) * (w_total * p_t - w_t)
+    return (g * (keep_wt * (-rest * p_t)) + (g * eps_c) * (w_total * p_t - w_t)
+            + (g * zz) * p_t)
+
+
+def _z_grad(z_loss, a, L):
+    """``2 z_loss lse`` (``lse = a + L``), the z-loss's share of a row's softmax coefficient;
+    0 without z-loss (``z_loss`` None).  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.cross_entropy._z_grad is for jitted code")
+
+
+@overload(_z_grad, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _z_grad_impl(z_loss, a, L):
+    if z_loss is None or isinstance(z_loss, (types.NoneType, types.Omitted)):
+        return lambda z_loss, a, L: np.float32(0)
+    return lambda z_loss, a, L: np.float32(2) * z_loss * (a + L)
 
 
 def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
-                   loss_part, n_chunks, stat_m, stat_s):
+                   loss_part, n_chunks, stat_m, stat_s, cap, z_loss, lse_out):
     """Rows layout (N, C).  ``weight`` empty means unweighted; ``grad`` with 0 rows means
-    forward only.  ``loss_part[i, k]`` receives chunk k's share of row i's loss."""
+    forward only.  ``loss_part[i, k]`` receives chunk k's share of row i's loss.  Rows are
+    split (``n_chunks > 1``) only without ``cap``."""
     wide_vectors()
     N, C = x.shape
     has_w = weight.shape[0] > 0
@@ -88,12 +114,22 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                 grow = grad[i, lo:hi]
                 for c in range(grow.shape[0]):
                     grow[c] = 0
+            if lse_out is not None:
+                if k == 0:
+                    if n_chunks == 1:
+                        m, s = row_max_sumexp(x[i], cap)
+                    else:
+                        m, s = stat_m[i], stat_s[i]
+                    lse_out[i] = lse_from_max_sumexp(m, s)
             continue
         if n_chunks == 1:
-            m, s = row_max_sumexp(x[i])
+            m, s = row_max_sumexp(x[i], cap)
         else:
             m, s = stat_m[i], stat_s[i]
         a, L = shift_log_sum(m, s)
+        if lse_out is not None:
+            if k == 0:
+                lse_out[i] = a + L
         w_t = weight[t] if has_w else one
         part = zero
         # The target's share (loss and gradient) belongs to the chunk that holds it.
@@ -101,23 +137,25 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         rest = np.float64(-1)  # >= 0: the row is confident, rest = sum_{c != t} e^(x_c - x_t)
         if holds_t:
             # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
-            xt = x[i, t]
+            xt = softcap(x[i, t], cap)
             if xt != -np.inf:
                 nll = lse_minus(a, L, xt)
                 if confident(xt - a, nll):
-                    rest = rest_sum(x[i], t, xt)
+                    rest = rest_sum(x[i], t, xt, cap)
                     nll = x.dtype.type(log1p(rest))
                 part = keep * w_t * nll
             else:
                 part = x.dtype.type(np.inf)
+            if z_loss is not None:
+                part += z_loss * (a + L) * (a + L)
         if eps > 0:
             acc = zero
             if has_w:
                 for c in range(row.shape[0]):
-                    acc += wrow[c] * lse_minus(a, L, row[c])
+                    acc += wrow[c] * lse_minus(a, L, softcap(row[c], cap))
             else:
                 for c in range(row.shape[0]):
-                    acc += lse_minus(a, L, row[c])
+                    acc += lse_minus(a, L, softcap(row[c], cap))
             part += eps_c * acc
         loss_part[i, k] = part
         if want_grad:
@@ -125,44 +163,55 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             g = _upstream(gscale, i)
             sh = safe_shift(m)
             inv = inv_sum(m, s)
-            ga = g * (keep * w_t + eps_c * w_total)
+            zz = _z_grad(z_loss, a, L)
+            ga = g * (keep * w_t + eps_c * w_total + zz)
             gb = g * eps_c
             if has_w:
                 for c in range(row.shape[0]):
-                    grow[c] = ga * (exp_term(row[c] - sh) * inv) - gb * wrow[c]
+                    y = softcap(row[c], cap)
+                    grow[c] = softcap_grad(ga * (exp_term(y - sh) * inv) - gb * wrow[c], y, cap)
             else:
                 for c in range(row.shape[0]):
-                    grow[c] = ga * (exp_term(row[c] - sh) * inv) - gb
+                    y = softcap(row[c], cap)
+                    grow[c] = softcap_grad(ga * (exp_term(y - sh) * inv) - gb, y, cap)
             if holds_t:
+                yt = softcap(x[i, t], cap)
                 if rest >= 0:
-                    grad[i, t] = _target_grad(rest, g, keep * w_t, eps_c, w_total, w_t)
+                    grad[i, t] = softcap_grad(
+                        _target_grad(rest, g, keep * w_t, eps_c, w_total, w_t, zz), yt, cap)
                 else:
-                    grad[i, t] -= g * keep * w_t
+                    grad[i, t] -= softcap_grad(g * keep * w_t, yt, cap)
 
 
-def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss):
-    """(N, C, S) layout; ``target`` and ``loss`` are (N, S), ``gscale`` (N*S,) or (1,)."""
+def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
+                      cap, z_loss, lse_out):
+    """(N, C, S) layout; ``target``, ``loss`` and ``lse_out`` (unless None) are (N, S),
+    ``gscale`` (N*S,) or (1,)."""
     wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     one = x.dtype.type(1)
+    zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
     for u in prange(spatial_blocks(x)):
-        n, s0, s1, m, s, sh = spatial_block_stats(x, u)
+        n, s0, s1, m, s, sh = spatial_block_stats(x, u, cap)
         B = s1 - s0
         lse = np.empty(B, dtype=x.dtype)
         acc = np.zeros(B, dtype=x.dtype)
         tn = target[n, s0:s1]
         for j in range(B):
             m[j], lse[j] = shift_log_sum(m[j], s[j])  # lse[j] holds L: lse = m + L
+        if lse_out is not None:
+            for j in range(B):
+                lse_out[n, s0 + j] = m[j] + lse[j]
         if eps > 0:
             for c in range(C):
                 wc = weight[c] if has_w else one
                 xc = x[n, c, s0:s1]
                 for j in range(B):
-                    acc[j] += wc * lse_minus(m[j], lse[j], xc[j])
+                    acc[j] += wc * lse_minus(m[j], lse[j], softcap(xc[j], cap))
         n_conf = 0
         for j in range(B):
             t = tn[j]
@@ -170,7 +219,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 loss[n, s0 + j] = 0
                 continue
             w_t = weight[t] if has_w else one
-            xt = x[n, t, s0 + j]
+            xt = softcap(x[n, t, s0 + j], cap)
             if xt != -np.inf:
                 v = lse_minus(m[j], lse[j], xt)
                 n_conf += confident(xt - m[j], v)
@@ -187,11 +236,11 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
             for j in range(B):
                 t = tn[j]
                 if t != ignore_index:
-                    xt = x[n, t, s0 + j]
+                    xt = softcap(x[n, t, s0 + j], cap)
                     if xt != -np.inf and confident(xt - m[j], lse_minus(m[j], lse[j], xt)):
                         pivot[j] = xt
                         skip[j] = t
-            spatial_rest_sum(x, n, s0, s1, pivot, skip, rest)
+            spatial_rest_sum(x, n, s0, s1, pivot, skip, rest, cap)
             for j in range(B):
                 if skip[j] < 0:
                     rest[j] = -1
@@ -199,8 +248,15 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     t = tn[j]
                     w_t = weight[t] if has_w else one
                     loss[n, s0 + j] = keep * w_t * x.dtype.type(log1p(rest[j])) + eps_c * acc[j]
+        if z_loss is not None:
+            for j in range(B):
+                if tn[j] != ignore_index:
+                    loss[n, s0 + j] += z_loss * (m[j] + lse[j]) * (m[j] + lse[j])
         if want_grad:
-            # Per position: acc <- g*A and lse <- g*eps/C (both 0 where ignored), s <- 1/s.
+            # Per position: zz <- 2 z_loss lse, acc <- g*A and lse <- g*eps/C (both 0 where
+            # ignored), s <- 1/s.
+            if z_loss is not None:
+                zz = np.zeros(B, dtype=x.dtype)
             for j in range(B):
                 t = tn[j]
                 g = _upstream(gscale, n * S + s0 + j)
@@ -209,7 +265,11 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                     lse[j] = 0
                 else:
                     w_t = weight[t] if has_w else one
-                    acc[j] = g * (keep * w_t + eps_c * w_total)
+                    zj = zero
+                    if z_loss is not None:
+                        zj = _z_grad(z_loss, m[j], lse[j])
+                        zz[j] = zj
+                    acc[j] = g * (keep * w_t + eps_c * w_total + zj)
                     lse[j] = g * eps_c
                 s[j] = inv_sum(m[j], s[j])  # m still holds the shift
             for c in range(C):
@@ -217,7 +277,9 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 xc = x[n, c, s0:s1]
                 gc = grad[n, c, s0:s1]
                 for j in range(B):
-                    gc[j] = acc[j] * (exp_term(xc[j] - sh[j]) * s[j]) - lse[j] * wc
+                    y = softcap(xc[j], cap)
+                    gc[j] = softcap_grad(acc[j] * (exp_term(y - sh[j]) * s[j]) - lse[j] * wc,
+                                         y, cap)
             for j in range(B):
                 t = tn[j]
                 if t == ignore_index:
@@ -228,14 +290,19 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
                 else:
                     w_t = weight[t] if has_w else one
                     g = _upstream(gscale, n * S + s0 + j)
+                    yt = softcap(x[n, t, s0 + j], cap)
                     if n_conf > 0 and rest[j] >= 0:
-                        grad[n, t, s0 + j] = _target_grad(rest[j], g, keep * w_t, eps_c,
-                                                          w_total, w_t)
+                        zj = zero
+                        if z_loss is not None:
+                            zj = zz[j]
+                        grad[n, t, s0 + j] = softcap_grad(
+                            _target_grad(rest[j], g, keep * w_t, eps_c, w_total, w_t, zj),
+                            yt, cap)
                     else:
-                        grad[n, t, s0 + j] -= g * keep * w_t
+                        grad[n, t, s0 + j] -= softcap_grad(g * keep * w_t, yt, cap)
 
 
-def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
+def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
     """Rows layout with a probability target of the logits' shape.  The smoothed target is
     t' = (1 - eps) * t + eps / C; loss_i = sum_c w_c t'_c (lse - x_c), where a term with
     t'_c = 0 is 0 even if x_c = -inf (torch gives NaN there)."""
@@ -250,28 +317,34 @@ def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss):
     for i in prange(N):
         row = x[i]
         trow = target[i]
-        m, s = row_max_sumexp(row)
+        m, s = row_max_sumexp(row, cap)
         a, L = shift_log_sum(m, s)
+        if lse_out is not None:
+            lse_out[i] = a + L
         acc_wt = zero
         acc = zero
         for c in range(C):
             wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
             acc_wt += wt
-            acc += wt * lse_minus(a, L, row[c]) if wt != 0 else zero
+            acc += wt * lse_minus(a, L, softcap(row[c], cap)) if wt != 0 else zero
+        if z_loss is not None:
+            acc += z_loss * (a + L) * (a + L)
         loss[i] = acc
         if want_grad:
             grow = grad[i]
             g = _upstream(gscale, i)
             sh = safe_shift(m)
             inv = inv_sum(m, s)
-            ga = g * acc_wt
+            ga = g * (acc_wt + _z_grad(z_loss, a, L))
             for c in range(C):
                 wt = (keep * trow[c] + eps_c) * (weight[c] if has_w else one)
-                grow[c] = ga * (exp_term(row[c] - sh) * inv) - g * wt
+                y = softcap(row[c], cap)
+                grow[c] = softcap_grad(ga * (exp_term(y - sh) * inv) - g * wt, y, cap)
 
 
-def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
-    """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` is (N, S)."""
+def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
+    """(N, C, S) layout of :func:`_ce_prob_rows`; ``loss`` and ``lse_out`` (unless None)
+    are (N, S)."""
     wide_vectors()
     N, C, S = x.shape
     has_w = weight.shape[0] > 0
@@ -281,13 +354,16 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
     for u in prange(spatial_blocks(x)):
-        n, s0, s1, m, s, sh = spatial_block_stats(x, u)
+        n, s0, s1, m, s, sh = spatial_block_stats(x, u, cap)
         B = s1 - s0
         acc = np.zeros(B, dtype=x.dtype)
         acc_wt = np.zeros(B, dtype=x.dtype)
         L = np.empty(B, dtype=x.dtype)
         for j in range(B):
             m[j], L[j] = shift_log_sum(m[j], s[j])
+        if lse_out is not None:
+            for j in range(B):
+                lse_out[n, s0 + j] = m[j] + L[j]
         for c in range(C):
             wc = weight[c] if has_w else one
             xc = x[n, c, s0:s1]
@@ -295,13 +371,16 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
             for j in range(B):
                 wt = (keep * tc[j] + eps_c) * wc
                 acc_wt[j] += wt
-                acc[j] += wt * lse_minus(m[j], L[j], xc[j]) if wt != 0 else zero
+                acc[j] += wt * lse_minus(m[j], L[j], softcap(xc[j], cap)) if wt != 0 else zero
         for j in range(B):
             loss[n, s0 + j] = acc[j]
+        if z_loss is not None:
+            for j in range(B):
+                loss[n, s0 + j] += z_loss * (m[j] + L[j]) * (m[j] + L[j])
         if want_grad:
             for j in range(B):
                 g = _upstream(gscale, n * S + s0 + j)
-                acc_wt[j] *= g
+                acc_wt[j] = g * (acc_wt[j] + _z_grad(z_loss, m[j], L[j]))
                 acc[j] = g
                 s[j] = inv_sum(m[j], s[j])
             for c in range(C):
@@ -311,7 +390,9 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss):
                 gc = grad[n, c, s0:s1]
                 for j in range(B):
                     wt = (keep * tc[j] + eps_c) * wc
-                    gc[j] = acc_wt[j] * (exp_term(xc[j] - sh[j]) * s[j]) - acc[j] * wt
+                    y = softcap(xc[j], cap)
+                    gc[j] = softcap_grad(acc_wt[j] * (exp_term(y - sh[j]) * s[j]) - acc[j] * wt,
+                                         y, cap)
 
 
 ce_index_rows, ce_index_rows_serial = kernel_twins(_ce_index_rows)
@@ -346,7 +427,7 @@ def ce_index_small(x, target, ignore_index, mean, grad):
     gscale[0] = (1.0 / denom if denom > 0 else 0.0) if mean else 1.0
     part = np.empty((N, 1), dtype=x.dtype)
     _ce_index_rows_inlined(x, target, ignore_index, no_weight, x.dtype.type(C), 0.0, gscale,
-                           grad, part, 1, no_weight, no_weight)
+                           grad, part, 1, no_weight, no_weight, None, None, None)
     total = x.dtype.type(0)
     for i in range(N):          # not part.sum(): two more functions to compile
         total += part[i, 0]

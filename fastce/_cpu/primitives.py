@@ -25,7 +25,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
-           "rest_sum", "lse_confident", "spatial_rest_sum"]
+           "rest_sum", "lse_confident", "spatial_rest_sum", "tanh", "softcap", "softcap_grad"]
 
 
 @intrinsic
@@ -415,6 +415,96 @@ _exp_term_f64 = _make_exp(np.float64, _F64["c_term"], _F64["lo_term"], _F64["hi_
                           _scale_by_pow2_normal)
 
 
+def _make_tanh(dtype, c, lo, hi):
+    """A vectorizable tanh: ``tanh|x| = -t / (t + 2)`` with ``t = expm1(-2|x|)`` in (-1, 0].
+
+    expm1 comes from the exp's own reduction without the cancelling ``e^x - 1``:
+    ``e^x - 1 = 2^n r q(r) + (2^n - 1)``, both parts exact or small (for n = 0 the result is
+    ``r q(r)`` itself), so tanh keeps full relative precision near 0 where ``1 - e^-2x`` would
+    not.  Only the exp's arguments <= 0 occur, so ``2^n - 1`` never rounds.
+    """
+    K = _F32 if dtype is np.float32 else _F64
+    ln2_hi, ln2_lo = K["ln2_hi"], K["ln2_lo"]
+    log2e = dtype(_LOG2E)
+    one = dtype(1.0)
+    two = dtype(2.0)
+    zero = dtype(0.0)
+    deg = len(c)
+
+    @njit(fastmath={"contract"})
+    def _tanh(x):
+        a = abs(x)
+        u = -two * a
+        uc = lo if u < lo else u          # NaN fails the test and flows on
+        n = np.rint(uc * log2e)
+        r = (uc - n * ln2_hi) - n * ln2_lo
+        q = c[deg - 1]
+        for k in range(deg - 2, -1, -1):
+            q = q * r + c[k]
+        # One-step scaling: n >= the dtype's lowest normal exponent - 1 here, where 2^n
+        # comes out as exactly 0 (then t = -1, as the true value rounds to).
+        t = _scale_by_pow2_normal(r * q, n) + (_scale_by_pow2_normal(one, n) - one)
+        th = zero - t / (t + two)       # (tanh(+0) = +0, not -t/(t + 2) = -0)
+        return th if x >= 0 else -th
+
+    return _tanh
+
+
+# Clamped at lo_term (e^-88 and below: tanh of half of it is 1 in float32 either way).
+_tanh_f32 = _make_tanh(np.float32, _F32["c"], _F32["lo_term"], _F32["hi"])
+_tanh_f64 = _make_tanh(np.float64, _F64["c"], _F64["lo_term"], _F64["hi"])
+
+
+def tanh(x):
+    """Vectorizing ``tanh(x)`` in ``x``'s precision (no SVML: built on the exp's reduction,
+    see :func:`_make_tanh`): odd, +-1 at +-inf, NaN for NaN; a few ulp.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.tanh is for jitted code")
+
+
+_by_dtype(tanh, _tanh_f32, _tanh_f64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit soft-capping (Gemma 2): y = cap * tanh(x / cap).  ``cap`` is either None -- the
+# kernels then compile to exactly the code they had without it (the helpers below are the
+# identity at typing time, nothing is left in the loops) -- or the pair (cap, 1/cap) in the
+# logits' dtype, so the loops multiply instead of divide.
+
+
+def softcap(x, cap):
+    """``cap[0] * tanh(x * cap[1])``, or ``x`` itself when ``cap`` is None.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.softcap is for jitted code")
+
+
+def softcap_grad(v, y, cap):
+    """``v * dy/dx`` at the capped value ``y``: ``v * (1 - (y / cap)^2)`` written as
+    ``(1 - u)(1 + u)``, or ``v`` itself when ``cap`` is None.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.softcap_grad is for jitted code")
+
+
+def _no_cap(cap):
+    return cap is None or isinstance(cap, (types.NoneType, types.Omitted))
+
+
+@overload(softcap, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _softcap_impl(x, cap):
+    if _no_cap(cap):
+        return lambda x, cap: x
+    return lambda x, cap: cap[0] * tanh(x * cap[1])
+
+
+@overload(softcap_grad, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _softcap_grad_impl(v, y, cap):
+    if _no_cap(cap):
+        return lambda v, y, cap: v
+    one = np.float32(1)
+
+    def impl(v, y, cap):
+        u = y * cap[1]
+        return v * ((one - u) * (one + u))
+    return impl
+
+
 def exp_term(x):
     """``e**x`` for the terms of a shifted sum or probabilities: three instructions cheaper
     than :func:`exp`.  Results below the smallest normal number flush to 0 (``-inf`` gives
@@ -515,33 +605,33 @@ _BLOCK_SUM_LIMIT_F64 = np.float64(2.0 ** 700)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _block_max(blk):
+def _block_max(blk, cap):
     wide_vectors()
     bm = blk.dtype.type(-np.inf)
     for i in range(blk.shape[0]):
-        bm = nan_max(bm, blk[i])
+        bm = nan_max(bm, softcap(blk[i], cap))
     return bm
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _block_sumexp(blk, sh):
+def _block_sumexp(blk, sh, cap):
     wide_vectors()
     acc = blk.dtype.type(0)
     for i in range(blk.shape[0]):
-        acc += exp_term(blk[i] - sh)
+        acc += exp_term(softcap(blk[i], cap) - sh)
     return acc
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _short_row_max_sumexp(row):
+def _short_row_max_sumexp(row, cap):
     """:func:`row_max_sumexp` for a short row: its max, then its exp-sum."""
-    m = _block_max(row)
-    s = _block_sumexp(row, m) if (m > -np.inf and m < np.inf) else row.dtype.type(0)
+    m = _block_max(row, cap)
+    s = _block_sumexp(row, m, cap) if (m > -np.inf and m < np.inf) else row.dtype.type(0)
     return m, s
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def row_max_sumexp(row):
+def row_max_sumexp(row, cap=None):
     """(shift, sum-exp) of the contiguous 1-D ``row``, reading memory once:
     ``logsumexp(row) = shift + log(sum)``.
 
@@ -555,11 +645,13 @@ def row_max_sumexp(row):
     NaN-propagating max costs three instructions per vector, as much as a quarter of the
     loop).  A block whose sum overflows the limit (a value far above the shift, or +inf)
     is redone against its own max; NaN flows through the sum.
+
+    With ``cap`` (see :func:`softcap`) the statistics are those of the soft-capped row.
     """
     wide_vectors()
     n = row.shape[0]
     if n <= SHORT_ROW:
-        return _short_row_max_sumexp(row)
+        return _short_row_max_sumexp(row, cap)
     limit = _BLOCK_SUM_LIMIT_F32 if row.dtype.type is np.float32 else _BLOCK_SUM_LIMIT_F64
     sh = row.dtype.type(-np.inf)
     s = row.dtype.type(0)
@@ -570,16 +662,16 @@ def row_max_sumexp(row):
         blk = row[b:min(b + CLASS_BLOCK, n)]
         finite = sh > -np.inf and sh < np.inf
         if finite:
-            acc = _block_sumexp(blk, sh)
+            acc = _block_sumexp(blk, sh, cap)
             if not (acc > limit):
                 s += acc
                 continue
         # No finite shift yet, or this block overflows it: move the shift to the block max.
-        nsh = nan_max(sh, _block_max(blk))
+        nsh = nan_max(sh, _block_max(blk, cap))
         if nsh > -np.inf and nsh < np.inf:
             if finite:
                 s = s * exp(sh - nsh)
-            s += _block_sumexp(blk, nsh)
+            s += _block_sumexp(blk, nsh, cap)
         sh = nsh
     return sh, s
 
@@ -664,19 +756,20 @@ _REST_BLOCK = 256
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _block_rest(blk, pivot):
+def _block_rest(blk, pivot, cap):
     wide_vectors()
     acc = np.float64(0)
     for j in range(blk.shape[0]):
-        acc += exp_diff(blk[j], pivot)
+        acc += exp_diff(softcap(blk[j], cap), pivot)
     return acc
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def rest_sum(row, skip, pivot):
+def rest_sum(row, skip, pivot, cap=None):
     """``sum_{j != skip} exp(row[j] - pivot)`` in float64, each difference exact
     (:func:`exp_diff`), compensated across blocks: relative error ~2 eps (float64).
-    ``row`` may be strided (the K-dim layouts pass a column)."""
+    ``row`` may be strided (the K-dim layouts pass a column); with ``cap`` the row is
+    soft-capped first (``pivot`` is then a capped value)."""
     p = np.float64(pivot)
     n = row.shape[0]
     hi = np.float64(0)
@@ -684,9 +777,9 @@ def rest_sum(row, skip, pivot):
     for b in range(0, n, _REST_BLOCK):
         e = min(b + _REST_BLOCK, n)
         if b <= skip < e:
-            acc = _block_rest(row[b:skip], p) + _block_rest(row[skip + 1:e], p)
+            acc = _block_rest(row[b:skip], p, cap) + _block_rest(row[skip + 1:e], p, cap)
         else:
-            acc = _block_rest(row[b:e], p)
+            acc = _block_rest(row[b:e], p, cap)
         hi, err = two_sum(hi, acc)
         lo += err
     return hi + lo
@@ -715,7 +808,7 @@ def lse_confident(row):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest):
+def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest, cap=None):
     """:func:`rest_sum` for the positions ``s0:s1`` of sample ``n`` of the (N, C, S) ``x`` at
     once, vectorized across positions: ``rest[j] = sum_{c != skip[j]} exp(x[n, c, s0 + j] -
     pivot[j])`` (float64 ``pivot`` and ``rest``; TwoSum-compensated over the classes)."""
@@ -727,7 +820,7 @@ def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest):
     for c in range(x.shape[1]):
         xc = x[n, c, s0:s1]
         for j in range(B):
-            v = exp_diff(xc[j], pivot[j])
+            v = exp_diff(softcap(xc[j], cap), pivot[j])
             v = v if c != skip[j] else np.float64(0)
             rest[j], err = two_sum(rest[j], v)
             lo[j] += err

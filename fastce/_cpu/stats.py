@@ -9,7 +9,7 @@ from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
 from .partials import STAT_FIELDS, merge_partials
-from .primitives import exp_term, nan_max, row_max_sumexp, safe_shift, wide_vectors
+from .primitives import exp_term, nan_max, row_max_sumexp, safe_shift, softcap, wide_vectors
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True, nogil=True)
@@ -34,7 +34,7 @@ def split_row_stats(x, n_chunks, out_m, out_s):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
+def spatial_max_sumexp(x, n, s0, s1, m, s, shift, cap=None):
     """(max, sum-exp) over the class axis of sample ``n`` of the (N, C, S) ``x``, for the
     positions ``s0:s1`` all at once: the inner loops run along the contiguous S axis.  Writes
     ``m[j]``, ``s[j]`` and the safe shift ``shift[j]`` for position ``s0 + j``.  Two passes
@@ -42,7 +42,7 @@ def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
 
     Every slab row is taken as ``x[n, c, s0:s1]``: numba types that 1-D view C-contiguous,
     so the loops vectorize (a 2-D slab view's rows are typed strided and run several times
-    slower: docs/performance.md).
+    slower: docs/performance.md).  With ``cap`` (``primitives.softcap``), of the capped logits.
     """
     wide_vectors()
     C = x.shape[1]
@@ -53,13 +53,13 @@ def spatial_max_sumexp(x, n, s0, s1, m, s, shift):
     for c in range(C):
         xc = x[n, c, s0:s1]
         for j in range(B):
-            m[j] = nan_max(m[j], xc[j])
+            m[j] = nan_max(m[j], softcap(xc[j], cap))
     for j in range(B):
         shift[j] = safe_shift(m[j])
     for c in range(C):
         xc = x[n, c, s0:s1]
         for j in range(B):
-            s[j] += exp_term(xc[j] - shift[j])
+            s[j] += exp_term(softcap(xc[j], cap) - shift[j])
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -69,7 +69,7 @@ def spatial_blocks(x):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def spatial_block_stats(x, u):
+def spatial_block_stats(x, u, cap=None):
     """Work unit ``u`` of the (N, C, S) layout: sample ``n``, positions ``s0:s1``, and their
     statistics ``(m, s, shift)`` from :func:`spatial_max_sumexp` in fresh arrays."""
     S = x.shape[2]
@@ -80,5 +80,5 @@ def spatial_block_stats(x, u):
     m = np.empty(s1 - s0, dtype=x.dtype)
     s = np.empty(s1 - s0, dtype=x.dtype)
     shift = np.empty(s1 - s0, dtype=x.dtype)
-    spatial_max_sumexp(x, n, s0, s1, m, s, shift)
+    spatial_max_sumexp(x, n, s0, s1, m, s, shift, cap)
     return n, s0, s1, m, s, shift

@@ -112,19 +112,21 @@ def softmax(x, axis=-1, *, out=None):
 
 @_documented_by(_cross_entropy.cross_entropy, waits="class indices and probability targets")
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0):
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, return_lse=False):
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
-                                    label_smoothing, None, False)
+                                    label_smoothing, None, False, softcap=softcap,
+                                    z_loss=z_loss, return_lse=return_lse)
 
 
 @_documented_by(_cross_entropy.cross_entropy_with_grad,
                 waits="class indices and probability targets")
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, grad_output=None,
-                            grad_input=None):
+                            grad_input=None, softcap=None, z_loss=0.0, return_lse=False):
     _no_out(grad_input, "grad_input")
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
-                                    label_smoothing, grad_output, True)
+                                    label_smoothing, grad_output, True, softcap=softcap,
+                                    z_loss=z_loss, return_lse=return_lse)
 
 
 @_documented_by(_bce.binary_cross_entropy, waits="inputs and targets")

@@ -34,7 +34,8 @@ from .._arrays import _as_array, is_device_array
 from .._modes import MODE_LOGSUMEXP
 from .._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, PROB_TARGET_VALUES,
                          bce_problem, broadcastable, check_axis, check_grad_output,
-                         compute_dtype, cross_entropy_problem, pos_weight_is_compact,
+                         compute_dtype, cross_entropy_problem, large_vocab_options,
+                         pos_weight_is_compact,
                          raise_bad_class_index, raise_bad_probability, raise_bad_value,
                          split_at_axis)
 from .kernels.bce import build_bce
@@ -48,18 +49,19 @@ SIM = bool(config.ENABLE_CUDASIM)
 _copy_kernel = FastKernel(copy_kernel)
 
 
-def kernels(dtype, shuffle=None):
+def kernels(dtype, shuffle=None, softcap=None):
     """Every kernel of one compute dtype (built once per process and block size; numba
     compiles each on its first launch with a given signature).  ``shuffle``: the reduction
-    twin (default: warp shuffles, except under the simulator)."""
+    twin (default: warp shuffles, except under the simulator); ``softcap``: the logit cap
+    compiled in (one build per value)."""
     # The block size is part of the key: the float32 kernels are compiled with launch bounds
     # for it, and a launch with more threads than the bound fails (CUDA_ERROR_INVALID_VALUE).
-    return _kernels(np.dtype(dtype), shuffle, _threads())
+    return _kernels(np.dtype(dtype), shuffle, _threads(), softcap)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype, shuffle, threads_per_block):
-    P = build_primitives(dtype, shuffle)
+def _kernels(dtype, shuffle, threads_per_block, softcap):
+    P = build_primitives(dtype, shuffle, softcap)
     soft = build_softmax(P)
     ns = SimpleNamespace(P=P)
     for part in (soft, build_cross_entropy(P, soft), build_bce(P), build_reduce(P)):
@@ -542,7 +544,7 @@ def _grad_output(call, grad_output, reduction, loss_shape, dt):
 
 
 def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                  grad_output, want_grad):
+                  grad_output, want_grad, softcap=None, z_loss=0.0, return_lse=False):
     with Call(logits) as call:
         x = call.x
         tgt, t_dev = call.meta(target, "target")
@@ -553,7 +555,11 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                                      None if w is None else tuple(w.shape),
                                      ignore_index, reduction, label_smoothing)
         N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
-        K = kernels(dt)
+        cap, z = large_vocab_options(softcap, z_loss, return_lse, dt)
+        K = kernels(dt, softcap=None if cap is None else float(softcap))
+        z = dt.type(z)
+        lse = call.empty((N * S,), dt) if return_lse else None
+        lse_arg = lse if return_lse else _empty(dt, 2)   # (its rank decides, compile-time)
         rows = N * S
         eps = float(label_smoothing)
         keep, eps_c = dt.type(1 - eps), dt.type(eps / C)
@@ -579,7 +585,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 t_flag = call.check_values(K, t3, PROB_TARGET_VALUES)
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
                 K.prob_kernel[blocks, tpb, call.stream](
-                    x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G)
+                    x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G,
+                    z, lse_arg)
             stats, denom, flag = None, rows, None
         else:
             tpb = _threads()
@@ -606,7 +613,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 parts = call.empty((rows, n_split), dt)
                 K.index_kernel[blocks, tpb, call.stream](
                     x3, t2, int(ignore_index), wd, stats, keep, eps_c, mean, g0, gout, grad3,
-                    parts, G, n_split, pm, ps)
+                    parts, G, n_split, pm, ps, z, lse_arg)
                 if n_split == 1 or reduction != "none":
                     loss = call.reshape(parts, (rows * n_split,))
                 else:
@@ -628,9 +635,10 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             if bad is not None:
                 raise_bad_class_index(call.read(t2, divmod(bad, S)), bad, tuple(tgt.shape), C,
                                       ignore_index)
+        lse_out = (call.result(lse, prob.loss_shape, x.dtype),) if return_lse else ()
         if not want_grad:
-            return out
-        return out, call.result(grad, tuple(x.shape), x.dtype)
+            return (out,) + lse_out if return_lse else out
+        return (out, call.result(grad, tuple(x.shape), x.dtype)) + lse_out
 
 
 # ---------------------------------------------------------------------------------------------

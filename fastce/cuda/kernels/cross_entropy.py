@@ -14,6 +14,14 @@ unit is a row or a chunk of one (see ``fastce.cuda.kernels.softmax``): pass 1 re
 L2 for moderate C, to write the gradient and sum the smoothing term.  ``loss_part[r, k]`` gets
 chunk k's share of row r's loss.
 
+The large-vocabulary options are the CPU kernels' too: logits soft-capped on load (``P.xload``,
+``P.cap_value``; the cap is a compile-time constant of the primitives ``P``, identity without
+it), every gradient element times the cap's derivative (``P.cap_grad``), ``z_loss * lse**2``
+added to a non-ignored row's loss with ``2 z_loss lse`` joining the softmax coefficient, and
+each row's lse written to ``lse_out`` when that is 1-D (ignored rows included); without
+lse it is a 2-D placeholder.  An array's rank is a compile-time constant: numba prunes the
+branch, so the kernels that return no lse hold no trace of it.
+
 Class-index targets are checked by :func:`prepare_kernel` on the device: an index outside
 [0, C) that is not ``ignore_index`` lowers an error flag to its flat position (the host turns
 that into the CPU path's IndexError after the launch) and is treated as ignored by the loss
@@ -46,6 +54,7 @@ def build_cross_entropy(P, soft):
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
     ftype = P.ftype
+    xload, cap_value, cap_grad = P.xload, P.cap_value, P.cap_grad
     unit_stats = soft.unit_stats
     # float32: registers for half of an SM's threads (four 256-thread blocks; 64 a thread)
     # at the launched block size: ptxas would otherwise take up to 72 (float64 would spill).
@@ -73,8 +82,9 @@ def build_cross_entropy(P, soft):
     @cuda.jit(device=True)
     def index_term(xc, wc, m, L, sh, inv, ga, ge):
         """Class c's smoothing term ``w_c (lse - x_c)`` and gradient, less the target's
-        ``-(1 - eps) w_t g`` (:func:`index_row` fixes the target's element up after)."""
-        return wc * lse_minus(m, L, xc), ga * (exp(xc - sh) * inv) - ge * wc
+        ``-(1 - eps) w_t g`` (:func:`index_row` fixes the target's element up after); ``xc``
+        is the (capped) logit."""
+        return wc * lse_minus(m, L, xc), cap_grad(ga * (exp(xc - sh) * inv) - ge * wc, xc)
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth, t,
@@ -92,10 +102,10 @@ def build_cross_entropy(P, soft):
         dw = G * weight.strides[0]
         end = hi - 3 * G
         while c < end:
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = xload(x, p, n, c, s)
+            x1 = xload(x, p + d, n, c + G, s)
+            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
             w0 = load1_at(weight, pw, c) if has_w else ONE
             w1 = load1_at(weight, pw + dw, c + G) if has_w else ONE
             w2 = load1_at(weight, pw + 2 * dw, c + 2 * G) if has_w else ONE
@@ -119,7 +129,7 @@ def build_cross_entropy(P, soft):
             cj = c + j * G
             if cj < hi:
                 wj = load1_at(weight, pw + j * dw, cj) if has_w else ONE
-                sj, vj = index_term(load_at(x, p + j * d, n, cj, s), wj, m, L, sh, inv, ga, ge)
+                sj, vj = index_term(xload(x, p + j * d, n, cj, s), wj, m, L, sh, inv, ga, ge)
                 if smooth:
                     sm += sj
                 if want_grad:
@@ -128,8 +138,9 @@ def build_cross_entropy(P, soft):
         if want_grad and t >= lo and t < hi and \
                 np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
             wt = load1(weight, t) if has_w else ONE
-            _, vt = index_term(load3(x, n, t, s), wt, m, L, sh, inv, ga, ge)
-            store3(grad, n, t, s, vt - gt)
+            yt = cap_value(load3(x, n, t, s))
+            _, vt = index_term(yt, wt, m, L, sh, inv, ga, ge)
+            store3(grad, n, t, s, vt - cap_grad(gt, yt))
         return sm
 
     @cuda.jit(device=True)
@@ -204,13 +215,14 @@ def build_cross_entropy(P, soft):
 
     @bounded_jit
     def index_kernel(x, target, ignore_index, weight, stats, keep, eps_c, mean, g0, gout,
-                     grad, loss_part, G, n_split, part_m, part_s):
+                     grad, loss_part, G, n_split, part_m, part_s, z_loss, lse_out):
         """Class-index targets.  ``stats`` = [denominator, sum of weights] (device);
         ``keep = 1 - eps``, ``eps_c = eps / C``; ``grad`` is (N, C, S), or (0, 0, 0) for the
-        forward only; ``loss_part`` is (N * S, n_split)."""
+        forward only; ``loss_part`` is (N * S, n_split); ``lse_out`` (N * S,) or 2-D (none)."""
         N, C, S = x.shape
         has_w = weight.shape[0] > 0
         want_grad = grad.shape[0] > 0
+        want_lse = lse_out.ndim == 1
         smooth = eps_c > ZERO
         valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
         t = int64(0)
@@ -218,10 +230,15 @@ def build_cross_entropy(P, soft):
         if valid:
             t = int64(target[n, s])
             active = t != ignore_index and t >= 0 and t < C
-        # An ignored row reads nothing; it still joins the group's reductions.
-        m, acc = unit_stats(x, G, n_split, part_m, part_s, active, lane, r, n, s, lo,
-                            hi if active else lo)
+        # An ignored row reads nothing (unless its lse is wanted); it still joins the
+        # group's reductions.
+        read = active or (valid and want_lse)
+        m, acc = unit_stats(x, G, n_split, part_m, part_s, read, lane, r, n, s, lo,
+                            hi if read else lo)
         m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
+        if lse_out.ndim == 1:
+            if valid and lane == 0 and k == 0:
+                lse_out[r] = m + L
         w_t = weight[t] if (has_w and active) else ONE
         # The target's share (loss and gradient) belongs to the chunk that holds it.
         holds_t = active and t >= lo and t < hi
@@ -229,7 +246,7 @@ def build_cross_entropy(P, soft):
         nll = ZERO
         need = False
         if holds_t:
-            xt = x[n, t, s]
+            xt = cap_value(x[n, t, s])
             if xt != NEG_INF:
                 nll = lse_minus(m, L, xt)
                 # a confident row (the target holds the max; the CPU's test): see below
@@ -240,7 +257,8 @@ def build_cross_entropy(P, soft):
             g = upstream(gout, g0, r, mean, stats[0])
             sh = safe_shift(m)
             inv = inv_sum(m, acc)
-            ga = g * (keep * w_t + eps_c * w_total)
+            zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
+            ga = g * (keep * w_t + eps_c * w_total + zz)
             ge = g * eps_c
             gt = g * keep * w_t
             if want_grad:
@@ -263,15 +281,22 @@ def build_cross_entropy(P, soft):
                     # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
                     # CPU's _target_grad); it replaces what pass 2 wrote there.  The factors
                     # are read again rather than kept live across the pass.
+                    # (z-loss: lse = x_t + log1p(rest) for a confident row.)
                     gr = upstream(gout, g0, r, mean, stats[0])
                     wr = weight[t] if has_w else ONE
                     pt = ONE / (ONE + rest)
-                    store3(grad, n, t, s, (gr * keep * wr) * (-rest * pt) +
-                           (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr))
+                    zr = ftype(2) * z_loss * (xt + nll) if z_loss != ZERO else ZERO
+                    store3(grad, n, t, s, cap_grad(
+                        (gr * keep * wr) * (-rest * pt) +
+                        (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr) +
+                        (gr * zr) * pt, xt))
         part = ZERO
         if holds_t:
             # A target on a -inf logit costs +inf, even in an all-masked row.
             part = keep * w_t * nll if xt != NEG_INF else INF
+            if z_loss != ZERO:
+                # lse = x_t + (lse - x_t): no (m, L) kept live across the second pass.
+                part += z_loss * (xt + nll) * (xt + nll)
         if valid and lane == 0:
             loss_part[r, k] = part + eps_c * sm if smooth else part
 
@@ -295,7 +320,7 @@ def build_cross_entropy(P, soft):
         """Class c's loss term (0 where ``wt_c == 0``, even for ``x_c = -inf``) and
         gradient."""
         return (wt * lse_minus(m, L, xc) if wt != ZERO else ZERO,
-                ga * (exp(xc - sh) * inv) - g * wt)
+                cap_grad(ga * (exp(xc - sh) * inv) - g * wt, xc))
 
     @cuda.jit(device=True)
     def prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, keep,
@@ -309,10 +334,10 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         end = hi - 3 * G
         while c < end:
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = xload(x, p, n, c, s)
+            x1 = xload(x, p + d, n, c + G, s)
+            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
             t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
             t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
                                eps_c)
@@ -338,7 +363,7 @@ def build_cross_entropy(P, soft):
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
-                lj, vj = prob_term(load_at(x, p + j * d, n, cj, s),
+                lj, vj = prob_term(xload(x, p + j * d, n, cj, s),
                                    target_weight(target, weight, pt + j * dt, pw + j * dw, n,
                                                  cj, s, has_w, keep, eps_c),
                                    m, L, sh, inv, ga, g)
@@ -348,7 +373,8 @@ def build_cross_entropy(P, soft):
         return lsum
 
     @bounded_jit
-    def prob_kernel(x, target, weight, keep, eps_c, mean, denom, g0, gout, grad, loss, G):
+    def prob_kernel(x, target, weight, keep, eps_c, mean, denom, g0, gout, grad, loss, G,
+                    z_loss, lse_out):
         """Probability targets of the logits' (N, C, S) layout; whole rows (no split).  The
         smoothed, weighted target is ``wt_c = ((1 - eps) t_c + eps / C) * w_c``; a class with
         ``wt_c == 0`` adds 0 to the loss even where ``x_c = -inf``."""
@@ -365,10 +391,10 @@ def build_cross_entropy(P, soft):
         p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
         end = hi - 3 * G
         while c < end:
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = xload(x, p, n, c, s)
+            x1 = xload(x, p + d, n, c + G, s)
+            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
             t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
             t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
                                eps_c)
@@ -386,26 +412,34 @@ def build_cross_entropy(P, soft):
             x1 = NEG_INF
             x2 = NEG_INF
             if c + G < hi:
-                x1 = load_at(x, p + d, n, c + G, s)
+                x1 = xload(x, p + d, n, c + G, s)
                 tw += target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w,
                                     keep, eps_c)
             if c + 2 * G < hi:
-                x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+                x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
                 tw += target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G,
                                     s, has_w, keep, eps_c)
             tw += target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-            m, sh, acc = push_block4(m, sh, acc, load_at(x, p, n, c, s), x1, x2, NEG_INF)
+            m, sh, acc = push_block4(m, sh, acc, xload(x, p, n, c, s), x1, x2, NEG_INF)
         m, acc = allreduce_max_sumexp(m, acc, G)
         tw, _ = allreduce_sum2(tw, ZERO, G)
         m, L = shift_log_sum(m, acc)
+        if lse_out.ndim == 1:
+            if valid and lane == 0:
+                lse_out[r] = m + L
         # Pass 2: the loss terms and the gradient.
         g = upstream(gout, g0, r, mean, denom)
+        zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
         if want_grad:
             lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, True,
-                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * tw, g)
+                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
+                            g)
         else:
             lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, False,
-                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * tw, g)
+                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
+                            g)
+        if lane == 0 and z_loss != ZERO:
+            lsum += z_loss * (m + L) * (m + L)
         lsum, _ = allreduce_sum2(lsum, ZERO, G)
         if valid and lane == 0:
             loss[r] = lsum

@@ -56,11 +56,15 @@ def _math_functions(ftype):
                 with np.errstate(all="ignore"):
                     return f(ftype(v))
             return cuda.jit(device=True)(g)
-        return _quiet(np.exp), _quiet(np.log), _quiet(np.log1p)
+        return _quiet(np.exp), _quiet(np.log), _quiet(np.log1p), _quiet(np.tanh)
 
     @cuda.jit(device=True)
     def exp(v):
         return math.exp(v)
+
+    @cuda.jit(device=True)
+    def tanh(v):
+        return math.tanh(v)
 
     @cuda.jit(device=True)
     def log(v):
@@ -70,7 +74,42 @@ def _math_functions(ftype):
     def log1p(v):
         return math.log1p(v)
 
-    return exp, log, log1p
+    return exp, log, log1p, tanh
+
+
+def _softcap_functions(softcap, ftype, load_at):
+    """``(xload, cap_value, cap_grad)``: the logits' load, a loaded logit, and a gradient
+    element, with logit soft-capping ``y = softcap * tanh(x / softcap)`` built in, the cap a
+    compile-time constant; with ``softcap`` None the plain load and identities, so the
+    kernels compile to exactly the code they had without it."""
+    if softcap is None:
+        @cuda.jit(device=True)
+        def cap_value(v):
+            return v
+
+        @cuda.jit(device=True)
+        def cap_grad(g, y):
+            return g
+
+        return load_at, cap_value, cap_grad
+    CAP, RCAP, ONE = ftype(softcap), ftype(1.0 / softcap), ftype(1)
+    tanh = _math_functions(ftype)[3]
+
+    @cuda.jit(device=True)
+    def cap_value(v):
+        return CAP * tanh(v * RCAP)
+
+    @cuda.jit(device=True)
+    def xload(a, p, n, c, s):
+        return cap_value(load_at(a, p, n, c, s))
+
+    @cuda.jit(device=True)
+    def cap_grad(g, y):
+        """``g * dy/dx`` at the capped value ``y``: ``g (1 - u)(1 + u)``, ``u = y / cap``."""
+        u = y * RCAP
+        return g * ((ONE - u) * (ONE + u))
+
+    return xload, cap_value, cap_grad
 
 
 def _warp_allreduce(combine, nbtype, shuffle):
@@ -149,8 +188,8 @@ def _group_allreduce(combine, ident_a, ident_b, nbtype, shuffle):
     return allreduce
 
 
-def build_primitives(dtype, shuffle=None):
-    """Device functions for one compute dtype.
+def build_primitives(dtype, shuffle=None, softcap=None):
+    """Device functions for one compute dtype (and logit soft-cap).
 
     Parameters
     ----------
@@ -158,6 +197,9 @@ def build_primitives(dtype, shuffle=None):
         float32 or float64.
     shuffle : bool, optional
         Warp shuffles (True) or the shared-memory twin (False).  Default: :func:`use_shuffle`.
+    softcap : float, optional
+        Every logit the row functions read is soft-capped, ``softcap * tanh(x / softcap)``
+        (a compile-time constant: one build per cap value).
 
     Returns
     -------
@@ -169,7 +211,8 @@ def build_primitives(dtype, shuffle=None):
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
         ``row_max_sumexp``; for confident rows (issue #13) ``confident``,
         ``lse_needs_rest``, ``two_sum``, ``exp_diff``, ``allreduce_two_sum``, ``block_any``
-        and ``rest_sum`` (the second pass).
+        and ``rest_sum`` (the second pass); ``xload``, ``cap_value``, ``cap_grad`` (see
+        :func:`_softcap_functions`).
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -178,7 +221,8 @@ def build_primitives(dtype, shuffle=None):
     nbtype = from_dtype(dtype)
     ZERO, ONE = ftype(0), ftype(1)
     INF, NEG_INF, NAN = ftype(np.inf), ftype(-np.inf), ftype(np.nan)
-    exp, log, log1p = _math_functions(ftype)
+    exp, log, log1p, _ = _math_functions(ftype)
+    xload, cap_value, cap_grad = _softcap_functions(softcap, ftype, load_at)
 
     if dtype == np.float32:
         nan_max = max_nan_f32
@@ -345,10 +389,10 @@ def build_primitives(dtype, shuffle=None):
         d = G * x.strides[1]
         end = C - 3 * G
         while c < end:
-            v0 = load_at(x, p, n, c, s)
-            v1 = load_at(x, p + d, n, c + G, s)
-            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            v0 = xload(x, p, n, c, s)
+            v1 = xload(x, p + d, n, c + G, s)
+            v2 = xload(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = xload(x, p + 3 * d, n, c + 3 * G, s)
             hi, e = two_sum(hi, (rest_term(v0, pivot) + rest_term(v1, pivot)) +
                             (rest_term(v2, pivot) + rest_term(v3, pivot)))
             lo += e
@@ -358,7 +402,7 @@ def build_primitives(dtype, shuffle=None):
             p += 4 * d
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             if c + j * G < C:
-                v = load_at(x, p + j * d, n, c + j * G, s)
+                v = xload(x, p + j * d, n, c + j * G, s)
                 hi, e = two_sum(hi, rest_term(v, pivot))
                 lo += e
                 cnt += is_pivot(v, pivot)
@@ -455,20 +499,20 @@ def build_primitives(dtype, shuffle=None):
         end = hi - 7 * G
         while c < end:
             m, sh, acc = push_block8(
-                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
-                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s),
-                load_at(x, p + 4 * d, n, c + 4 * G, s), load_at(x, p + 5 * d, n, c + 5 * G, s),
-                load_at(x, p + 6 * d, n, c + 6 * G, s), load_at(x, p + 7 * d, n, c + 7 * G, s))
+                m, sh, acc, xload(x, p, n, c, s), xload(x, p + d, n, c + G, s),
+                xload(x, p + 2 * d, n, c + 2 * G, s), xload(x, p + 3 * d, n, c + 3 * G, s),
+                xload(x, p + 4 * d, n, c + 4 * G, s), xload(x, p + 5 * d, n, c + 5 * G, s),
+                xload(x, p + 6 * d, n, c + 6 * G, s), xload(x, p + 7 * d, n, c + 7 * G, s))
             c += 8 * G
             p += 8 * d
         if c < hi:  # the last 1-7 elements of this thread
-            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
-            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
-            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s) if c + 3 * G < hi else NEG_INF
-            v4 = load_at(x, p + 4 * d, n, c + 4 * G, s) if c + 4 * G < hi else NEG_INF
-            v5 = load_at(x, p + 5 * d, n, c + 5 * G, s) if c + 5 * G < hi else NEG_INF
-            v6 = load_at(x, p + 6 * d, n, c + 6 * G, s) if c + 6 * G < hi else NEG_INF
-            m, sh, acc = push_block8(m, sh, acc, load_at(x, p, n, c, s), v1, v2, v3, v4, v5,
+            v1 = xload(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = xload(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            v3 = xload(x, p + 3 * d, n, c + 3 * G, s) if c + 3 * G < hi else NEG_INF
+            v4 = xload(x, p + 4 * d, n, c + 4 * G, s) if c + 4 * G < hi else NEG_INF
+            v5 = xload(x, p + 5 * d, n, c + 5 * G, s) if c + 5 * G < hi else NEG_INF
+            v6 = xload(x, p + 6 * d, n, c + 6 * G, s) if c + 6 * G < hi else NEG_INF
+            m, sh, acc = push_block8(m, sh, acc, xload(x, p, n, c, s), v1, v2, v3, v4, v5,
                                      v6, NEG_INF)
         return m, acc
 
@@ -485,14 +529,14 @@ def build_primitives(dtype, shuffle=None):
         end = hi - 3 * G
         while c < end:
             m, sh, acc = push_block4(
-                m, sh, acc, load_at(x, p, n, c, s), load_at(x, p + d, n, c + G, s),
-                load_at(x, p + 2 * d, n, c + 2 * G, s), load_at(x, p + 3 * d, n, c + 3 * G, s))
+                m, sh, acc, xload(x, p, n, c, s), xload(x, p + d, n, c + G, s),
+                xload(x, p + 2 * d, n, c + 2 * G, s), xload(x, p + 3 * d, n, c + 3 * G, s))
             c += 4 * G
             p += 4 * d
         if c < hi:  # the last 1-3 elements of this thread
-            v1 = load_at(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
-            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
-            m, sh, acc = push_block4(m, sh, acc, load_at(x, p, n, c, s), v1, v2, NEG_INF)
+            v1 = xload(x, p + d, n, c + G, s) if c + G < hi else NEG_INF
+            v2 = xload(x, p + 2 * d, n, c + 2 * G, s) if c + 2 * G < hi else NEG_INF
+            m, sh, acc = push_block4(m, sh, acc, xload(x, p, n, c, s), v1, v2, NEG_INF)
         return m, acc
 
     thread_max_sumexp = thread_max_sumexp8 if dtype == np.float32 else thread_max_sumexp4
@@ -516,4 +560,5 @@ def build_primitives(dtype, shuffle=None):
         unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp,
         confident=confident, lse_needs_rest=lse_needs_rest, two_sum=two_sum,
         exp_diff=exp_diff, rest_sum=rest_sum, block_any=block_any,
-        allreduce_two_sum=allreduce_two_sum)
+        allreduce_two_sum=allreduce_two_sum, softcap=softcap, xload=xload,
+        cap_value=cap_value, cap_grad=cap_grad)

@@ -25,6 +25,7 @@ def launch_signatures(K, dt):
     I1 = types.Array(i64, 1, "C")
     T2 = types.Array(i64, 2, "A")
     T2i32 = types.Array(types.int32, 2, "A")
+    NO_LSE = A2  # the cross-entropy kernels' lse_out placeholder when no lse is returned
     return {
         "stats_kernel": (K.stats_kernel, (A3, i64, i64, A1, A1)),
         "softmax_kernel": (K.softmax_kernel, (A3, A3, i64, i64, i64, A1, A1)),
@@ -32,8 +33,9 @@ def launch_signatures(K, dt):
         "prepare_kernel": (K.prepare_kernel, (T2, i64, i64, A1, I1, A1)),
         "prepare_kernel_int32": (K.prepare_kernel, (T2i32, i64, i64, A1, I1, A1)),
         "index_kernel": (K.index_kernel, (A3, T2, i64, A1, A1, f, f, b1, f, A1, A3, A2, i64,
-                                          i64, A1, A1)),
-        "prob_kernel": (K.prob_kernel, (A3, S3, A1, f, f, b1, f, f, A1, A3, A1, i64)),
+                                          i64, A1, A1, f, NO_LSE)),
+        "prob_kernel": (K.prob_kernel, (A3, S3, A1, f, f, b1, f, f, A1, A3, A1, i64, f,
+                                        NO_LSE)),
         "bce_kernel": (K.bce_kernel, (A1, A1, A1, A1, I1)),
         "bce_logits_kernel": (K.bce_logits_kernel, (A1, A1, A1, A1, A1)),
         "bce_grad_kernel": (K.bce_grad_kernel, (A1, A1, A1, A1, f, f, A1, A1, I1)),
