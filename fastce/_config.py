@@ -44,6 +44,16 @@ SPLIT_MIN_CHUNK = 1 << 14
 FEW_CLASSES = 16
 FEW_CLASSES_MIN_ROWS = 64
 
+# Many short rows run as row tiles (``_cpu.tiles``): TILE_ROWS rows transposed in cache so that
+# the vector lanes are rows.  Taken for rows of at least ROW_TILE_MIN_CLASSES classes and at
+# most ROW_TILE_MAX_BYTES bytes (128 float32 / 64 float64 classes; longer rows ran faster in
+# the rows kernels), with at least ROW_TILE_MIN_ROWS rows (docs/performance.md, "Many short
+# rows").
+TILE_ROWS = 64
+ROW_TILE_MIN_CLASSES = 17
+ROW_TILE_MAX_BYTES = 512
+ROW_TILE_MIN_ROWS = 32
+
 # Rows of at most this many classes skip the block machinery of ``row_max_sumexp`` (prefetch,
 # stale-shift bookkeeping): a max, then an exp-sum.
 SHORT_ROW = 64

@@ -11,7 +11,7 @@ import numpy as np
 from . import _config
 from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles, _small_call,
                        _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
                         position, raise_bad_class_index, raise_bad_value, result_dtype)
@@ -19,7 +19,7 @@ from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entr
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
 _kernels = _import_kernels()
-_ce, _checks = _kernels.cross_entropy, _kernels.checks
+_ce, _checks, _tiles = _kernels.cross_entropy, _kernels.checks, _kernels.tiles
 
 _EMPTY_2D = {k: v.reshape(0, 0) for k, v in EMPTY.items()}
 _EMPTY_3D = {k: v.reshape(0, 0, 0) for k, v in EMPTY.items()}
@@ -63,7 +63,8 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     else:
         # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
         grad = _EMPTY_2D[dt]
-    loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
+    entry = _tiles.ce_index_small_tiles if _row_tiles(*logits.shape, dt) else _ce.ce_index_small
+    loss, bad = entry(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
     loss = _SCALAR[dt](loss)
@@ -159,6 +160,17 @@ def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
     return part[:, 0] if n_chunks == 1 else part.sum(axis=1)
 
 
+def _row_tiles_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
+    """(N, C) rows of a few tens of classes, class-index targets: row tiles, vectorized
+    across rows (``_cpu.tiles``)."""
+    N, C, dt = prob.N, prob.C, prob.dtype
+    g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
+    loss = np.empty(N, dt)
+    (_tiles.ce_index_tiles if par else _tiles.ce_index_tiles_serial)(
+        x3.reshape(N, C), t, ignore_index, w, dt.type(w_total), eps, gscale, g2, loss)
+    return loss
+
+
 def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
     """(N, C, S): the class axis strided, the kernels vectorized across positions."""
     N, S, dt = prob.N, prob.S, prob.dtype
@@ -178,6 +190,8 @@ def _choose_layout(prob):
         return _spatial_layout
     if _few_classes_many_rows(prob.N, prob.C):
         return _few_classes_layout
+    if not prob.probs and _row_tiles(prob.N, prob.C, prob.dtype):
+        return _row_tiles_layout
     return _rows_layout
 
 
