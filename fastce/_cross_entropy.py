@@ -2,7 +2,7 @@
 
 A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validate``), check
 the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
-(few classes, rows, or K-dim spatial), launch the CPU kernel of ``fastce._cpu.cross_entropy``
+(row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of ``fastce._cpu.cross_entropy``
 on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
 (:func:`_ce_small`); CUDA arrays go to ``fastce.cuda``.
 """
@@ -49,8 +49,10 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     if not (target.dtype is _I64 and logits.ndim == 2
             and target.ndim == 1 and len(logits) == len(target)
             and target.flags.c_contiguous
-            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
-            and not _few_classes_many_rows(*logits.shape)):
+            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")):
+        return None
+    tiles = _row_tiles(*logits.shape, dt)
+    if not tiles and _few_classes_many_rows(*logits.shape):
         return None
     if want_grad:
         if grad_input is None:
@@ -63,7 +65,7 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     else:
         # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
         grad = _EMPTY_2D[dt]
-    entry = _tiles.ce_index_small_tiles if _row_tiles(*logits.shape, dt) else _ce.ce_index_small
+    entry = _tiles.ce_index_small_tiles if tiles else _ce.ce_index_small
     loss, bad = entry(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
@@ -188,10 +190,10 @@ def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, pa
 def _choose_layout(prob):
     if prob.S != 1:                    # K-dim, or no positions at all (S == 0)
         return _spatial_layout
-    if _few_classes_many_rows(prob.N, prob.C):
-        return _few_classes_layout
     if not prob.probs and _row_tiles(prob.N, prob.C, prob.dtype):
         return _row_tiles_layout
+    if _few_classes_many_rows(prob.N, prob.C):
+        return _few_classes_layout
     return _rows_layout
 
 

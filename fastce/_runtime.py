@@ -278,9 +278,9 @@ def _small_call(a):
 
 def _row_tiles(N, C, dtype):
     """Whether C-contiguous (N, C) rows of ``dtype`` (float32/float64) run as row tiles
-    (``_cpu.tiles``): many rows of a few tens to about a hundred classes."""
+    (``_cpu.tiles``): many rows of a few tens to a few hundred classes."""
     return (N >= _config.ROW_TILE_MIN_ROWS and C >= _config.ROW_TILE_MIN_CLASSES
-            and C * dtype.itemsize <= _config.ROW_TILE_MAX_BYTES)
+            and C <= _config.ROW_TILE_MAX_CLASSES[dtype.itemsize == 8])
 
 
 def _row_chunks(N, C):

@@ -25,7 +25,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
-           "rest_sum", "lse_confident", "spatial_rest_sum"]
+           "rest_sum", "rest_add", "lse_confident", "spatial_rest_sum"]
 
 
 @intrinsic
@@ -629,16 +629,41 @@ def lse_needs_rest(lse, L):
 
 
 def exp_diff(x, pivot):
-    """``exp(x - pivot)`` in float64 from the exact difference: float32 ``x`` is widened (the
-    difference of two float32 values is exact in float64); for float64 ``x`` the rounding
-    error ``e`` of ``x - pivot`` is recovered with TwoSum and applied as ``exp(d) (1 + e)``.
-    ``pivot`` is float64.  Vectorizes.  Jitted code only."""
+    """``exp(x - pivot)`` in float64 from the exact difference: the rounding error ``e`` of
+    ``d = x - pivot`` is recovered with TwoSum and applied as ``exp(d) (1 + e)``.  ``pivot``
+    is float64 holding a value of ``x``'s dtype (a row's max or target logit), ``x - pivot
+    <= 0`` in the callers.  float32 ``x``: the reduction and polynomial run in float32 (16
+    lanes a vector) and the power of two in float64, <= 1.5 float32 ulp; differences below
+    -150 give 0 (a term under e^-150 is below float32 precision of any sum that holds a
+    normal number), as do -inf and NaN.  float64 ``x``: float64 exp, <= 2.5 ulp.  Vectorizes.
+    Jitted code only."""
     raise NotImplementedError("fastce._cpu.primitives.exp_diff is for jitted code")
+
+
+_EXP_DIFF_LO_F32 = np.float32(-150.0)
+_EXP_DIFF_C_F32 = _F32["c"]
+_LN2_HI_F32, _LN2_LO_F32 = _F32["ln2_hi"], _F32["ln2_lo"]
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
 def _exp_diff_f32(x, pivot):
-    return _exp_f64(np.float64(x) - pivot)
+    d, e = two_diff(x, np.float32(pivot))
+    lo = _EXP_DIFF_LO_F32
+    c = _EXP_DIFF_C_F32
+    dc = lo if d < lo else d
+    n = np.rint(dc * np.float32(_LOG2E))
+    r = (dc - n * _LN2_HI_F32) - n * _LN2_LO_F32
+    q = c[5]
+    q = q * r + c[4]
+    q = q * r + c[3]
+    q = q * r + c[2]
+    q = q * r + c[1]
+    q = q * r + c[0]
+    p = np.float32(1) + r * q
+    p = p + p * e
+    # 2**n in float64: no underflow for n down to -217.
+    v = _scale_by_pow2_normal(np.float64(p), np.float64(n))
+    return v if d >= lo else np.float64(0)
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
@@ -729,10 +754,28 @@ def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest):
         for j in range(B):
             v = exp_diff(xc[j], pivot[j])
             v = v if c != skip[j] else np.float64(0)
-            rest[j], err = two_sum(rest[j], v)
-            lo[j] += err
+            rest[j], lo[j] = rest_add(xc[j], rest[j], lo[j], v)
     for j in range(B):
         rest[j] += lo[j]
+
+
+def rest_add(x, hi, lo, v):
+    """``(hi, lo)`` after adding ``v`` to the float64 sum ``hi + lo`` of terms of a row of
+    ``x``'s dtype: TwoSum-compensated for float64 rows; a plain float64 sum for float32 rows
+    (its error, ~C * 1e-16, is far below float32's eps).  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.rest_add is for jitted code")
+
+
+@overload(rest_add, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+def rest_add_impl(x, hi, lo, v):
+    if x == types.float32:
+        return lambda x, hi, lo, v: (hi + v, lo)
+    if x == types.float64:
+        def compensated(x, hi, lo, v):
+            s, err = two_sum(hi, v)
+            return s, lo + err
+        return compensated
+    return None
 
 
 def kernel_twins(py_func):

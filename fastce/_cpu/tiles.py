@@ -24,10 +24,9 @@ from numba.extending import intrinsic
 from .._config import FASTMATH, TILE_ROWS
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
-from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, rest_sum, safe_shift,
-                         shift_log_sum, spatial_rest_sum, wide_vectors)
-from .softmax import log_softmax_confident_row, spatial_log_softmax_confident
+from .primitives import (confident, exp_diff, exp_term, inv_sum, kernel_twins, log1p,
+                         lse_confident, lse_minus, lse_needs_rest, nan_max, rest_add, rest_sum,
+                         safe_shift, shift_log_sum, spatial_rest_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
@@ -137,10 +136,11 @@ def store_tile(buf, out, r0):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def tile_max_sumexp(buf, m, s, sh):
+def tile_max_sumexp(buf, m, s, sh, keep_exp):
     """Per lane j of the (C, TILE_ROWS) ``buf``: the max ``m[j]`` (NaN-propagating), the safe
     shift ``sh[j]`` and ``s[j] = sum_c exp(buf[c, j] - sh[j])`` -- 0 when the max is not
-    finite, as ``row_max_sumexp`` gives it."""
+    finite, as ``row_max_sumexp`` gives it.  With ``keep_exp`` the terms replace the logits
+    in ``buf`` (softmax and the gradient then need no second exp)."""
     wide_vectors()
     C = buf.shape[0]
     for j in range(TILE_ROWS):
@@ -151,12 +151,50 @@ def tile_max_sumexp(buf, m, s, sh):
             m[j] = nan_max(m[j], buf[c, j])
     for j in range(TILE_ROWS):
         sh[j] = safe_shift(m[j])
-    for c in range(C):
-        for j in range(TILE_ROWS):
-            s[j] += exp_term(buf[c, j] - sh[j])
+    if keep_exp:
+        for c in range(C):
+            for j in range(TILE_ROWS):
+                e = exp_term(buf[c, j] - sh[j])
+                s[j] += e
+                buf[c, j] = e
+    else:
+        for c in range(C):
+            for j in range(TILE_ROWS):
+                s[j] += exp_term(buf[c, j] - sh[j])
     for j in range(TILE_ROWS):
         finite = m[j] > -np.inf and m[j] < np.inf
         s[j] = s[j] if finite else buf.dtype.type(0)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def tile_max_rest(buf, m, rest):
+    """Per lane j of the (C, TILE_ROWS) ``buf``: the max ``m[j]`` and, in float64,
+    ``rest[j] = sum_c exp(buf[c, j] - m[j])`` over the entries below the max, plus one for
+    each further entry equal to it: ``logsumexp = m + log1p(rest)`` to full relative
+    precision (the differences exact, :func:`exp_diff`; the sum compensated for float64).
+    A lane whose max is not finite gets a rest that keeps ``m - x + log1p(rest)`` what the
+    one-pass statistics give there (a finite rest: -inf or NaN entries from ``m``)."""
+    wide_vectors()
+    C = buf.shape[0]
+    lo = np.zeros(TILE_ROWS)
+    ties = np.zeros(TILE_ROWS)
+    for j in range(TILE_ROWS):
+        m[j] = -np.inf
+        rest[j] = 0
+    for c in range(C):
+        for j in range(TILE_ROWS):
+            m[j] = nan_max(m[j], buf[c, j])
+    for c in range(C):
+        for j in range(TILE_ROWS):
+            v = buf[c, j]
+            below = v < m[j]
+            term = exp_diff(v, np.float64(m[j])) if below else np.float64(0)
+            rest[j], lo[j] = rest_add(v, rest[j], lo[j], term)
+            ties[j] += np.float64(v == m[j])
+    for j in range(TILE_ROWS):
+        finite = m[j] > -np.inf and m[j] < np.inf
+        # ties - 1 is an integer: added last, it cannot swamp the terms' low bits.
+        rest[j] = (rest[j] + lo[j]) + (ties[j] - 1) if finite else np.float64(0)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -178,7 +216,21 @@ def _softmax_tiles(x, out, mode):
         n = min(TILE_ROWS, N - r0)
         buf, m, s, sh, L = _tile_scratch(x)
         load_tile(x, r0, buf)
-        tile_max_sumexp(buf, m, s, sh)
+        if mode == MODE_LOG_SOFTMAX:
+            # Every row as max + log1p(rest) (see tile_max_rest): full relative precision at
+            # the max entry without a second pass for the confident rows, which are most
+            # rows at these lengths.
+            lp = np.empty(TILE_ROWS)
+            tile_max_rest(buf, m, lp)
+            for j in range(TILE_ROWS):
+                L[j] = log1p(lp[j])
+            # -((max - x) + log1p(rest)): exact at the max entry, one rounding more elsewhere.
+            for c in range(C):
+                for j in range(TILE_ROWS):
+                    buf[c, j] = -lse_minus(m[j], L[j], buf[c, j])
+            store_tile(buf, out, r0)
+            continue
+        tile_max_sumexp(buf, m, s, sh, mode != MODE_LOGSUMEXP)
         for j in range(TILE_ROWS):
             m[j], L[j] = shift_log_sum(m[j], s[j])   # m keeps the shift a: lse = a + L
         if mode == MODE_LOGSUMEXP:
@@ -187,32 +239,12 @@ def _softmax_tiles(x, out, mode):
                 if lse_needs_rest(lse, L[j]):
                     lse = x.dtype.type(lse_confident(x[r0 + j]))
                 out[r0 + j, 0] = lse
-            continue
-        if mode == MODE_LOG_SOFTMAX:
-            res = np.empty_like(buf)
-            n_conf = 0
-            for j in range(TILE_ROWS):
-                # The row's max is its shift: the entry that can have cancelled.
-                n_conf += confident(m[j] - m[j], L[j])
-            for c in range(C):
-                for j in range(TILE_ROWS):
-                    res[c, j] = -lse_minus(m[j], L[j], buf[c, j])
-            if n_conf > _FEW_CONFIDENT:
-                # The tile is the K-dim layout of one sample: (1, C, TILE_ROWS).
-                spatial_log_softmax_confident(buf.reshape(1, C, TILE_ROWS),
-                                              res.reshape(1, C, TILE_ROWS), 0, 0, TILE_ROWS,
-                                              m, L)
-            store_tile(res, out, r0)
-            if 0 < n_conf <= _FEW_CONFIDENT:
-                for j in range(n):
-                    if confident(m[j] - m[j], L[j]):
-                        log_softmax_confident_row(x[r0 + j], x[r0 + j], out[r0 + j])
-        else:
+        else:   # softmax
             for j in range(TILE_ROWS):
                 L[j] = inv_sum(m[j], s[j])
             for c in range(C):
                 for j in range(TILE_ROWS):
-                    buf[c, j] = exp_term(buf[c, j] - sh[j]) * L[j]
+                    buf[c, j] = buf[c, j] * L[j]
             store_tile(buf, out, r0)
 
 
@@ -234,14 +266,17 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         acc = np.zeros(TILE_ROWS, dtype=x.dtype)
         rest = np.full(TILE_ROWS, -1.0)   # >= 0: a confident row's rest sum
         load_tile(x, r0, buf)
-        tile_max_sumexp(buf, m, s, sh)
+        # With the gradient, buf's logits become their exps (tile_max_sumexp); xs keeps the
+        # logits where the smoothing sum needs them.
+        xs = buf.copy() if want_grad and eps > 0 else buf
+        tile_max_sumexp(buf, m, s, sh, want_grad)
         for j in range(TILE_ROWS):
             m[j], L[j] = shift_log_sum(m[j], s[j])
         if eps > 0:
             for c in range(C):
                 wc = weight[c] if has_w else one
                 for j in range(TILE_ROWS):
-                    acc[j] += wc * lse_minus(m[j], L[j], buf[c, j])
+                    acc[j] += wc * lse_minus(m[j], L[j], xs[c, j])
         pivot = np.zeros(TILE_ROWS)
         skip = np.full(TILE_ROWS, -1, dtype=np.int64)
         n_conf = 0
@@ -269,7 +304,10 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             # row by row when few, else vectorized across the tile's rows as in the K-dim
             # layout (1, C, TILE_ROWS).
             if n_conf > _FEW_CONFIDENT:
-                spatial_rest_sum(buf.reshape(1, C, TILE_ROWS), 0, 0, TILE_ROWS, pivot, skip,
+                if want_grad and eps == 0:
+                    xs = np.empty_like(buf)
+                    load_tile(x, r0, xs)
+                spatial_rest_sum(xs.reshape(1, C, TILE_ROWS), 0, 0, TILE_ROWS, pivot, skip,
                                  rest)
             for j in range(n):
                 if skip[j] < 0:
@@ -298,7 +336,7 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             for c in range(C):
                 wc = weight[c] if has_w else one
                 for j in range(TILE_ROWS):
-                    buf[c, j] = acc[j] * (exp_term(buf[c, j] - sh[j]) * s[j]) - L[j] * wc
+                    buf[c, j] = acc[j] * (buf[c, j] * s[j]) - L[j] * wc
             store_tile(buf, grad, r0)
             for j in range(n):
                 i = r0 + j
