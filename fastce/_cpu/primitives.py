@@ -25,7 +25,8 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
-           "rest_sum", "rest_add", "lse_confident", "spatial_rest_sum"]
+           "rest_sum", "rest_term", "REST_TERM_BIAS", "lse_confident",
+           "spatial_rest_sum"]
 
 
 @intrinsic
@@ -629,14 +630,10 @@ def lse_needs_rest(lse, L):
 
 
 def exp_diff(x, pivot):
-    """``exp(x - pivot)`` in float64 from the exact difference: the rounding error ``e`` of
-    ``d = x - pivot`` is recovered with TwoSum and applied as ``exp(d) (1 + e)``.  ``pivot``
-    is float64 holding a value of ``x``'s dtype (a row's max or target logit), ``x - pivot
-    <= 0`` in the callers.  float32 ``x``: the reduction and polynomial run in float32 (16
-    lanes a vector) and the power of two in float64, <= 1.5 float32 ulp; differences below
-    -150 give 0 (a term under e^-150 is below float32 precision of any sum that holds a
-    normal number), as do -inf and NaN.  float64 ``x``: float64 exp, <= 2.5 ulp.  Vectorizes.
-    Jitted code only."""
+    """``exp(x - pivot)`` in float64 from the exact difference: float32 ``x`` is widened (the
+    difference of two float32 values is exact in float64); for float64 ``x`` the rounding
+    error ``e`` of ``x - pivot`` is recovered with TwoSum and applied as ``exp(d) (1 + e)``.
+    ``pivot`` is float64.  Vectorizes.  Jitted code only."""
     raise NotImplementedError("fastce._cpu.primitives.exp_diff is for jitted code")
 
 
@@ -646,8 +643,13 @@ _LN2_HI_F32, _LN2_LO_F32 = _F32["ln2_hi"], _F32["ln2_lo"]
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
-def _exp_diff_f32(x, pivot):
-    d, e = two_diff(x, np.float32(pivot))
+def _exp_diff_parts_f32(x, pivot):
+    """``(p, n)``, float32, with ``exp(x - pivot) = p * 2**n`` for float32 ``x`` and
+    ``pivot``: the difference's rounding error (TwoSum) applied as ``exp(d) (1 + e)``, the
+    reduction and polynomial in float32 (16 lanes a vector), p in ~[0.7, 1.42], <= 1.5 ulp;
+    n >= -217.  Below a difference of -150, and for -inf or NaN, p = 0 (a term under e^-150
+    is below the float32 precision of any sum that holds a normal number)."""
+    d, e = two_diff(x, pivot)
     lo = _EXP_DIFF_LO_F32
     c = _EXP_DIFF_C_F32
     dc = lo if d < lo else d
@@ -661,9 +663,38 @@ def _exp_diff_f32(x, pivot):
     q = q * r + c[0]
     p = np.float32(1) + r * q
     p = p + p * e
-    # 2**n in float64: no underflow for n down to -217.
-    v = _scale_by_pow2_normal(np.float64(p), np.float64(n))
-    return v if d >= lo else np.float64(0)
+    return (p if d >= lo else np.float32(0)), n
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _exp_diff_f32(x, pivot):
+    return _exp_f64(np.float64(x) - pivot)
+
+
+# rest_term's float32 terms carry a factor 2**REST_TERM_BIAS: every term of the -150 range
+# stays a normal float32 number (terms <= 2**100), and a sum of up to 2**27 of them cannot
+# overflow.
+REST_TERM_BIAS = 100
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _rest_term_f32(x, pivot):
+    p, n = _exp_diff_parts_f32(x, pivot)
+    return _scale_by_pow2_normal(p, n + np.float32(REST_TERM_BIAS))
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _rest_term_f64(x, pivot):
+    return _exp_diff_f64(x, pivot)
+
+
+def rest_term(x, pivot):
+    """A term ``exp(x - pivot)`` of a rest sum (``pivot`` the row's max, ``x <= pivot``, both
+    of one dtype) in that dtype, from the exact difference: float64 as :func:`exp_diff`;
+    float32 (:func:`_exp_diff_parts_f32`) scaled by ``2**REST_TERM_BIAS`` (undo it on the
+    float64 sum), <= 1.5 ulp, at 16 lanes a vector where :func:`exp_diff`'s float64 runs at
+    8.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.rest_term is for jitted code")
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
@@ -672,6 +703,15 @@ def _exp_diff_f64(x, pivot):
     v = _exp_f64(d)
     # (a -inf logit: e is NaN, and its term must stay 0)
     return v + v * e if v != 0 else v
+
+
+@overload(rest_term, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+def _rest_term_impl(x, pivot):
+    if x == types.float32 and pivot == types.float32:
+        return _rest_term_f32.py_func
+    if x == types.float64 and pivot == types.float64:
+        return _rest_term_f64.py_func
+    return None
 
 
 @overload(exp_diff, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
@@ -754,28 +794,10 @@ def spatial_rest_sum(x, n, s0, s1, pivot, skip, rest):
         for j in range(B):
             v = exp_diff(xc[j], pivot[j])
             v = v if c != skip[j] else np.float64(0)
-            rest[j], lo[j] = rest_add(xc[j], rest[j], lo[j], v)
+            rest[j], err = two_sum(rest[j], v)
+            lo[j] += err
     for j in range(B):
         rest[j] += lo[j]
-
-
-def rest_add(x, hi, lo, v):
-    """``(hi, lo)`` after adding ``v`` to the float64 sum ``hi + lo`` of terms of a row of
-    ``x``'s dtype: TwoSum-compensated for float64 rows; a plain float64 sum for float32 rows
-    (its error, ~C * 1e-16, is far below float32's eps).  Jitted code only."""
-    raise NotImplementedError("fastce._cpu.primitives.rest_add is for jitted code")
-
-
-@overload(rest_add, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
-def rest_add_impl(x, hi, lo, v):
-    if x == types.float32:
-        return lambda x, hi, lo, v: (hi + v, lo)
-    if x == types.float64:
-        def compensated(x, hi, lo, v):
-            s, err = two_sum(hi, v)
-            return s, lo + err
-        return compensated
-    return None
 
 
 def kernel_twins(py_func):

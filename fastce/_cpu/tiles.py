@@ -24,9 +24,9 @@ from numba.extending import intrinsic
 from .._config import FASTMATH, TILE_ROWS
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
-from .primitives import (confident, exp_diff, exp_term, inv_sum, kernel_twins, log1p,
-                         lse_confident, lse_minus, lse_needs_rest, nan_max, rest_add, rest_sum,
-                         safe_shift, shift_log_sum, spatial_rest_sum, wide_vectors)
+from .primitives import (REST_TERM_BIAS, confident, exp_term, inv_sum, kernel_twins, log1p,
+                         lse_confident, lse_minus, lse_needs_rest, nan_max, rest_sum, rest_term,
+                         safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
@@ -171,30 +171,40 @@ def tile_max_rest(buf, m, rest):
     """Per lane j of the (C, TILE_ROWS) ``buf``: the max ``m[j]`` and, in float64,
     ``rest[j] = sum_c exp(buf[c, j] - m[j])`` over the entries below the max, plus one for
     each further entry equal to it: ``logsumexp = m + log1p(rest)`` to full relative
-    precision (the differences exact, :func:`exp_diff`; the sum compensated for float64).
-    A lane whose max is not finite gets a rest that keeps ``m - x + log1p(rest)`` what the
-    one-pass statistics give there (a finite rest: -inf or NaN entries from ``m``)."""
+    precision (each difference exact and each term within 1.5 ulp, :func:`rest_term`; the
+    sum TwoSum-compensated in the data's dtype).  A lane whose max is not finite gets
+    ``rest = 0`` (``m - x + log1p(rest)`` then gives the one-pass values there: -inf or
+    NaN entries from ``m``)."""
     wide_vectors()
     C = buf.shape[0]
-    lo = np.zeros(TILE_ROWS)
-    ties = np.zeros(TILE_ROWS)
+    zero = buf.dtype.type(0)
+    hi = np.zeros(TILE_ROWS, dtype=buf.dtype)
+    lo = np.zeros(TILE_ROWS, dtype=buf.dtype)
+    ties = np.zeros(TILE_ROWS, dtype=buf.dtype)
     for j in range(TILE_ROWS):
         m[j] = -np.inf
-        rest[j] = 0
     for c in range(C):
         for j in range(TILE_ROWS):
             m[j] = nan_max(m[j], buf[c, j])
     for c in range(C):
         for j in range(TILE_ROWS):
             v = buf[c, j]
-            below = v < m[j]
-            term = exp_diff(v, np.float64(m[j])) if below else np.float64(0)
-            rest[j], lo[j] = rest_add(v, rest[j], lo[j], term)
-            ties[j] += np.float64(v == m[j])
+            term = rest_term(v, m[j]) if v < m[j] else zero
+            hi[j], err = two_sum(hi[j], term)
+            lo[j] += err
+            ties[j] += buf.dtype.type(v == m[j])
+    unbias = np.float64(2.0 ** -REST_TERM_BIAS) if buf.itemsize == 4 else np.float64(1)
     for j in range(TILE_ROWS):
         finite = m[j] > -np.inf and m[j] < np.inf
-        # ties - 1 is an integer: added last, it cannot swamp the terms' low bits.
-        rest[j] = (rest[j] + lo[j]) + (ties[j] - 1) if finite else np.float64(0)
+        r = _rest_total(np.float64(hi[j]), np.float64(lo[j]), unbias, np.float64(ties[j]))
+        rest[j] = r if finite else np.float64(0)
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _rest_total(hi, lo, unbias, ties):
+    """``(hi + lo) * unbias + (ties - 1)`` in this order: compiled without "reassoc", which
+    would regroup it as ``(... + ties) - 1`` and lose the rest's low bits against 1."""
+    return (hi + lo) * unbias + (ties - np.float64(1))
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
