@@ -50,6 +50,8 @@ FEW_CLASSES_MIN_ROWS = 64
 # and at least ROW_TILE_MIN_ROWS rows (docs/performance.md, "Many short rows").  Class-index
 # cross-entropy takes them before the FEW_CLASSES layout below (faster at every C measured).
 TILE_ROWS = 64
+# Tiles per unit of the parallel loop (scratch arrays are allocated once per unit).
+TILES_PER_TASK = 4
 ROW_TILE_MIN_CLASSES = 1
 ROW_TILE_MAX_CLASSES = (256, 192)
 ROW_TILE_MIN_ROWS = 32
