@@ -8,7 +8,9 @@ Thread counts are fixed before numba, torch and jax are imported (XLA's CPU thre
 be resized later).  Each cell runs ``--rounds`` interleaved rounds (every implementation once
 per round, ``number`` calls timed per round, the round's median kept); the table shows the
 median over rounds, each peer's time divided by fastce's (> 1: fastce is faster) and which
-implementation was fastest.
+implementation was fastest.  Each implementation's block starts after a 20 ms pause and 3
+untimed calls: the previous block's thread pool (torch's OpenMP workers spin after a parallel
+region) would otherwise hold the other core during the first timed calls.
 """
 import argparse
 import os
@@ -171,7 +173,7 @@ def main():
         if only and name not in only:
             continue
         n = shape[0] * shape[1]
-        number = max(5, min(2000, int(3e6 // (n * 20 + 3000))))
+        number = max(20, min(2000, int(3e6 // (n * 20 + 3000))))
         fns = make(*data)
         for f in fns.values():
             f()
@@ -179,6 +181,12 @@ def main():
         rounds = {k: [] for k in fns}
         for _ in range(args.rounds):
             for k, f in fns.items():
+                # The previous implementation's thread pool may still be spinning on the other
+                # core (torch's OpenMP workers do, for a while): let it go idle, then a few
+                # untimed calls.
+                time.sleep(0.02)
+                for _ in range(3):
+                    f()
                 ts = []
                 for _ in range(number):
                     t0 = time.perf_counter()

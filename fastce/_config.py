@@ -39,14 +39,15 @@ SPLIT_ROWS_PER_THREAD = 2
 SPLIT_MIN_CHUNK = 1 << 14
 
 # (N, C) cross-entropy with at most FEW_CLASSES classes and at least FEW_CLASSES_MIN_ROWS rows
-# (that the row tiles do not take: probability targets) runs as the K-dim layout (1, C, N): vectorized across rows instead of paying a row's fixed
-# cost for 2-16 classes.  Tried up to 128 classes: no gain from 32 on.
+# (that the row tiles do not take: probability targets) runs as the K-dim layout (1, C, N):
+# vectorized across rows instead of paying a row's fixed cost for 2-16 classes.  Tried up to
+# 128 classes: no gain from 32 on.
 FEW_CLASSES = 16
 FEW_CLASSES_MIN_ROWS = 64
 
 # Many short rows run as row tiles (``_cpu.tiles``): TILE_ROWS rows transposed in cache so that
 # the vector lanes are rows.  Taken for rows of ROW_TILE_MIN_CLASSES to ROW_TILE_MAX_CLASSES
-# classes (by dtype: float32, float64; longer rows ran as fast or faster in the rows kernels)
+# classes (by dtype: float32, float64; float64 rows of 256 ran faster in the rows kernels)
 # and at least ROW_TILE_MIN_ROWS rows (docs/performance.md, "Many short rows").  Class-index
 # cross-entropy takes them before the FEW_CLASSES layout below (faster at every C measured).
 TILE_ROWS = 64

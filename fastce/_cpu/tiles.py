@@ -1,4 +1,4 @@
-"""Row tiles: many short rows (tens to a few hundred classes) vectorized across rows.
+"""Row tiles: many short rows (one to a few hundred classes) vectorized across rows.
 
 A row of C <= 256 classes is too short for the rows kernels' vector loops to pay off: each
 row costs the loops' set-up, horizontal reductions and a scalar remainder of up to 63
@@ -7,11 +7,15 @@ elements (exps included) -- more than its arithmetic (docs/performance.md).  Her
 (float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`),
 so that every loop over classes runs with the rows as vector lanes: fixed trip counts, no
 remainders, no horizontal reductions.  Elementwise outputs (log_softmax, softmax, the
-cross-entropy gradient) are computed in the buffer and transposed back.
+cross-entropy gradient) are computed in the buffer and transposed back; softmax and the
+gradient reuse the exps of the statistics pass (kept in the buffer).
 
 The statistics are the rows kernels' own (shift = the row's max, ``exp_term`` sums,
-``shift_log_sum``, ``lse_minus``), and so are the special values (NaN, +-inf rows) and the
-confident-row second pass (``rest_sum`` on the row, taken only by the rows that need it).
+``shift_log_sum``, ``lse_minus``), and so are the special values (NaN, +-inf rows).  The
+confident-row precision (docs/semantics.md): cross-entropy runs the rows kernels' test and
+second pass, row by row (``rest_sum``) when a tile holds few confident rows, across the tile
+(``spatial_rest_sum`` on the buffer, the K-dim layout of one sample) when many; log_softmax
+computes every row as max + log1p(rest) in its one pass (:func:`tile_max_rest`).
 """
 import types as pytypes
 
@@ -427,9 +431,9 @@ _ce_index_tiles_inlined = njit(inline="always", fastmath=FASTMATH, error_model="
 
 def _small_entry():
     body = ce_index_small.py_func
-    fn = pytypes.FunctionType(body.__code__,
-                              dict(body.__globals__, _ce_index_rows_inlined=_ce_index_tiles_as_rows),
-                              "ce_index_small_tiles", body.__defaults__, body.__closure__)
+    scope = dict(body.__globals__, _ce_index_rows_inlined=_ce_index_tiles_as_rows)
+    fn = pytypes.FunctionType(body.__code__, scope, "ce_index_small_tiles", body.__defaults__,
+                              body.__closure__)
     fn.__qualname__ = "ce_index_small_tiles"
     fn.__doc__ = body.__doc__
     return njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)(fn)
