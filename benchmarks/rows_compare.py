@@ -3,6 +3,7 @@ process (issue #11 item 3).
 
     python benchmarks/rows_compare.py                 # float32, 2 threads, 7 rounds
     python benchmarks/rows_compare.py --dtypes float32,float64 --rounds 9
+    python benchmarks/rows_compare.py --kernels --dtypes float32,float64   # rows vs tiles
 
 Thread counts are fixed before numba, torch and jax are imported (XLA's CPU thread pool cannot
 be resized later).  Each cell runs ``--rounds`` interleaved rounds (every implementation once
@@ -21,13 +22,67 @@ ROW_SHAPES = [(512, 32), (512, 100), (4096, 32), (4096, 100), (4096, 256)]
 BCE_SHAPES = [(1, 10), (32, 10)]
 
 
+def kernels(rounds, dtypes):
+    """Serial kernels called directly, the rows kernels against the row tiles (the layout
+    choice of ``_runtime._row_tiles``), in us: median of ``rounds`` interleaved rounds."""
+    import numpy as np
+
+    from fastce._runtime import _import_kernels
+    k = _import_kernels()
+    rows, ce, tiles = k.softmax, k.cross_entropy, k.tiles
+    rng = np.random.default_rng(0)
+    print("| dtype | N x C | forward rows / tiles | forward + grad | log_softmax | softmax |")
+    print("|---|---|---|---|---|---|")
+    for dname in dtypes:
+        dt = np.dtype(dname).type
+        for N, C in [(4096, 16), (4096, 32), (4096, 100), (4096, 192), (4096, 256), (100, 37)]:
+            x = (rng.standard_normal((N, C)) * 3).astype(dt)
+            t = rng.integers(0, C, N)
+            e, g0, gs = np.empty(0, dt), np.empty((0, 0), dt), np.ones(1, dt)
+            part, loss = np.empty((N, 1), dt), np.empty(N, dt)
+            g, o = np.empty((N, C), dt), np.empty((N, C), dt)
+            fns = {
+                "fwd rows": lambda: ce.ce_index_rows_serial(x, t, -100, e, dt(C), 0.0, gs, g0,
+                                                            part, 1, e, e),
+                "fwd tiles": lambda: tiles.ce_index_tiles_serial(x, t, -100, e, dt(C), 0.0, gs,
+                                                                 g0, loss),
+                "grad rows": lambda: ce.ce_index_rows_serial(x, t, -100, e, dt(C), 0.0, gs, g,
+                                                             part, 1, e, e),
+                "grad tiles": lambda: tiles.ce_index_tiles_serial(x, t, -100, e, dt(C), 0.0, gs,
+                                                                  g, loss),
+                "lsm rows": lambda: rows.softmax_rows_serial(x, o, 1, 1, e, e),
+                "lsm tiles": lambda: tiles.softmax_tiles_serial(x, o, 1),
+                "sm rows": lambda: rows.softmax_rows_serial(x, o, 2, 1, e, e),
+                "sm tiles": lambda: tiles.softmax_tiles_serial(x, o, 2),
+            }
+            for f in fns.values():
+                f()
+            res = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        f()
+                    res[name].append((time.perf_counter() - t0) / 10)
+            med = {name: np.median(v) * 1e6 for name, v in res.items()}
+            cells = [f"{med[a + ' rows']:.0f} / {med[a + ' tiles']:.0f}"
+                     for a in ("fwd", "grad", "lsm", "sm")]
+            print(f"| {dname} | {N} x {C} | " + " | ".join(cells) + " |")
+            sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--only", default="", help="comma-separated op names to run")
+    ap.add_argument("--kernels", action="store_true",
+                    help="serial rows kernels vs row tiles, called directly (one thread)")
     args = ap.parse_args()
+    if args.kernels:
+        os.environ["NUMBA_NUM_THREADS"] = "1"
+        return kernels(args.rounds, args.dtypes.split(","))
     t = str(args.threads)
     os.environ["NUMBA_NUM_THREADS"] = t
     os.environ["OMP_NUM_THREADS"] = t
