@@ -2,8 +2,8 @@
 
 A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validate``), check
 the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
-(row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of ``fastce._cpu.cross_entropy``
-on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
+(row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of
+``fastce._cpu.cross_entropy`` (``fastce._cpu.tiles``) on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
 (:func:`_ce_small`); CUDA arrays go to ``fastce.cuda``.
 """
 import numpy as np
@@ -11,8 +11,8 @@ import numpy as np
 from . import _config
 from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles, _small_call,
-                       _split_stats)
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
+                       _small_call, _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
                         position, raise_bad_class_index, raise_bad_value, result_dtype)
 
@@ -163,8 +163,8 @@ def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
 
 
 def _row_tiles_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par):
-    """(N, C) rows of a few tens of classes, class-index targets: row tiles, vectorized
-    across rows (``_cpu.tiles``)."""
+    """(N, C) rows of up to a few hundred classes, many of them, class-index targets: row
+    tiles, vectorized across rows (``_cpu.tiles``)."""
     N, C, dt = prob.N, prob.C, prob.dtype
     g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
     loss = np.empty(N, dt)

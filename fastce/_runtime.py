@@ -66,8 +66,7 @@ _KERNELS = None
 def _import_kernels():
     """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``, ``nll``,
     ``partials``, ``softmax``, ``stats``, ``tiles``); imported on the first call, after the
-    stale-cache
-    purge.
+    stale-cache purge.
 
     Their ``cache=True`` dispatchers make numba raise RuntimeError ("cannot cache function
     ...: no locator available") at import when it finds no writable cache location: the

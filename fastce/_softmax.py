@@ -10,8 +10,8 @@ import numpy as np
 from ._arrays import (EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result,
                       is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
-from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles, _small_call,
-                       _split_stats)
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
+                       _small_call, _split_stats)
 from ._validate import check_axis, check_out, compute_dtype, result_dtype
 
 __all__ = ["logsumexp", "log_softmax", "softmax"]
