@@ -3,8 +3,9 @@
 A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validate``), check
 the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
 (row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of
-``fastce._cpu.cross_entropy`` (``fastce._cpu.tiles``) on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
-(:func:`_ce_small`); CUDA arrays go to ``fastce.cuda``.
+``fastce._cpu.cross_entropy`` (``fastce._cpu.tiles``) on it, reduce the loss and cast back.
+Small common calls take one jitted entry instead (:func:`_ce_small`); CUDA arrays go to
+``fastce.cuda``.
 """
 import numpy as np
 

@@ -22,7 +22,8 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted entry (the serial rows kernel), or None
+    reduced along its last axis -- in one jitted entry (the serial rows kernel, or the row
+    tiles for many short rows), or None
     when the call is not one.  The general path's Python glue (checks, canonical views,
     the serial/parallel choice) costs many times the kernel on inputs like (1, 10)
     (docs/performance.md)."""
