@@ -23,10 +23,9 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
     reduced along its last axis -- in one jitted entry (the serial rows kernel, or the row
-    tiles for many short rows), or None
-    when the call is not one.  The general path's Python glue (checks, canonical views,
-    the serial/parallel choice) costs many times the kernel on inputs like (1, 10)
-    (docs/performance.md)."""
+    tiles for many short rows), or None when the call is not one.  The general path's
+    Python glue (checks, canonical views, the serial/parallel choice) costs many times the
+    kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or x.ndim > 2 or type(axis) is not int or not (
             axis == -1 or axis == x.ndim - 1):
         return None
