@@ -14,7 +14,7 @@ import numpy as np
 from . import _config
 from ._arrays import (_as_array, _broadcast_rows, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import _cuda, _import_kernels, _parallel
+from ._runtime import _cuda, _import_kernels, _parallel, _small_call
 from ._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, bce_problem, position,
                         raise_bad_probability, raise_bad_value)
 
@@ -23,6 +23,31 @@ __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits",
 
 _kernels = _import_kernels()
 _bce, _checks = _kernels.bce, _kernels.checks
+_SCALAR = {np.dtype(np.float32): np.float32, np.dtype(np.float64): np.float64}
+
+
+def _bce_small(input, target, weight, pos_weight, reduction, grad_output, want_grad, logits):
+    """The common small call in one jitted entry (``_cpu.bce.bce_small`` /
+    ``bce_with_logits_small``), or None when the call is not one: ``input`` that
+    ``_runtime._small_call`` accepts, a C-contiguous ``target`` of its shape and dtype, no
+    weight, pos_weight or grad_output, reduction "mean" or "sum".
+
+    For tiny inputs the general path's Python glue costs several times the kernel
+    (docs/performance.md).  An invalid element is left to the general path, which raises.
+    """
+    if (weight is not None or pos_weight is not None or grad_output is not None
+            or not _small_call(input) or type(target) is not np.ndarray):
+        return None
+    if not (target.dtype is input.dtype and target.shape == input.shape
+            and target.flags.c_contiguous and (reduction == "mean" or reduction == "sum")):
+        return None
+    grad = np.empty(input.shape, input.dtype) if want_grad else None
+    entry = _bce.bce_with_logits_small if logits else _bce.bce_small
+    loss, bad = entry(input, target, reduction == "mean", grad)
+    if bad:
+        return None
+    loss = _SCALAR[input.dtype](loss)
+    return (loss, grad) if want_grad else loss
 
 
 def _check_values(y, shape, name, values):
@@ -48,6 +73,10 @@ def _raise_first_bad(input, target, x, y, logits):
 
 def _bce_run(input, target, weight, pos_weight, reduction, grad_output, want_grad, logits):
     """The CPU path of the family: (loss reduced as asked[, gradient])."""
+    small = _bce_small(input, target, weight, pos_weight, reduction, grad_output, want_grad,
+                       logits)
+    if small is not None:
+        return small
     input = _as_array(input, "input")
     target = _as_array(target, "target")
     dt = bce_problem(input.shape, input.dtype, target.shape, target.dtype, reduction)

@@ -39,10 +39,23 @@ SPLIT_ROWS_PER_THREAD = 2
 SPLIT_MIN_CHUNK = 1 << 14
 
 # (N, C) cross-entropy with at most FEW_CLASSES classes and at least FEW_CLASSES_MIN_ROWS rows
-# runs as the K-dim layout (1, C, N): vectorized across rows instead of paying a row's fixed
-# cost for 2-16 classes.  Tried up to 128 classes: no gain from 32 on.
+# (that the row tiles do not take: probability targets) runs as the K-dim layout (1, C, N):
+# vectorized across rows instead of paying a row's fixed cost for 2-16 classes.  Tried up to
+# 128 classes: no gain from 32 on.
 FEW_CLASSES = 16
 FEW_CLASSES_MIN_ROWS = 64
+
+# Many short rows run as row tiles (``_cpu.tiles``): TILE_ROWS rows transposed in cache so that
+# the vector lanes are rows.  Taken for rows of ROW_TILE_MIN_CLASSES to ROW_TILE_MAX_CLASSES
+# classes (by dtype: float32, float64; float64 rows of 256 ran faster in the rows kernels)
+# and at least ROW_TILE_MIN_ROWS rows (docs/performance.md, "Many short rows").  Class-index
+# cross-entropy takes them before the FEW_CLASSES layout below (faster at every C measured).
+TILE_ROWS = 64
+# Tiles per unit of the parallel loop (scratch arrays are allocated once per unit).
+TILES_PER_TASK = 4
+ROW_TILE_MIN_CLASSES = 1
+ROW_TILE_MAX_CLASSES = (256, 192)
+ROW_TILE_MIN_ROWS = 32
 
 # Rows of at most this many classes skip the block machinery of ``row_max_sumexp`` (prefetch,
 # stale-shift bookkeeping): a max, then an exp-sum.

@@ -2,17 +2,18 @@
 
 A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validate``), check
 the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
-(few classes, rows, or K-dim spatial), launch the CPU kernel of ``fastce._cpu.cross_entropy``
-on it, reduce the loss and cast back.  Small common calls take one jitted entry instead
-(:func:`_ce_small`); CUDA arrays go to ``fastce.cuda``.
+(row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of
+``fastce._cpu.cross_entropy`` (``fastce._cpu.tiles``) on it, reduce the loss and cast back.
+Small common calls take one jitted entry instead (:func:`_ce_small`); CUDA arrays go to
+``fastce.cuda``.
 """
 import numpy as np
 
 from . import _config
 from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
-                       _split_stats)
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
+                       _small_call, _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
                         large_vocab_options, position, raise_bad_class_index, raise_bad_value,
                         result_dtype)
@@ -20,7 +21,7 @@ from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entr
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
 _kernels = _import_kernels()
-_ce, _checks = _kernels.cross_entropy, _kernels.checks
+_ce, _checks, _tiles = _kernels.cross_entropy, _kernels.checks, _kernels.tiles
 
 _EMPTY_2D = {k: v.reshape(0, 0) for k, v in EMPTY.items()}
 _EMPTY_3D = {k: v.reshape(0, 0, 0) for k, v in EMPTY.items()}
@@ -50,8 +51,10 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     if not (target.dtype is _I64 and logits.ndim == 2
             and target.ndim == 1 and len(logits) == len(target)
             and target.flags.c_contiguous
-            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")
-            and not _few_classes_many_rows(*logits.shape)):
+            and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")):
+        return None
+    tiles = _row_tiles(*logits.shape, dt)
+    if not tiles and _few_classes_many_rows(*logits.shape):
         return None
     if want_grad:
         if grad_input is None:
@@ -64,7 +67,8 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     else:
         # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
         grad = _EMPTY_2D[dt]
-    loss, bad = _ce.ce_index_small(logits, target, ignore_index, reduction == "mean", grad)
+    entry = _tiles.ce_index_small_tiles if tiles else _ce.ce_index_small
+    loss, bad = entry(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
     loss = _SCALAR[dt](loss)
@@ -167,6 +171,18 @@ def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, 
     return part[:, 0] if n_chunks == 1 else part.sum(axis=1)
 
 
+def _row_tiles_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
+    """(N, C) rows of up to a few hundred classes, many of them, class-index targets, none
+    of the large-vocabulary options (``lv`` all None): row tiles, vectorized across rows
+    (``_cpu.tiles``)."""
+    N, C, dt = prob.N, prob.C, prob.dtype
+    g2 = grad.reshape(N, C) if grad is not None else _EMPTY_2D[dt]
+    loss = np.empty(N, dt)
+    (_tiles.ce_index_tiles if par else _tiles.ce_index_tiles_serial)(
+        x3.reshape(N, C), t, ignore_index, w, dt.type(w_total), eps, gscale, g2, loss)
+    return loss
+
+
 def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
     """(N, C, S): the class axis strided, the kernels vectorized across positions."""
     N, S, dt = prob.N, prob.S, prob.dtype
@@ -184,9 +200,12 @@ def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, pa
     return loss
 
 
-def _choose_layout(prob):
+def _choose_layout(prob, lv):
     if prob.S != 1:                    # K-dim, or no positions at all (S == 0)
         return _spatial_layout
+    # The row tiles implement none of softcap, z_loss and the per-sample lse.
+    if not prob.probs and lv == (None, None, None) and _row_tiles(prob.N, prob.C, prob.dtype):
+        return _row_tiles_layout
     if _few_classes_many_rows(prob.N, prob.C):
         return _few_classes_layout
     return _rows_layout
@@ -217,9 +236,10 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
         direct = (grad_input is not None and grad_input.dtype == dt
                   and grad_input.flags.c_contiguous)
         grad = grad_input.reshape(N, C, S) if direct else np.empty((N, C, S), dt)
-    launch = _choose_layout(prob)
-    loss = launch(prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
-                  _parallel(x3.size), (cap, dt.type(z) if z else None, lse))
+    lv = (cap, dt.type(z) if z else None, lse)
+    loss = _choose_layout(prob, lv)(prob, x3, t, w, w_total, ignore_index,
+                                    float(label_smoothing), gscale, grad, _parallel(x3.size),
+                                    lv)
     out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
     lse_out = (_result(lse.reshape(prob.loss_shape), logits.dtype),) if return_lse else ()
     if not want_grad:

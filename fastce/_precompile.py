@@ -17,8 +17,9 @@ DTYPES = ("float32", "float64")
 # A group of public calls per task: each compiles a few kernels for one dtype.  Shapes are
 # picked by the front ends' rules: (4, 10) with int64 targets takes the single small-call entry;
 # int32 targets the general path's serial kernel; 2**17 elements the parallel kernel; two
-# rows of 2**16 classes the split-row statistics.
-COMMON = ("cross_entropy_small", "cross_entropy_rows", "softmax_rows", "bce")
+# rows of 2**16 classes the split-row statistics; (64, 100) and (1024, 100) the row tiles
+# (small-call entry, serial, parallel).
+COMMON = ("cross_entropy_small", "cross_entropy_rows", "softmax_rows", "row_tiles", "bce")
 EXTRA = ("cross_entropy_spatial", "cross_entropy_probs", "softmax_spatial")
 
 
@@ -48,10 +49,19 @@ def _calls(group, dtype):
         small, big, long = logits(8, 100), logits(128, 1024), logits(2, 1 << 16)
         ops = (fastce.logsumexp, fastce.log_softmax, fastce.softmax)
         return [lambda f=f, a=a: f(a) for f in ops for a in (small, big, long)]
+    if group == "row_tiles":
+        small, big = logits(64, 100), logits(1024, 100)
+        ops = (fastce.logsumexp, fastce.log_softmax, fastce.softmax)
+        # int64 targets on (64, 100): the small-call entry; int32: the serial kernel.
+        return ([lambda f=f, a=a: f(a) for f in ops for a in (small, big)]
+                + [lambda f=f, a=a, dt=dt: f(a, classes(len(a), 100, dt)) for f in (ce, ceg)
+                   for a, dt in ((small, np.int64), (small, np.int32), (big, np.int32))])
     if group == "bce":
-        p_small, p_big = rng.random(100).astype(dtype), rng.random(1 << 17).astype(dtype)
-        return [lambda f=f, p=p: f(p, (p > 0.5).astype(dtype))
-                for f in (fastce.binary_cross_entropy, fastce.binary_cross_entropy_with_logits)
+        p_small, p_big = rng.random((32, 10)).astype(dtype), rng.random(1 << 17).astype(dtype)
+        fs = (fastce.binary_cross_entropy, fastce.binary_cross_entropy_with_logits,
+              fastce.binary_cross_entropy_with_grad,
+              fastce.binary_cross_entropy_with_logits_with_grad)
+        return [lambda f=f, p=p: f(p, (p > 0.5).astype(dtype)) for f in fs
                 for p in (p_small, p_big)]
     if group == "cross_entropy_spatial":
         small, big = logits(2, 3, 4, 5), logits(2, 4, 128, 128)

@@ -65,8 +65,8 @@ _KERNELS = None
 
 def _import_kernels():
     """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``, ``nll``,
-    ``partials``, ``softmax``, ``stats``); imported on the first call, after the stale-cache
-    purge.
+    ``partials``, ``softmax``, ``stats``, ``tiles``); imported on the first call, after the
+    stale-cache purge.
 
     Their ``cache=True`` dispatchers make numba raise RuntimeError ("cannot cache function
     ...: no locator available") at import when it finds no writable cache location: the
@@ -79,7 +79,7 @@ def _import_kernels():
         return _KERNELS
     _drop_stale_kernel_cache()
     try:
-        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats, tiles
     except RuntimeError as exc:
         if "cannot cache function" not in str(exc):
             raise
@@ -89,9 +89,10 @@ def _import_kernels():
         cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
         atexit.register(shutil.rmtree, cache_dir, True)
         numba.config.CACHE_DIR = cache_dir
-        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats
+        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats, tiles
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
-                                     nll=nll, partials=partials, softmax=softmax, stats=stats)
+                                     nll=nll, partials=partials, softmax=softmax, stats=stats,
+                                     tiles=tiles)
     return _KERNELS
 
 
@@ -272,6 +273,13 @@ def _small_call(a):
     dt = a.dtype
     return ((dt is _F32 or dt is _F64) and 0 < a.size < _config.PARALLEL_MIN_ELEMENTS
             and a.flags.c_contiguous)
+
+
+def _row_tiles(N, C, dtype):
+    """Whether C-contiguous (N, C) rows of ``dtype`` (float32/float64) run as row tiles
+    (``_cpu.tiles``): many rows of a few tens to a few hundred classes."""
+    return (N >= _config.ROW_TILE_MIN_ROWS and C >= _config.ROW_TILE_MIN_CLASSES
+            and C <= _config.ROW_TILE_MAX_CLASSES[dtype.itemsize == 8])
 
 
 def _row_chunks(N, C):

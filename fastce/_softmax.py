@@ -10,21 +10,22 @@ import numpy as np
 from ._arrays import (EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result,
                       is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
-from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _small_call,
-                       _split_stats)
+from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
+                       _small_call, _split_stats)
 from ._validate import check_axis, check_out, compute_dtype, result_dtype
 
 __all__ = ["logsumexp", "log_softmax", "softmax"]
 
-_sm = _import_kernels().softmax
+_kernels = _import_kernels()
+_sm, _tiles = _kernels.softmax, _kernels.tiles
 
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted entry (the serial rows kernel), or None
-    when the call is not one.  The general path's Python glue (checks, canonical views,
-    the serial/parallel choice) costs many times the kernel on inputs like (1, 10)
-    (docs/performance.md)."""
+    reduced along its last axis -- in one jitted entry (the serial rows kernel, or the row
+    tiles for many short rows), or None when the call is not one.  The general path's
+    Python glue (checks, canonical views, the serial/parallel choice) costs many times the
+    kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or x.ndim > 2 or type(axis) is not int or not (
             axis == -1 or axis == x.ndim - 1):
         return None
@@ -32,8 +33,11 @@ def _small_rows(x, axis, mode):
     x2 = x.reshape(-1, C)
     lse = mode == MODE_LOGSUMEXP
     o = np.empty((x2.shape[0], 1 if lse else C), x.dtype)
-    empty = EMPTY[x.dtype]
-    _sm.softmax_rows_serial(x2, o, mode, 1, empty, empty)
+    if _row_tiles(x2.shape[0], C, x.dtype):
+        _tiles.softmax_tiles_serial(x2, o, mode)
+    else:
+        empty = EMPTY[x.dtype]
+        _sm.softmax_rows_serial(x2, o, mode, 1, empty, empty)
     if lse:
         return o[0, 0] if x.ndim == 1 else o.reshape(x2.shape[0])
     return o.reshape(x.shape)
@@ -62,6 +66,10 @@ def _softmax_family(x, axis, mode, out=None):
         par = _parallel(x3.size)
         if inner == 1:
             x2 = x3.reshape(outer, C)
+            if _row_tiles(outer, C, dtype):
+                kern = _tiles.softmax_tiles if par else _tiles.softmax_tiles_serial
+                kern(x2, out3.reshape(outer, out3.shape[1]), mode)
+                return _finish(out, out3, back, direct, lse, in_dtype)
             n_chunks = _row_chunks(outer, C) if par else 1
             m, s = _split_stats(x2, n_chunks)
             # logsumexp from split statistics is a per-row formula: no second wake-up.
@@ -71,6 +79,11 @@ def _softmax_family(x, axis, mode, out=None):
         else:
             kern = _sm.softmax_spatial if par else _sm.softmax_spatial_serial
             kern(x3, out3, mode)
+    return _finish(out, out3, back, direct, lse, in_dtype)
+
+
+def _finish(out, out3, back, direct, lse, in_dtype):
+    """The result in the caller's shape and dtype (or in ``out``)."""
     if out is not None:
         return _into(out, back(out3, True), direct)
     return _result(back(out3, not lse), in_dtype)

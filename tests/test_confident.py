@@ -118,7 +118,8 @@ def test_huge_rows_and_split_rows(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C", [2, 5, 16])
 def test_few_classes_transposed_path(C, dtype):
-    """(N >= 64, C <= 16) runs transposed through the K-dim kernels."""
+    """(N >= 64, C <= 16): the row tiles (class-index targets take them before the
+    transposed few-classes layout)."""
     rng = np.random.default_rng(100 + C)
     N = max(_config.FEW_CLASSES_MIN_ROWS, 80)
     x, t = _confident_rows(rng, N, C, dtype)

@@ -337,8 +337,9 @@ def test_small_call_fast_path_matches_general_path(shape, reduction, dtype, rng,
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("probs", [False, True])
 def test_few_classes_many_rows(C, N, reduction, probs, dtype, rng):
-    """(N, C) inputs with few classes run transposed through the K-dim kernels (see
-    ``_config.FEW_CLASSES``); C = 17 stays on the rows kernels.  Same results either way."""
+    """(N, C) inputs with few classes: class indices run on the row tiles
+    (``_config.ROW_TILE_MAX_CLASSES``), probabilities transposed through the K-dim kernels
+    (``_config.FEW_CLASSES``; C = 17 on the rows kernels).  Same results either way."""
     x = rng.standard_normal((N, C)).astype(dtype) * 3
     w = (rng.random(C) + 0.1).astype(dtype)
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.2)

@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .._config import FASTMATH
+from .._config import BCE_CHUNK, FASTMATH
 from .primitives import exp, kernel_twins, log1p_vec, log_nonneg, wide_vectors
 
 
@@ -166,19 +166,53 @@ def _elementwise_loss(x, y, weight, pos_weight, grad_output, g, out, part, grad)
     return n_bad
 
 
+def _small_call(x, y, mean, grad):
+    """The whole of a small, common call in one jitted entry: C-contiguous ``x`` and ``y`` of
+    one shape and float dtype, no weight or pos_weight, reduction "mean" (``mean``) or "sum",
+    ``grad`` None (forward) or an array of ``x``'s shape.  Python-side argument handling
+    costs more than the arithmetic on inputs like (32, 10).  Returns (loss, whether any
+    element failed the data check: then nothing is reported here and the general path
+    raises the error)."""
+    n = x.size
+    x2 = x.reshape(1, n)
+    y2 = y.reshape(1, n)
+    part = np.empty((1, (n + BCE_CHUNK - 1) // BCE_CHUNK), dtype=x.dtype)
+    g = x.dtype.type(1.0 / n) if mean else x.dtype.type(1)
+    if grad is None:
+        bad = _elementwise_inlined(x2, y2, None, None, None, g, None, part, None)
+    else:
+        bad = _elementwise_inlined(x2, y2, None, None, None, g, None, part, grad.reshape(1, n))
+    total = x.dtype.type(0)
+    for k in range(part.shape[1]):
+        total += part[0, k]
+    if mean:
+        total = total / x.dtype.type(n)
+    return total, bad > 0
+
+
 def _loss_kernels(element, name):
-    """The (parallel, serial) kernels of :func:`_elementwise_loss` for one ``element``.
+    """The (parallel, serial) kernels of :func:`_elementwise_loss` for one ``element``, and
+    its small-call entry (:func:`_small_call` with that body inlined: one module to compile).
 
-    The body is the same code object under its own name and with ``element`` bound in its
-    globals: numba's cache is keyed by the qualified name, and a closure over a dispatcher
-    would change its cache key in every process."""
-    body = pytypes.FunctionType(_elementwise_loss.__code__,
-                                dict(_elementwise_loss.__globals__, element=element), name)
+    The bodies are the same code objects under their own names and with ``element`` (and the
+    inlined body) bound in their globals: numba's cache is keyed by the qualified name, and a
+    closure over a dispatcher would change its cache key in every process."""
+    body = _renamed(_elementwise_loss, name, element=element)
+    inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+        _renamed(_elementwise_loss, name + "_inlined", element=element))
+    small = njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)(
+        _renamed(_small_call, name + "_small", _elementwise_inlined=inlined))
+    return kernel_twins(body) + (small,)
+
+
+def _renamed(fn, name, **bind):
+    """``fn``'s code under the qualified name ``name``, with ``bind`` added to its globals."""
+    body = pytypes.FunctionType(fn.__code__, dict(fn.__globals__, **bind), name)
     body.__qualname__ = name
-    body.__doc__ = _elementwise_loss.__doc__
-    return kernel_twins(body)
+    body.__doc__ = fn.__doc__
+    return body
 
 
-bce, bce_serial = _loss_kernels(bce_element, "bce")
-bce_with_logits, bce_with_logits_serial = _loss_kernels(bce_with_logits_element,
-                                                        "bce_with_logits")
+bce, bce_serial, bce_small = _loss_kernels(bce_element, "bce")
+bce_with_logits, bce_with_logits_serial, bce_with_logits_small = _loss_kernels(
+    bce_with_logits_element, "bce_with_logits")

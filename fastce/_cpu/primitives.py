@@ -25,7 +25,8 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
-           "rest_sum", "lse_confident", "spatial_rest_sum", "tanh", "softcap", "softcap_grad"]
+           "rest_sum", "rest_term", "REST_TERM_BIAS", "lse_confident", "spatial_rest_sum",
+           "tanh", "softcap", "softcap_grad"]
 
 
 @intrinsic
@@ -728,9 +729,64 @@ def exp_diff(x, pivot):
     raise NotImplementedError("fastce._cpu.primitives.exp_diff is for jitted code")
 
 
+_EXP_DIFF_LO_F32 = np.float32(-150.0)
+_EXP_DIFF_C_F32 = _F32["c"]
+_LN2_HI_F32, _LN2_LO_F32 = _F32["ln2_hi"], _F32["ln2_lo"]
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _exp_diff_parts_f32(x, pivot):
+    """``(p, n)``, float32, with ``exp(x - pivot) = p * 2**n`` for float32 ``x`` and
+    ``pivot``: the difference's rounding error (TwoSum) applied as ``exp(d) (1 + e)``, the
+    reduction and polynomial in float32 (16 lanes a vector), p in ~[0.7, 1.42], <= 1.5 ulp;
+    n >= -217.  Below a difference of -150, and for -inf or NaN, p = 0 (a term under e^-150
+    is below the float32 precision of any sum that holds a normal number)."""
+    d, e = two_diff(x, pivot)
+    lo = _EXP_DIFF_LO_F32
+    c = _EXP_DIFF_C_F32
+    dc = lo if d < lo else d
+    n = np.rint(dc * np.float32(_LOG2E))
+    r = (dc - n * _LN2_HI_F32) - n * _LN2_LO_F32
+    q = c[5]
+    q = q * r + c[4]
+    q = q * r + c[3]
+    q = q * r + c[2]
+    q = q * r + c[1]
+    q = q * r + c[0]
+    p = np.float32(1) + r * q
+    p = p + p * e
+    return (p if d >= lo else np.float32(0)), n
+
+
 @njit(fastmath={"contract"}, error_model="numpy")
 def _exp_diff_f32(x, pivot):
     return _exp_f64(np.float64(x) - pivot)
+
+
+# rest_term's float32 terms carry a factor 2**REST_TERM_BIAS: every term of the -150 range
+# stays a normal float32 number (terms <= 2**100), and a sum of up to 2**27 of them cannot
+# overflow.
+REST_TERM_BIAS = 100
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _rest_term_f32(x, pivot):
+    p, n = _exp_diff_parts_f32(x, pivot)
+    return _scale_by_pow2_normal(p, n + np.float32(REST_TERM_BIAS))
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def _rest_term_f64(x, pivot):
+    return _exp_diff_f64(x, pivot)
+
+
+def rest_term(x, pivot):
+    """A term ``exp(x - pivot)`` of a rest sum (``pivot`` the row's max, ``x <= pivot``, both
+    of one dtype) in that dtype, from the exact difference: float64 as :func:`exp_diff`;
+    float32 (:func:`_exp_diff_parts_f32`) scaled by ``2**REST_TERM_BIAS`` (undo it on the
+    float64 sum), <= 1.5 ulp, at 16 lanes a vector where :func:`exp_diff`'s float64 runs at
+    8.  Jitted code only."""
+    raise NotImplementedError("fastce._cpu.primitives.rest_term is for jitted code")
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
@@ -739,6 +795,15 @@ def _exp_diff_f64(x, pivot):
     v = _exp_f64(d)
     # (a -inf logit: e is NaN, and its term must stay 0)
     return v + v * e if v != 0 else v
+
+
+@overload(rest_term, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+def _rest_term_impl(x, pivot):
+    if x == types.float32 and pivot == types.float32:
+        return _rest_term_f32.py_func
+    if x == types.float64 and pivot == types.float64:
+        return _rest_term_f64.py_func
+    return None
 
 
 @overload(exp_diff, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})

@@ -51,15 +51,23 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             # The chunk's largest entry is the one that can have cancelled: if it needs it,
             # redo the chunk from the row's max with that max's term carried apart.
             if confident(top - a, lse_minus(a, L, top)):
-                M, k = row_argmax(x[i])
-                lp = log1p(rest_sum(x[i], k, M))
-                for c in range(row.shape[0]):
-                    orow[c] = -lse_minus(np.float64(M), lp, np.float64(row[c]))
+                log_softmax_confident_row(x[i], row, orow)
         else:
             sh = safe_shift(m)
             inv = inv_sum(m, s)
             for c in range(row.shape[0]):
                 orow[c] = exp_term(row[c] - sh) * inv
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def log_softmax_confident_row(row, part, out):
+    """log_softmax of ``part`` (a chunk of ``row``, or the row) from the row's max with its
+    term carried apart, in float64: full relative precision at the max entry."""
+    M, k = row_argmax(row)
+    lp = log1p(rest_sum(row, k, M))
+    for c in range(part.shape[0]):
+        out[c] = -lse_minus(np.float64(M), lp, np.float64(part[c]))
+
 
 
 def _softmax_spatial(x, out, mode):
@@ -90,7 +98,7 @@ def _softmax_spatial(x, out, mode):
                 for j in range(B):
                     oc[j] = -lse_minus(m[j], s[j], xc[j])
             if n_conf > 0:
-                _spatial_log_softmax_confident(x, out, n, s0, s1, m, s)
+                spatial_log_softmax_confident(x, out, n, s0, s1, m, s)
         else:
             for j in range(B):
                 s[j] = inv_sum(m[j], s[j])
@@ -108,7 +116,7 @@ def _zero_if_finite(v):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _spatial_log_softmax_confident(x, out, n, s0, s1, m, L):
+def spatial_log_softmax_confident(x, out, n, s0, s1, m, L):
     """Redo the confident positions of a K-dim log_softmax block (``m`` their max, ``L`` the
     log of their sum) from the max with its term carried apart."""
     wide_vectors()

@@ -1,0 +1,263 @@
+"""Many short rows and tiny BCE calls side by side: fastce vs torch (eager) vs jax.jit, in one
+process (issue #11 item 3).
+
+    python benchmarks/rows_compare.py                 # float32, 2 threads, 7 rounds
+    python benchmarks/rows_compare.py --dtypes float32,float64 --rounds 9
+    python benchmarks/rows_compare.py --kernels --dtypes float32,float64   # rows vs tiles
+
+Thread counts are fixed before numba, torch and jax are imported (XLA's CPU thread pool cannot
+be resized later).  Each cell runs ``--rounds`` interleaved rounds (every implementation once
+per round, ``number`` calls timed per round, the round's median kept); the table shows the
+median over rounds, each peer's time divided by fastce's (> 1: fastce is faster) and which
+implementation was fastest.  Each implementation's block starts after a 20 ms pause and 3
+untimed calls: the previous block's thread pool (torch's OpenMP workers spin after a parallel
+region) would otherwise hold the other core during the first timed calls.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROW_SHAPES = [(512, 32), (512, 100), (4096, 32), (4096, 100), (4096, 256)]
+BCE_SHAPES = [(1, 10), (32, 10)]
+
+
+def kernels(rounds, dtypes):
+    """Serial kernels called directly, the rows kernels against the row tiles (the layout
+    choice of ``_runtime._row_tiles``), in us: median of ``rounds`` interleaved rounds."""
+    import numpy as np
+
+    from fastce._runtime import _import_kernels
+    k = _import_kernels()
+    rows, ce, tiles = k.softmax, k.cross_entropy, k.tiles
+    rng = np.random.default_rng(0)
+    print("| dtype | N x C | forward rows / tiles | forward + grad | log_softmax | softmax |")
+    print("|---|---|---|---|---|---|")
+    for dname in dtypes:
+        dt = np.dtype(dname).type
+        for N, C in [(4096, 16), (4096, 32), (4096, 100), (4096, 192), (4096, 256), (100, 37)]:
+            x = (rng.standard_normal((N, C)) * 3).astype(dt)
+            t = rng.integers(0, C, N)
+            e, g0, gs = np.empty(0, dt), np.empty((0, 0), dt), np.ones(1, dt)
+            part, loss = np.empty((N, 1), dt), np.empty(N, dt)
+            g, o = np.empty((N, C), dt), np.empty((N, C), dt)
+            fns = {
+                "fwd rows": lambda: ce.ce_index_rows_serial(x, t, -100, e, dt(C), 0.0, gs, g0,
+                                                            part, 1, e, e),
+                "fwd tiles": lambda: tiles.ce_index_tiles_serial(x, t, -100, e, dt(C), 0.0, gs,
+                                                                 g0, loss),
+                "grad rows": lambda: ce.ce_index_rows_serial(x, t, -100, e, dt(C), 0.0, gs, g,
+                                                             part, 1, e, e),
+                "grad tiles": lambda: tiles.ce_index_tiles_serial(x, t, -100, e, dt(C), 0.0, gs,
+                                                                  g, loss),
+                "lsm rows": lambda: rows.softmax_rows_serial(x, o, 1, 1, e, e),
+                "lsm tiles": lambda: tiles.softmax_tiles_serial(x, o, 1),
+                "sm rows": lambda: rows.softmax_rows_serial(x, o, 2, 1, e, e),
+                "sm tiles": lambda: tiles.softmax_tiles_serial(x, o, 2),
+            }
+            for f in fns.values():
+                f()
+            res = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        f()
+                    res[name].append((time.perf_counter() - t0) / 10)
+            med = {name: np.median(v) * 1e6 for name, v in res.items()}
+            cells = [f"{med[a + ' rows']:.0f} / {med[a + ' tiles']:.0f}"
+                     for a in ("fwd", "grad", "lsm", "sm")]
+            print(f"| {dname} | {N} x {C} | " + " | ".join(cells) + " |")
+            sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--only", default="", help="comma-separated op names to run")
+    ap.add_argument("--kernels", action="store_true",
+                    help="serial rows kernels vs row tiles, called directly (one thread)")
+    args = ap.parse_args()
+    if args.kernels:
+        os.environ["NUMBA_NUM_THREADS"] = "1"
+        return kernels(args.rounds, args.dtypes.split(","))
+    t = str(args.threads)
+    os.environ["NUMBA_NUM_THREADS"] = t
+    os.environ["OMP_NUM_THREADS"] = t
+    multi = "true" if args.threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen={multi}"
+                               f" intra_op_parallelism_threads={t}")
+    import numpy as np
+    import numba
+    import torch
+    import jax
+    import jax.numpy as jnp
+    import fastce
+    import fastce._runtime
+    jax.config.update("jax_enable_x64", True)
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    F = torch.nn.functional
+
+    def jax_ce(x, t):
+        lp = jax.nn.log_softmax(x, axis=-1)
+        return -jnp.take_along_axis(lp, t[:, None], axis=-1).mean()
+
+    def ce_fwd(x, t):
+        xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+        f = jax.jit(jax_ce)
+        xj, tj = jnp.asarray(x), jnp.asarray(t)
+        return {"fastce": lambda: fastce.cross_entropy(x, t),
+                "torch": lambda: F.cross_entropy(xt, tt),
+                "jax": lambda: f(xj, tj).block_until_ready()}
+
+    def ce_grad(x, t):
+        xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+
+        def tb():
+            q = xt.detach().requires_grad_()
+            F.cross_entropy(q, tt).backward()
+            return q.grad
+        f = jax.jit(jax.value_and_grad(jax_ce))
+        xj, tj = jnp.asarray(x), jnp.asarray(t)
+        return {"fastce": lambda: fastce.cross_entropy_with_grad(x, t), "torch": tb,
+                "jax": lambda: jax.block_until_ready(f(xj, tj))}
+
+    def log_softmax(x, t):
+        xt = torch.from_numpy(x)
+        f = jax.jit(lambda x: jax.nn.log_softmax(x, axis=-1))
+        xj = jnp.asarray(x)
+        return {"fastce": lambda: fastce.log_softmax(x),
+                "torch": lambda: torch.log_softmax(xt, -1),
+                "jax": lambda: f(xj).block_until_ready()}
+
+    def softmax(x, t):
+        xt = torch.from_numpy(x)
+        f = jax.jit(lambda x: jax.nn.softmax(x, axis=-1))
+        xj = jnp.asarray(x)
+        return {"fastce": lambda: fastce.softmax(x),
+                "torch": lambda: torch.softmax(xt, -1),
+                "jax": lambda: f(xj).block_until_ready()}
+
+    def logsumexp(x, t):
+        xt = torch.from_numpy(x)
+        f = jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1))
+        xj = jnp.asarray(x)
+        return {"fastce": lambda: fastce.logsumexp(x),
+                "torch": lambda: torch.logsumexp(xt, -1),
+                "jax": lambda: f(xj).block_until_ready()}
+
+    def bce_expr(xp):
+        return lambda p, y: -(y * xp.maximum(xp.log(p), -100)
+                              + (1 - y) * xp.maximum(xp.log1p(-p), -100)).mean()
+
+    def logits_expr(xp):
+        return lambda x, y: (xp.maximum(x, 0) - x * y + xp.log1p(xp.exp(-xp.abs(x)))).mean()
+
+    def bce(p, y):
+        pt, yt = torch.from_numpy(p), torch.from_numpy(y)
+        f = jax.jit(bce_expr(jnp))
+        pj, yj = jnp.asarray(p), jnp.asarray(y)
+        return {"fastce": lambda: fastce.binary_cross_entropy(p, y),
+                "torch": lambda: F.binary_cross_entropy(pt, yt),
+                "jax": lambda: f(pj, yj).block_until_ready()}
+
+    def bce_grad(p, y):
+        pt, yt = torch.from_numpy(p), torch.from_numpy(y)
+
+        def tb():
+            q = pt.detach().requires_grad_()
+            F.binary_cross_entropy(q, yt).backward()
+            return q.grad
+        f = jax.jit(jax.value_and_grad(bce_expr(jnp)))
+        pj, yj = jnp.asarray(p), jnp.asarray(y)
+        return {"fastce": lambda: fastce.binary_cross_entropy_with_grad(p, y), "torch": tb,
+                "jax": lambda: jax.block_until_ready(f(pj, yj))}
+
+    def bce_logits(x, y):
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        f = jax.jit(logits_expr(jnp))
+        xj, yj = jnp.asarray(x), jnp.asarray(y)
+        return {"fastce": lambda: fastce.binary_cross_entropy_with_logits(x, y),
+                "torch": lambda: F.binary_cross_entropy_with_logits(xt, yt),
+                "jax": lambda: f(xj, yj).block_until_ready()}
+
+    def bce_logits_grad(x, y):
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def tb():
+            q = xt.detach().requires_grad_()
+            F.binary_cross_entropy_with_logits(q, yt).backward()
+            return q.grad
+        f = jax.jit(jax.value_and_grad(logits_expr(jnp)))
+        xj, yj = jnp.asarray(x), jnp.asarray(y)
+        return {"fastce": lambda: fastce.binary_cross_entropy_with_logits_with_grad(x, y),
+                "torch": tb, "jax": lambda: jax.block_until_ready(f(xj, yj))}
+
+    row_ops = [("forward", ce_fwd), ("forward+grad", ce_grad), ("log_softmax", log_softmax),
+               ("softmax", softmax), ("logsumexp", logsumexp)]
+    bce_ops = [("bce", bce), ("bce+grad", bce_grad), ("bce_logits", bce_logits),
+               ("bce_logits+grad", bce_logits_grad)]
+    only = set(filter(None, args.only.split(",")))
+    rng = np.random.default_rng(0)
+    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()}; times in "
+          f"us, median of {args.rounds} interleaved rounds; (r x) = peer / fastce (> 1: fastce "
+          f"faster)")
+    print("| op | dtype | shape | fastce | torch | jax.jit | fastest |")
+    print("|---|---|---|---|---|---|---|")
+    cases = []
+    for dname in args.dtypes.split(","):
+        dt = np.dtype(dname)
+        for name, make in row_ops:
+            for shape in ROW_SHAPES:
+                x = (rng.standard_normal(shape) * 3).astype(dt)
+                tg = rng.integers(0, shape[1], shape[0])
+                cases.append((name, dname, shape, make, (x, tg)))
+        for name, make in bce_ops:
+            for shape in BCE_SHAPES:
+                if "logits" in name:
+                    a = (rng.standard_normal(shape) * 3).astype(dt)
+                else:
+                    a = rng.uniform(0.001, 0.999, shape).astype(dt)
+                y = rng.random(shape).astype(dt)
+                cases.append((name, dname, shape, make, (a, y)))
+    for name, dname, shape, make, data in cases:
+        if only and name not in only:
+            continue
+        n = shape[0] * shape[1]
+        number = max(20, min(2000, int(3e6 // (n * 20 + 3000))))
+        fns = make(*data)
+        for f in fns.values():
+            f()
+            f()
+        rounds = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, f in fns.items():
+                # The previous implementation's thread pool may still be spinning on the other
+                # core (torch's OpenMP workers do, for a while): let it go idle, then a few
+                # untimed calls.
+                time.sleep(0.02)
+                for _ in range(3):
+                    f()
+                ts = []
+                for _ in range(number):
+                    t0 = time.perf_counter()
+                    f()
+                    ts.append(time.perf_counter() - t0)
+                rounds[k].append(np.median(ts))
+        med = {k: float(np.median(v)) for k, v in rounds.items()}
+        base = med["fastce"]
+        best = min(med, key=med.get)
+        cells = [f"{base * 1e6:.1f}"]
+        for k in ("torch", "jax"):
+            cells.append(f"{med[k] * 1e6:.1f} ({med[k] / base:.2f}x)")
+        cells.append(best if best == "fastce" else f"{best} ({base / med[best]:.2f}x)")
+        print(f"| {name} | {dname} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
