@@ -204,7 +204,7 @@ def _choose_layout(prob, lv):
     if prob.S != 1:                    # K-dim, or no positions at all (S == 0)
         return _spatial_layout
     # The row tiles implement none of softcap, z_loss and the per-sample lse.
-    if not prob.probs and lv == (None, None, None) and _row_tiles(prob.N, prob.C, prob.dtype):
+    if not prob.probs and all(v is None for v in lv) and _row_tiles(prob.N, prob.C, prob.dtype):
         return _row_tiles_layout
     if _few_classes_many_rows(prob.N, prob.C):
         return _few_classes_layout

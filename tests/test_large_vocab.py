@@ -21,6 +21,8 @@ LAYOUTS = {
     "rows": (7, 50),
     "kdim": (3, 5, 4),
     "few_classes": (2 * _config.FEW_CLASSES_MIN_ROWS, 6),   # run as the K-dim layout
+    # a shape the row tiles take without options (they implement none: the rows kernels)
+    "tile_shaped": (64, 100),
 }
 # name: (weight, ignore some, label_smoothing, reduction, grad_output, softcap, z_loss)
 OPTIONS = {

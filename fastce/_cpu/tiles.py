@@ -406,7 +406,7 @@ def _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, 
             g = _upstream(gscale, i)
             w_t = weight[t] if has_w else one
             if rest[j] >= 0:
-                grad[i, t] = _target_grad(rest[j], g, keep * w_t, eps_c, w_total, w_t)
+                grad[i, t] = _target_grad(rest[j], g, keep * w_t, eps_c, w_total, w_t, 0.0)
             else:
                 grad[i, t] -= g * keep * w_t
 
@@ -420,7 +420,8 @@ ce_index_tiles, ce_index_tiles_serial = kernel_twins(_ce_index_tiles)
 # the same code object, its rows kernel bound to :func:`_ce_index_tiles_as_rows`.
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 def _ce_index_tiles_as_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
-                            loss_part, n_chunks, stat_m, stat_s):
+                            loss_part, n_chunks, stat_m, stat_s, cap, z_loss, lse):
+    # (The small entry passes no softcap, z-loss or lse: cap, z_loss and lse are None.)
     _ce_index_tiles_inlined(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                             loss_part.reshape(x.shape[0]))
 
