@@ -439,13 +439,17 @@ def _impl_tables(name, b, benches, decl=None):
     unit, kind = b["unit"], b["type"]
     is_time = kind == "time"
     roof = _roof_of(name, decl) if is_time else None
-    refs = [i for i in shown if i != FASTCE] if FASTCE in shown else []
+    # The compared implementation: fastce, or where a suite has no plain fastce column (the
+    # torch modules), the first fastce-* one (fastce-torch against torch).
+    ours = FASTCE if FASTCE in shown else next(
+        (i for i in shown if i.startswith(FASTCE + "-")), None)
+    refs = [i for i in shown if i != ours] if ours else []
 
     out = []
     for dt in dtypes:
         headers = list(row_names) + shown
         if is_time:
-            headers += [f"fastce vs {r}" for r in refs]
+            headers += [f"{ours} vs {r}" for r in refs]
             if roof and FASTCE in shown:
                 headers.append("fastce % of roof")
         rows = []
@@ -464,7 +468,7 @@ def _impl_tables(name, b, benches, decl=None):
                         n_noisy += 1
                     row.append(cell)
             if is_time:
-                f = vals.get(FASTCE, MISSING)
+                f = vals.get(ours, MISSING)
                 row += [_fmt_speedup(_ratio(vals[r], f)) for r in refs]
                 if roof and FASTCE in shown:
                     rb = benches.get(roof[0])
@@ -488,7 +492,8 @@ def _impl_tables(name, b, benches, decl=None):
                          "implementation can be: a measuring error (the roof or the timing "
                          "was disturbed), not a figure.")
         if is_time and refs:
-            notes.append("Speedup = other implementation's time / fastce's time (>1: fastce faster).")
+            notes.append(f"Speedup = other implementation's time / {ours}'s time (>1: {ours} "
+                         "faster).")
         if n_noisy:
             notes.append(f"~ = noisy ({n_noisy} cell(s)): the samples' interquartile range "
                          f"exceeds {NOISY_SPREAD:.0%} of the median.")
