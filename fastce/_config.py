@@ -71,8 +71,8 @@ CHECK_BLOCK = 4096
 # CUDA launch configuration.
 CUDA_THREADS_PER_BLOCK = 256
 # Rows of at most this many classes get a warp (or a sub-warp: a power of two >= C) each,
-# larger ones a block: at 4096 rows x 100 / 1000 classes a warp per row ran the kernels 4x / 2.6x
-# faster on an H100 than a block per row (docs/gpu.md).
+# larger ones a block (a block per row left most of its threads idle on short rows; measured in
+# docs/gpu.md).
 CUDA_SMALL_C = 1024
 # K-dim inputs (rows strided by S > 1) with at most this many classes get a thread per row
 # (neighbouring threads read neighbouring positions); S >= 32 always does.

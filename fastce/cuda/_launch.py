@@ -2,9 +2,9 @@
 
 Numba-cuda's ``kernel[grid, block, stream](*args)`` types every argument, looks the overload
 up, wraps every array in a memory view and builds a launch configuration and a stream object
-on each call: about 100 us of Python per launch on an H100 host (docs/gpu.md), while the
-kernels of a 4096 x 1000 cross-entropy run for less than 20 us.  A fastce call queues two to
-six kernels, so the host cost was the whole of the time for all but the largest inputs.
+on each call, and a Numba device array costs tens of microseconds to make: several times
+what the kernels of a medium-sized call run for (docs/gpu.md).  A fastce call queues one to
+six kernels, so that host cost was the whole of the time for all but the largest inputs.
 
 :class:`FastKernel` wraps a dispatcher with the same ``[grid, block, stream](*args)`` syntax.
 The first launch with a given argument signature goes through numba (which compiles, if
@@ -27,7 +27,7 @@ SIM = bool(config.ENABLE_CUDASIM)
 class DeviceView:
     """A strided view of device memory: pointer, shape, byte strides, dtype, and the object
     that owns the memory (kept alive with the view).  What the host code passes to kernels
-    on a real GPU: making one costs a microsecond, a Numba device array tens of them."""
+    on a real GPU, in place of Numba device arrays (see the module docstring)."""
 
     __slots__ = ("ptr", "shape", "strides", "dtype", "owner", "size")
 
