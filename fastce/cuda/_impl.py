@@ -674,6 +674,19 @@ def _bce_grad_args(call, grad_output, reduction, shape, n, dt):
     return g0, gout, scale, call.empty((n,), dt)
 
 
+def _bce_launch(call, kernel, x, y, w, pw, out, flag, dt, grad_args=None):
+    """Queue one of the BCE kernels (``kernels.bce``'s template: the forward, or the fused
+    forward + gradient with ``grad_args`` = (g0, gout, scale, grad)); the arguments a kernel
+    does not use are empty."""
+    n = x.shape[0]
+    if not n:
+        return
+    g0, gout, scale, grad = grad_args or (dt.type(1), _empty(dt), dt.type(1), _empty(dt))
+    tpb = _threads()
+    kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, gout, g0, scale, out, grad,
+                                                       flag)
+
+
 def binary_cross_entropy(input, target, weight, reduction, grad_output=None, want_grad=False):
     with Call(input) as call:
         dt, shape, p, y, w = _bce_inputs(call, target, weight, reduction)
@@ -683,16 +696,10 @@ def binary_cross_entropy(input, target, weight, reduction, grad_output=None, wan
         y_flag = call.check_values(K, y3, BCE_TARGET_VALUES)
         out = call.empty((n,), dt)
         flag = call.flag(n)
-        if want_grad:
-            g0, gout, scale, grad = _bce_grad_args(call, grad_output, reduction, shape, n, dt)
-        if n:
-            tpb = _threads()
-            blocks = min(-(-n // tpb), 65535)
-            if want_grad:
-                K.bce_grad_kernel[blocks, tpb, call.stream](p, y, w, gout, g0, scale, out,
-                                                            grad, flag)
-            else:
-                K.bce_kernel[blocks, tpb, call.stream](p, y, w, out, flag)
+        grad_args = (_bce_grad_args(call, grad_output, reduction, shape, n, dt)
+                     if want_grad else None)
+        _bce_launch(call, K.bce_grad_kernel if want_grad else K.bce_kernel, p, y, w,
+                    _empty(dt), out, flag, dt, grad_args)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
         call.raise_bad_value(y_flag, y3, shape, "target", BCE_TARGET_VALUES)
         bad = call.first_error(flag, n)
@@ -700,7 +707,7 @@ def binary_cross_entropy(input, target, weight, reduction, grad_output=None, wan
             raise_bad_probability(call.x.dtype.type(call.read(p, (bad,))), bad, shape)
         if not want_grad:
             return res
-        return res, call.result(grad, shape, call.x.dtype)
+        return res, call.result(grad_args[3], shape, call.x.dtype)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
@@ -720,18 +727,12 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
         y3 = call.reshape(y, (1, n, 1))
         y_flag = call.check_values(K, y3, BCE_LOGITS_TARGET_VALUES)
         out = call.empty((n,), dt)
-        if want_grad:
-            g0, gout, scale, grad = _bce_grad_args(call, grad_output, reduction, shape, n, dt)
-        if n:
-            tpb = _threads()
-            blocks = min(-(-n // tpb), 65535)
-            if want_grad:
-                K.bce_logits_grad_kernel[blocks, tpb, call.stream](x, y, w, pw, gout, g0, scale,
-                                                                   out, grad)
-            else:
-                K.bce_logits_kernel[blocks, tpb, call.stream](x, y, w, pw, out)
+        grad_args = (_bce_grad_args(call, grad_output, reduction, shape, n, dt)
+                     if want_grad else None)
+        _bce_launch(call, K.bce_logits_grad_kernel if want_grad else K.bce_logits_kernel, x, y,
+                    w, pw, out, _empty(np.int64), dt, grad_args)
         res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
         call.raise_bad_value(y_flag, y3, shape, "target", BCE_LOGITS_TARGET_VALUES)
         if not want_grad:
             return res
-        return res, call.result(grad, shape, call.x.dtype)
+        return res, call.result(grad_args[3], shape, call.x.dtype)

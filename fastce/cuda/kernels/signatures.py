@@ -26,6 +26,7 @@ def launch_signatures(K, dt):
     T2 = types.Array(i64, 2, "A")
     T2i32 = types.Array(types.int32, 2, "A")
     NO_LSE = A2  # the cross-entropy kernels' lse_out placeholder when no lse is returned
+    BCE = (A1, A1, A1, A1, A1, f, f, A1, A1, I1)  # (x, y, weight, pos_weight, gout, g0, ...)
     return {
         "stats_kernel": (K.stats_kernel, (A3, i64, i64, A1, A1)),
         "softmax_kernel": (K.softmax_kernel, (A3, A3, i64, i64, i64, A1, A1)),
@@ -36,11 +37,10 @@ def launch_signatures(K, dt):
                                           i64, A1, A1, f, NO_LSE)),
         "prob_kernel": (K.prob_kernel, (A3, S3, A1, f, f, b1, f, f, A1, A3, A1, i64, f,
                                         NO_LSE)),
-        "bce_kernel": (K.bce_kernel, (A1, A1, A1, A1, I1)),
-        "bce_logits_kernel": (K.bce_logits_kernel, (A1, A1, A1, A1, A1)),
-        "bce_grad_kernel": (K.bce_grad_kernel, (A1, A1, A1, A1, f, f, A1, A1, I1)),
-        "bce_logits_grad_kernel": (K.bce_logits_grad_kernel, (A1, A1, A1, A1, A1, f, f, A1,
-                                                              A1)),
+        "bce_kernel": (K.bce_kernel, BCE),
+        "bce_logits_kernel": (K.bce_logits_kernel, BCE),
+        "bce_grad_kernel": (K.bce_grad_kernel, BCE),
+        "bce_logits_grad_kernel": (K.bce_logits_grad_kernel, BCE),
         "sum_kernel": (K.sum_kernel, (A1, A1, i64, A1, f)),
         "rowsum_kernel": (K.rowsum_kernel, (A2, A1)),
         "bad_value_kernel": (K.bad_value_kernel, (S3, f, f, I1)),
