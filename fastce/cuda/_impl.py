@@ -41,7 +41,7 @@ from .._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, PROB_TARGE
 from .kernels.bce import build_bce
 from .kernels.cross_entropy import build_cross_entropy
 from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
-from ._launch import CALL_DEVICE, DeviceView, FastKernel
+from ._launch import CALL_DEVICE, DeviceView, FastKernel, c_contiguous
 from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
 from .kernels.softmax import build_softmax
 
@@ -452,7 +452,7 @@ def _external_stream(handle):
 
 
 def _is_c_contig(a):
-    return a.size <= 1 or tuple(a.strides) == _c_strides(a.shape, a.dtype.itemsize)
+    return c_contiguous(a.shape, a.strides, a.dtype.itemsize)
 
 
 _EMPTY = {}
