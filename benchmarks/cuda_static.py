@@ -10,6 +10,10 @@ types of ``fastce.cuda.kernels.signatures``, float32 and float64) to PTX by numb
 to a cubin by ``ptxas`` (wheel ``nvidia-cuda-nvcc``) and disassembled by ``nvdisasm`` (wheel
 ``nvidia-cuda-nvdisasm``); both are in the ``cuda-ptx`` extra.  Per kernel and dtype:
 
+The kernels that cross-entropy launches with a logit soft-cap (row statistics, class-index
+and probability targets) are measured twice: as built by default and with the cap
+(``<kernel>_softcap``, cap 30).
+
 * ``regs``, ``spill`` (bytes stored + loaded), ``stack``, ``smem``: ptxas' resource usage;
   ``local``: local-memory instructions (LDL/STL) in the SASS.
 * ``occ``: theoretical occupancy at the launched block size (``_config.CUDA_THREADS_PER_BLOCK``)
@@ -42,6 +46,12 @@ READ_STREAMS = {"stats_kernel": 1, "softmax_kernel": 1, "softmax_kernel_strided"
                 "prepare_kernel_int32": 1, "sum_kernel": 1, "rowsum_kernel": 1,
                 "bad_value_kernel": 1, "bce_kernel": 2, "bce_logits_kernel": 2,
                 "copy_f16_to_f32": 1, "copy_f32_to_f16": 1, "copy_f32_to_f32": 1}
+
+# The kernels cross-entropy launches with logit soft-capping (a compile-time constant: its own
+# build, ``name + SOFTCAP_SUFFIX``) are measured again in that build; any cap value gives the
+# same code up to the constants.
+SOFTCAP, SOFTCAP_SUFFIX = 30.0, "_softcap"
+SOFTCAP_KERNELS = ("stats_kernel", "index_kernel", "prob_kernel")
 
 # sm_90 per-SM limits (CUDA occupancy calculator): registers, shared memory (bytes, with the
 # 1 KB the driver reserves per block), warps, blocks; registers are allocated per warp in
@@ -204,7 +214,7 @@ def analyze(name, ptx, itemsize, threads, tools, workdir):
     sass = subprocess.run([tools["nvdisasm"], "-c", cubin], capture_output=True, text=True,
                           check=True).stdout
     instrs, labels = parse_sass(sass)
-    streams = READ_STREAMS.get(name, 1)
+    streams = READ_STREAMS.get(name.removesuffix(SOFTCAP_SUFFIX), 1)
     loops = hot_loops(instrs, labels, itemsize, streams)
     div_calls = sum(1 for _, _, o, r in instrs if o.startswith("CALL") and
                     re.search(r"(div|rem)_[su]64", r))
@@ -239,12 +249,15 @@ def collect():
     report = {}
     with tempfile.TemporaryDirectory() as wd:
         for dt in (np.float32, np.float64):
-            K = kernels(np.dtype(dt), True)
-            for name, (kern, sig) in launch_signatures(K, dt).items():
-                ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=CC, launch_bounds=getattr(
-                    kern, "targetoptions", {}).get("launch_bounds"))
-                report[f"{np.dtype(dt).name}/{name}"] = analyze(
-                    name, ptx, np.dtype(dt).itemsize, threads, tools, wd)
+            for cap, suffix in ((None, ""), (SOFTCAP, SOFTCAP_SUFFIX)):
+                K = kernels(np.dtype(dt), True, softcap=cap)
+                for name, (kern, sig) in launch_signatures(K, dt).items():
+                    if cap is not None and name not in SOFTCAP_KERNELS:
+                        continue
+                    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=CC, launch_bounds=getattr(
+                        kern, "targetoptions", {}).get("launch_bounds"))
+                    report[f"{np.dtype(dt).name}/{name}{suffix}"] = analyze(
+                        name + suffix, ptx, np.dtype(dt).itemsize, threads, tools, wd)
         for name, sig in copy_signatures().items():
             ptx, _ = cuda.compile_ptx(copy_kernel.py_func, sig, cc=CC, launch_bounds=getattr(
                 copy_kernel, "targetoptions", {}).get("launch_bounds"))

@@ -30,9 +30,8 @@ kernels, so nothing reads out of bounds.
 from types import SimpleNamespace
 
 import numpy as np
-from numba import config, cuda, int64
+from numba import cuda, int64
 
-from ... import _config
 from .memory import addr1, addr3, load1, load1_at, load3, load_at, store3, store_at
 
 __all__ = ["build_cross_entropy"]
@@ -56,13 +55,8 @@ def build_cross_entropy(P, soft):
     ftype = P.ftype
     xload, cap_value, cap_grad = P.xload, P.cap_value, P.cap_grad
     unit_stats = soft.unit_stats
-    # float32: registers for half of an SM's threads (four 256-thread blocks; 64 a thread)
-    # at the launched block size: ptxas would otherwise take up to 72 (float64 would spill).
-    tpb = int(_config.CUDA_THREADS_PER_BLOCK)
-    bounds = (tpb, max(1, 1024 // tpb)) if P.dtype == np.float32 else None
-    # (The simulator's jit takes no launch bounds.)
-    bounded_jit = cuda.jit(launch_bounds=bounds) if (bounds and not config.ENABLE_CUDASIM) \
-        else cuda.jit
+    # float64: unbounded (at 80 registers these two kernels spill)
+    bounded_jit = P.row_kernel_jit(None)
 
     @cuda.jit(device=True)
     def upstream(gout, g0, r, mean, denom):
@@ -102,18 +96,18 @@ def build_cross_entropy(P, soft):
         dw = G * weight.strides[0]
         end = hi - 3 * G
         while c < end:
-            x0 = xload(x, p, n, c, s)
-            x1 = xload(x, p + d, n, c + G, s)
-            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
             w0 = load1_at(weight, pw, c) if has_w else ONE
             w1 = load1_at(weight, pw + dw, c + G) if has_w else ONE
             w2 = load1_at(weight, pw + 2 * dw, c + 2 * G) if has_w else ONE
             w3 = load1_at(weight, pw + 3 * dw, c + 3 * G) if has_w else ONE
-            s0, v0 = index_term(x0, w0, m, L, sh, inv, ga, ge)
-            s1, v1 = index_term(x1, w1, m, L, sh, inv, ga, ge)
-            s2, v2 = index_term(x2, w2, m, L, sh, inv, ga, ge)
-            s3, v3 = index_term(x3, w3, m, L, sh, inv, ga, ge)
+            s0, v0 = index_term(cap_value(x0), w0, m, L, sh, inv, ga, ge)
+            s1, v1 = index_term(cap_value(x1), w1, m, L, sh, inv, ga, ge)
+            s2, v2 = index_term(cap_value(x2), w2, m, L, sh, inv, ga, ge)
+            s3, v3 = index_term(cap_value(x3), w3, m, L, sh, inv, ga, ge)
             if smooth:
                 sm += (s0 + s1) + (s2 + s3)
             if want_grad:
@@ -239,7 +233,6 @@ def build_cross_entropy(P, soft):
         if lse_out.ndim == 1:
             if valid and lane == 0 and k == 0:
                 lse_out[r] = m + L
-        w_t = weight[t] if (has_w and active) else ONE
         # The target's share (loss and gradient) belongs to the chunk that holds it.
         holds_t = active and t >= lo and t < hi
         xt = NEG_INF
@@ -255,6 +248,7 @@ def build_cross_entropy(P, soft):
         if active and (want_grad or smooth):
             w_total = stats[1] if has_w else ftype(C)
             g = upstream(gout, g0, r, mean, stats[0])
+            w_t = weight[t] if has_w else ONE
             sh = safe_shift(m)
             inv = inv_sum(m, acc)
             zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
@@ -293,7 +287,8 @@ def build_cross_entropy(P, soft):
         part = ZERO
         if holds_t:
             # A target on a -inf logit costs +inf, even in an all-masked row.
-            part = keep * w_t * nll if xt != NEG_INF else INF
+            # (the target's weight is read again: not kept live across the passes)
+            part = keep * (weight[t] if has_w else ONE) * nll if xt != NEG_INF else INF
             if z_loss != ZERO:
                 # lse = x_t + (lse - x_t): no (m, L) kept live across the second pass.
                 part += z_loss * (xt + nll) * (xt + nll)
@@ -334,10 +329,10 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         end = hi - 3 * G
         while c < end:
-            x0 = xload(x, p, n, c, s)
-            x1 = xload(x, p + d, n, c + G, s)
-            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
             t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
             t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
                                eps_c)
@@ -345,10 +340,10 @@ def build_cross_entropy(P, soft):
                                has_w, keep, eps_c)
             t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
                                has_w, keep, eps_c)
-            l0, v0 = prob_term(x0, t0, m, L, sh, inv, ga, g)
-            l1, v1 = prob_term(x1, t1, m, L, sh, inv, ga, g)
-            l2, v2 = prob_term(x2, t2, m, L, sh, inv, ga, g)
-            l3, v3 = prob_term(x3, t3, m, L, sh, inv, ga, g)
+            l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
+            l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
+            l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
+            l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, inv, ga, g)
             lsum += (l0 + l1) + (l2 + l3)
             if want_grad:
                 store_at(grad, q, n, c, s, v0)
@@ -391,10 +386,10 @@ def build_cross_entropy(P, soft):
         p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
         end = hi - 3 * G
         while c < end:
-            x0 = xload(x, p, n, c, s)
-            x1 = xload(x, p + d, n, c + G, s)
-            x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = xload(x, p + 3 * d, n, c + 3 * G, s)
+            x0 = load_at(x, p, n, c, s)
+            x1 = load_at(x, p + d, n, c + G, s)
+            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
             t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
             t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
                                eps_c)
@@ -402,7 +397,8 @@ def build_cross_entropy(P, soft):
                                has_w, keep, eps_c)
             t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
                                has_w, keep, eps_c)
-            m, sh, acc = push_block4(m, sh, acc, x0, x1, x2, x3)
+            m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
+                                     cap_value(x3))
             tw += (t0 + t1) + (t2 + t3)
             c += 4 * G
             p += 4 * d

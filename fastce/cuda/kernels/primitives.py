@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import config, cuda, from_dtype
 
+from ... import _config
 from .memory import addr3, load_at, max_nan_f32
 
 __all__ = ["build_primitives", "use_shuffle", "SHARED_MAX_THREADS"]
@@ -188,6 +189,23 @@ def _group_allreduce(combine, ident_a, ident_b, nbtype, shuffle):
     return allreduce
 
 
+def _row_kernel_jit(dtype):
+    """``row_kernel_jit(float64_blocks)``: ``cuda.jit`` with launch bounds for the launched
+    block size, so that ptxas holds a row kernel's registers to an occupancy target: float32
+    four 256-thread blocks an SM (64 registers a thread, 50 %), float64 ``float64_blocks``
+    (3: 80 registers, 37.5 %; None: unbounded, for the kernels that would spill there).
+    Unbounded, ptxas takes up to 72 (float32) and 128 (float64) registers.  The simulator's
+    jit takes no launch bounds."""
+    def row_kernel_jit(float64_blocks):
+        blocks = 1024 if np.dtype(dtype) == np.float32 else \
+            (None if float64_blocks is None else 256 * float64_blocks)
+        if config.ENABLE_CUDASIM or blocks is None:
+            return cuda.jit
+        tpb = int(_config.CUDA_THREADS_PER_BLOCK)
+        return cuda.jit(launch_bounds=(tpb, max(1, blocks // tpb)))
+    return row_kernel_jit
+
+
 def build_primitives(dtype, shuffle=None, softcap=None):
     """Device functions for one compute dtype (and logit soft-cap).
 
@@ -210,9 +228,10 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
         ``row_max_sumexp``; for confident rows (issue #13) ``confident``,
-        ``lse_needs_rest``, ``two_sum``, ``exp_diff``, ``allreduce_two_sum``, ``block_any``
+        ``lse_needs_rest``, ``two_sum``, ``rest_term``, ``allreduce_two_sum``, ``block_any``
         and ``rest_sum`` (the second pass); ``xload``, ``cap_value``, ``cap_grad`` (see
-        :func:`_softcap_functions`).
+        :func:`_softcap_functions`); ``row_kernel_jit(float64_blocks)``, the row kernels'
+        decorator (launch bounds, see :func:`_row_kernel_jit`).
     """
     if shuffle is None:
         shuffle = use_shuffle()
@@ -333,7 +352,7 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         return a1 + a2, b1 + b2
 
     # Confident rows (issue #13): the CPU's test and second pass (fastce._cpu.primitives:
-    # confident, lse_needs_rest, exp_diff, rest_sum), in the kernel's own dtype -- float32
+    # confident, lse_needs_rest, rest_term, rest_sum), in the kernel's own dtype -- float32
     # kernels stay free of float64 (the exact difference comes from TwoSum, as for float64).
     CONF_BASE, CONF_SLOPE, LSE_REST = ftype(1.5), ftype(1.5), ftype(0.6)
 
@@ -356,31 +375,30 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         bb = sm - a
         return sm, (a - (sm - bb)) + (b - bb)
 
-    @cuda.jit(device=True)
-    def exp_diff(v, pivot):
-        """``exp(v - pivot)`` from the exact difference ``d + e``: ``exp(d) (1 + e)`` (0 for
-        ``v = -inf``, where ``e`` is NaN)."""
-        d, e = two_sum(v, -pivot)
-        t = exp(d)
-        return t + t * e if t != ZERO else t
+    # float64 branches around the exp of a pivot entry: its exp is long, and four of them
+    # at once cost the kernels registers (occupancy); float32 selects.
+    PIVOT_BRANCH = dtype == np.float64
 
     @cuda.jit(device=True)
     def rest_term(v, pivot):
-        """``exp(v - pivot)``, or 0 where ``v`` equals the pivot (those are counted apart:
-        their term is exactly 1)."""
-        return ZERO if v == pivot else exp_diff(v, pivot)
-
-    @cuda.jit(device=True)
-    def is_pivot(v, pivot):
-        return ONE if v == pivot else ZERO
+        """``(term, is_pivot)``: ``exp(v - pivot)`` from the exact difference ``d + e`` as
+        ``exp(d) (1 + e)``, or 0 where ``v`` equals the pivot (those entries are counted
+        apart: their term is exactly 1), with ``is_pivot`` 1 there, else 0.  In float32
+        branch-free: both tests are selects on values computed anyway (``d == 0`` exactly
+        when ``v == pivot``; for ``v = -inf`` the TwoSum error is NaN and exp(d) is 0)."""
+        if PIVOT_BRANCH and v == pivot:
+            return ZERO, ONE
+        d, e = two_sum(v, -pivot)
+        t = exp(d)
+        return (ZERO if (d == ZERO or t == ZERO) else t + t * e), (ONE if d == ZERO else ZERO)
 
     @cuda.jit(device=True)
     def thread_rest(x, n, s, C, lane, G, pivot):
         """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
         ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
         equal to the pivot (four terms a step summed pairwise, the step sums compensated
-        with TwoSum), ``cnt`` the count of those equal.  Four loads a step; ``C = 0`` reads
-        nothing."""
+        with TwoSum), ``cnt`` the count of those equal.  Four loads a step, issued first;
+        ``C = 0`` reads nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
@@ -389,23 +407,25 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         d = G * x.strides[1]
         end = C - 3 * G
         while c < end:
-            v0 = xload(x, p, n, c, s)
-            v1 = xload(x, p + d, n, c + G, s)
-            v2 = xload(x, p + 2 * d, n, c + 2 * G, s)
-            v3 = xload(x, p + 3 * d, n, c + 3 * G, s)
-            hi, e = two_sum(hi, (rest_term(v0, pivot) + rest_term(v1, pivot)) +
-                            (rest_term(v2, pivot) + rest_term(v3, pivot)))
+            v0 = load_at(x, p, n, c, s)
+            v1 = load_at(x, p + d, n, c + G, s)
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            r0, k0 = rest_term(cap_value(v0), pivot)
+            r1, k1 = rest_term(cap_value(v1), pivot)
+            r2, k2 = rest_term(cap_value(v2), pivot)
+            r3, k3 = rest_term(cap_value(v3), pivot)
+            hi, e = two_sum(hi, (r0 + r1) + (r2 + r3))
             lo += e
-            cnt += (is_pivot(v0, pivot) + is_pivot(v1, pivot)) + \
-                (is_pivot(v2, pivot) + is_pivot(v3, pivot))
+            cnt += (k0 + k1) + (k2 + k3)
             c += 4 * G
             p += 4 * d
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             if c + j * G < C:
-                v = xload(x, p + j * d, n, c + j * G, s)
-                hi, e = two_sum(hi, rest_term(v, pivot))
+                rj, kj = rest_term(xload(x, p + j * d, n, c + j * G, s), pivot)
+                hi, e = two_sum(hi, rj)
                 lo += e
-                cnt += is_pivot(v, pivot)
+                cnt += kj
         return hi, lo, cnt
 
     @cuda.jit(device=True)
@@ -498,11 +518,18 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         d = G * x.strides[1]  # bytes between a thread's consecutive elements
         end = hi - 7 * G
         while c < end:
-            m, sh, acc = push_block8(
-                m, sh, acc, xload(x, p, n, c, s), xload(x, p + d, n, c + G, s),
-                xload(x, p + 2 * d, n, c + 2 * G, s), xload(x, p + 3 * d, n, c + 3 * G, s),
-                xload(x, p + 4 * d, n, c + 4 * G, s), xload(x, p + 5 * d, n, c + 5 * G, s),
-                xload(x, p + 6 * d, n, c + 6 * G, s), xload(x, p + 7 * d, n, c + 7 * G, s))
+            # the raw loads first: a soft-cap's tanh between them would serialize them
+            v0 = load_at(x, p, n, c, s)
+            v1 = load_at(x, p + d, n, c + G, s)
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            v4 = load_at(x, p + 4 * d, n, c + 4 * G, s)
+            v5 = load_at(x, p + 5 * d, n, c + 5 * G, s)
+            v6 = load_at(x, p + 6 * d, n, c + 6 * G, s)
+            v7 = load_at(x, p + 7 * d, n, c + 7 * G, s)
+            m, sh, acc = push_block8(m, sh, acc, cap_value(v0), cap_value(v1), cap_value(v2),
+                                     cap_value(v3), cap_value(v4), cap_value(v5),
+                                     cap_value(v6), cap_value(v7))
             c += 8 * G
             p += 8 * d
         if c < hi:  # the last 1-7 elements of this thread
@@ -528,9 +555,12 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         d = G * x.strides[1]
         end = hi - 3 * G
         while c < end:
-            m, sh, acc = push_block4(
-                m, sh, acc, xload(x, p, n, c, s), xload(x, p + d, n, c + G, s),
-                xload(x, p + 2 * d, n, c + 2 * G, s), xload(x, p + 3 * d, n, c + 3 * G, s))
+            v0 = load_at(x, p, n, c, s)
+            v1 = load_at(x, p + d, n, c + G, s)
+            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            m, sh, acc = push_block4(m, sh, acc, cap_value(v0), cap_value(v1), cap_value(v2),
+                                     cap_value(v3))
             c += 4 * G
             p += 4 * d
         if c < hi:  # the last 1-3 elements of this thread
@@ -559,6 +589,6 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         allreduce_max_sumexp=allreduce_max_sumexp, allreduce_sum2=allreduce_sum2,
         unit=unit, thread_max_sumexp=thread_max_sumexp, row_max_sumexp=row_max_sumexp,
         confident=confident, lse_needs_rest=lse_needs_rest, two_sum=two_sum,
-        exp_diff=exp_diff, rest_sum=rest_sum, block_any=block_any,
+        rest_term=rest_term, rest_sum=rest_sum, block_any=block_any,
         allreduce_two_sum=allreduce_two_sum, softcap=softcap, xload=xload,
-        cap_value=cap_value, cap_grad=cap_grad)
+        cap_value=cap_value, cap_grad=cap_grad, row_kernel_jit=_row_kernel_jit(dtype))

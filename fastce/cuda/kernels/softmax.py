@@ -121,7 +121,7 @@ def build_softmax(P):
             part_m[r * n_split + k] = m
             part_s[r * n_split + k] = acc
 
-    @cuda.jit
+    @P.row_kernel_jit(3)
     def softmax_kernel(x, out, mode, G, n_split, part_m, part_s):
         N, C, S = x.shape
         valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
