@@ -937,3 +937,45 @@ def test_cross_entropy_large_vocab_errors():
         fc.cross_entropy(x, t, z_loss=-0.1)
     with pytest.raises(TypeError, match="return_lse"):
         fc.cross_entropy(x, t, return_lse="yes")
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [(np.float16, np.float32),
+                                                 (np.float32, np.float16),
+                                                 (np.float32, np.float32)])
+def test_strided_copy_kernel_steps_and_carries(src_dtype, dst_dtype):
+    """The strided copy launched on a small grid, so that every thread takes several
+    four-position steps whose index carries through every digit, equals NumPy's
+    conversion of the permuted array (values exactly representable in both dtypes)."""
+    rng = np.random.default_rng(16)
+    x = rng.integers(-512, 512, (2, 3, 4, 5, 3, 2)).astype(src_dtype) / src_dtype(8)
+    axes = (4, 1, 5, 0, 3, 2)
+    src = permuted(dev(x), axes)
+    want = np.ascontiguousarray(x.transpose(axes)).astype(dst_dtype)
+    for blocks, threads in ((1, 7), (2, 5), (1, 1)):
+        dst = cuda.device_array(want.shape, dst_dtype)
+        _impl._copy_kernel[blocks, threads, cuda.default_stream()](src, _impl._as_view(dst))
+        cuda.synchronize()
+        np.testing.assert_array_equal(host(dst), want)
+
+
+def test_strided_copy_address_walk():
+    """The copy kernel's byte address (which only a GPU reads: the simulator's load indexes
+    by the 6-D index) stays the address of the index it walks with, through every carry:
+    the device functions run as Python under the simulator."""
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("calls device functions from Python (simulator only)")
+    from fastce.cuda.kernels import reduce as R
+    shape = (3, 2, 1, 4, 5, 3)
+    st = (7, 1000, 13, 96, 24, 2000)  # arbitrary byte strides, any order
+    dims = shape[1:]
+    back = tuple(st[k - 1] - shape[k] * st[k] for k in range(1, 6))
+    total = int(np.prod(shape))
+    for start, stride in ((0, 1), (5, 7), (2, 37), (11, total - 1)):
+        ix = R._digits6(start, dims)
+        p = R._offset6(ix, st)
+        sx = R._digits6(stride, dims)
+        dp = R._offset6(sx, st)
+        for i in range(start, total, stride):
+            assert tuple(ix) == np.unravel_index(i, shape)
+            assert p == int(np.dot(ix, st))
+            ix, p = R._advance6(ix, p, sx, dp, dims, back)

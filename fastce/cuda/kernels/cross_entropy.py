@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, int64
 
-from .memory import addr1, addr3, load1, load1_at, load3, load_at, store3, store_at
+from .memory import addr1, addr3, load1_at, load_at, store3, store_at
 
 __all__ = ["build_cross_entropy"]
 
@@ -76,13 +76,13 @@ def build_cross_entropy(P, soft):
     @cuda.jit(device=True)
     def index_term(xc, wc, m, L, sh, inv, ga, ge):
         """Class c's smoothing term ``w_c (lse - x_c)`` and gradient, less the target's
-        ``-(1 - eps) w_t g`` (:func:`index_row` fixes the target's element up after); ``xc``
+        ``-(1 - eps) w_t g`` (the kernel fixes the target's element up after); ``xc``
         is the (capped) logit."""
         return wc * lse_minus(m, L, xc), cap_grad(ga * (exp(xc - sh) * inv) - ge * wc, xc)
 
     @cuda.jit(device=True)
-    def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth, t,
-                  m, L, sh, inv, ga, ge, gt):
+    def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth,
+                  m, L, sh, inv, ga, ge):
         """Pass 2 of a class-index row over the thread's share of [lo, hi): the gradient
         (``want_grad``) and the sum of the smoothing terms (``smooth``); four independent
         loads of x (and of the weights) before the four stores, through byte cursors."""
@@ -128,13 +128,6 @@ def build_cross_entropy(P, soft):
                     sm += sj
                 if want_grad:
                     store_at(grad, q + j * e, n, cj, s, vj)
-        # The target's element: its thread rewrites it with the -(1 - eps) w_t g term.
-        if want_grad and t >= lo and t < hi and \
-                np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
-            wt = load1(weight, t) if has_w else ONE
-            yt = cap_value(load3(x, n, t, s))
-            _, vt = index_term(yt, wt, m, L, sh, inv, ga, ge)
-            store3(grad, n, t, s, vt - cap_grad(gt, yt))
         return sm
 
     @cuda.jit(device=True)
@@ -254,13 +247,19 @@ def build_cross_entropy(P, soft):
             zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
             ga = g * (keep * w_t + eps_c * w_total + zz)
             ge = g * eps_c
-            gt = g * keep * w_t
             if want_grad:
-                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth, t,
-                               m, L, sh, inv, ga, ge, gt)
+                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth,
+                               m, L, sh, inv, ga, ge)
+                # The target's element: its thread rewrites it with the -(1 - eps) w_t g
+                # term (g and w_t read again: not kept live across the loop).
+                if holds_t and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+                    wt = weight[t] if has_w else ONE
+                    _, vt = index_term(xt, wt, m, L, sh, inv, ga, ge)
+                    gt = upstream(gout, g0, r, mean, stats[0]) * keep * wt
+                    store3(grad, n, t, s, vt - cap_grad(gt, xt))
             else:
-                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True, t,
-                               m, L, sh, inv, ga, ge, gt)
+                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True,
+                               m, L, sh, inv, ga, ge)
         elif valid and want_grad:
             zero_row(grad, n, s, lo, hi, lane, G)
         if smooth:

@@ -13,6 +13,11 @@ hoisted, and the access is one wide multiply-add and a global load:
   ``(n, c, s)`` is the same element's index, which only the simulator's twin reads;
   ``addr1(a, i)`` and ``load1_at(a, p, i)`` are the same for a 1-D array;
 * ``load1(a, i)`` / ``store1(a, i, v)``: element ``i`` (``0 <= i``, 64-bit) of a 1-D array.
+* for the strided copy, a 6-D array walked by byte address: ``base6(a)`` is the address of
+  element 0 (``a.strides`` give the steps), ``flat_addr(a, i)`` the address of flat element
+  ``i`` of a C-contiguous ``a``; ``load6_at(a, p, i)`` / ``store6_at(a, p, i, v)`` access
+  the element at address ``p`` whose 6-D index is the tuple ``i`` (read by the simulator's
+  twin only).
 
 ``max_nan_f32(a, b)``: PTX ``max.NaN.f32``, one instruction (sm_80+), where the comparison
 form costs three.
@@ -23,7 +28,7 @@ indexing and the comparison max.
 from numba import config, cuda
 
 __all__ = ["load3", "store3", "addr3", "load_at", "store_at", "addr1", "load1_at",
-           "load1", "store1",
+           "load1", "store1", "base6", "flat_addr", "load6_at", "store6_at",
            "max_nan_f32"]
 
 
@@ -65,10 +70,27 @@ def _sim_twins():
         a[i] = v
 
     @cuda.jit(device=True)
+    def base6(a):
+        return 0
+
+    @cuda.jit(device=True)
+    def flat_addr(a, i):
+        return 0
+
+    @cuda.jit(device=True)
+    def load6_at(a, p, i):
+        return a[i]
+
+    @cuda.jit(device=True)
+    def store6_at(a, p, i, v):
+        a[i] = v
+
+    @cuda.jit(device=True)
     def max_nan_f32(a, b):
         return a if (a > b or a != a) else b
 
-    return load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, max_nan_f32
+    return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
+            flat_addr, load6_at, store6_at, max_nan_f32)
 
 
 def _intrinsics():
@@ -191,6 +213,35 @@ def _intrinsics():
         return types.void(a, i, v), codegen
 
     @intrinsic
+    def base6(typingctx, a):
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            return builder.ptrtoint(arr.data, i64)
+        return types.int64(a), codegen
+
+    @intrinsic
+    def flat_addr(typingctx, a, i):
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            off = _offset1(context, builder, sig, args)
+            return builder.add(builder.ptrtoint(arr.data, i64), off)
+        return types.int64(a, i), codegen
+
+    @intrinsic
+    def load6_at(typingctx, a, p, i):
+        def codegen(context, builder, sig, args):
+            return builder.load(_at(context, builder, sig.args[0], args[1]))
+        return a.dtype(a, p, i), codegen
+
+    @intrinsic
+    def store6_at(typingctx, a, p, i, v):
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[3], sig.args[3], sig.args[0].dtype)
+            builder.store(val, _at(context, builder, sig.args[0], args[1]))
+            return context.get_dummy_value()
+        return types.void(a, p, i, v), codegen
+
+    @intrinsic
     def max_nan_f32(typingctx, a, b):
         def codegen(context, builder, sig, args):
             f32 = ir.FloatType()
@@ -199,9 +250,10 @@ def _intrinsics():
             return builder.call(asm, list(args))
         return types.float32(types.float32, types.float32), codegen
 
-    return load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, max_nan_f32
+    return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
+            flat_addr, load6_at, store6_at, max_nan_f32)
 
 
-(load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1,
- max_nan_f32) = (
+(load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6, flat_addr,
+ load6_at, store6_at, max_nan_f32) = (
     _sim_twins() if config.ENABLE_CUDASIM else _intrinsics())

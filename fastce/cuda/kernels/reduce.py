@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from numba import cuda, int64
 
-from .memory import load1
+from .memory import base6, flat_addr, load1, load6_at, store6_at
 
 __all__ = ["build_reduce", "COPY_NDIM", "SUM_PARTIAL", "SUM_TOTAL", "SUM_MEAN"]
 
@@ -149,18 +149,20 @@ def build_reduce(P):
                            bad_value_kernel=bad_value_kernel)
 
 
-@cuda.jit
-def copy_kernel(src, dst):
-    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous.
-    Grid-stride over flat positions; the 6-D index advances by the stride's own
-    decomposition with carries (divisions once per thread, none per element)."""
-    d0, d1, d2, d3, d4, d5 = dst.shape
-    i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
-    stride = int64(cuda.gridsize(1))
-    total = d0 * d1 * d2 * d3 * d4 * d5
-    if i >= total:
-        return
-    q = i
+@cuda.jit(device=True)
+def _carry_at(i, d, up, p, back):
+    """:func:`_carry` of a digit that also moves a byte address: by ``back`` (the upper
+    digit's stride less ``d`` of this digit's) on a carry."""
+    if i >= d:
+        return i - d, up + 1, p + back
+    return i, up, p
+
+
+@cuda.jit(device=True)
+def _digits6(q, dims):
+    """The C-order 6-D index of flat position ``q`` for the shape ``(d0, *dims)`` (five
+    64-bit divisions: once per thread, never per element)."""
+    d1, d2, d3, d4, d5 = dims
     i5 = q % d5
     q //= d5
     i4 = q % d4
@@ -169,32 +171,70 @@ def copy_kernel(src, dst):
     q //= d3
     i2 = q % d2
     q //= d2
-    i1 = q % d1
-    i0 = q // d1
-    q = stride
-    s5 = q % d5
-    q //= d5
-    s4 = q % d4
-    q //= d4
-    s3 = q % d3
-    q //= d3
-    s2 = q % d2
-    q //= d2
-    s1 = q % d1
-    s0 = q // d1
-    while i < total:
-        dst[i0, i1, i2, i3, i4, i5] = src[i0, i1, i2, i3, i4, i5]
-        i += stride
-        i0, i1, i2, i3, i4, i5 = _step6(i0, i1, i2, i3, i4, i5, s0, s1, s2, s3, s4, s5,
-                                        d1, d2, d3, d4, d5)
+    return q // d1, q % d1, i2, i3, i4, i5
 
 
 @cuda.jit(device=True)
-def _step6(i0, i1, i2, i3, i4, i5, s0, s1, s2, s3, s4, s5, d1, d2, d3, d4, d5):
-    """A 6-D index advanced by the stride's decomposition, with carries."""
-    i5, i4 = _carry(i5 + s5, d5, i4 + s4)
-    i4, i3 = _carry(i4, d4, i3 + s3)
-    i3, i2 = _carry(i3, d3, i2 + s2)
-    i2, i1 = _carry(i2, d2, i1 + s1)
-    i1, i0 = _carry(i1, d1, i0 + s0)
-    return i0, i1, i2, i3, i4, i5
+def _offset6(ix, st):
+    i0, i1, i2, i3, i4, i5 = ix
+    s0, s1, s2, s3, s4, s5 = st
+    return ((i0 * s0 + i1 * s1) + (i2 * s2 + i3 * s3)) + (i4 * s4 + i5 * s5)
+
+
+@cuda.jit(device=True)
+def _advance6(ix, p, sx, dp, dims, back):
+    """A 6-D index and the byte address of its element, advanced by the grid stride's
+    decomposition ``sx`` (``dp`` bytes when no digit carries), with carries (the top digit
+    may run past its dimension: it is never read then)."""
+    i0, i1, i2, i3, i4, i5 = ix
+    s0, s1, s2, s3, s4, s5 = sx
+    d1, d2, d3, d4, d5 = dims
+    b1, b2, b3, b4, b5 = back
+    i5, i4, p = _carry_at(i5 + s5, d5, i4 + s4, p + dp, b5)
+    i4, i3, p = _carry_at(i4, d4, i3 + s3, p, b4)
+    i3, i2, p = _carry_at(i3, d3, i2 + s2, p, b3)
+    i2, i1, p = _carry_at(i2, d2, i1 + s1, p, b2)
+    i1, i0, p = _carry_at(i1, d1, i0 + s0, p, b1)
+    return (i0, i1, i2, i3, i4, i5), p
+
+
+@cuda.jit
+def copy_kernel(src, dst):
+    """``dst = src`` elementwise for 6-D arrays of one shape; ``dst`` is C-contiguous.
+    Grid-stride over flat positions, four a step: the 6-D index and the source element's
+    byte address advance by the stride's own decomposition with carries (divisions once per
+    thread, none per element), and the four loads are issued before the four stores."""
+    d0, d1, d2, d3, d4, d5 = dst.shape
+    dims = (d1, d2, d3, d4, d5)
+    st = src.strides
+    back = (st[0] - d1 * st[1], st[1] - d2 * st[2], st[2] - d3 * st[3], st[3] - d4 * st[4],
+            st[4] - d5 * st[5])
+    i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
+    stride = int64(cuda.gridsize(1))
+    total = d0 * d1 * d2 * d3 * d4 * d5
+    if i >= total:
+        return
+    ix = _digits6(i, dims)
+    p = base6(src) + _offset6(ix, st)
+    sx = _digits6(stride, dims)
+    dp = _offset6(sx, st)
+    end = total - 3 * stride
+    while i < end:
+        ib, pb = _advance6(ix, p, sx, dp, dims, back)
+        ic, pc = _advance6(ib, pb, sx, dp, dims, back)
+        id4, pd = _advance6(ic, pc, sx, dp, dims, back)
+        va = load6_at(src, p, ix)
+        vb = load6_at(src, pb, ib)
+        vc = load6_at(src, pc, ic)
+        vd = load6_at(src, pd, id4)
+        store6_at(dst, flat_addr(dst, i), ix, va)
+        store6_at(dst, flat_addr(dst, i + stride), ib, vb)
+        store6_at(dst, flat_addr(dst, i + 2 * stride), ic, vc)
+        store6_at(dst, flat_addr(dst, i + 3 * stride), id4, vd)
+        i += 4 * stride
+        ix, p = _advance6(id4, pd, sx, dp, dims, back)
+    for j in range(3):  # the last 0-3 positions of this thread (unrolled: not a loop)
+        if i < total:
+            store6_at(dst, flat_addr(dst, i), ix, load6_at(src, p, ix))
+            i += stride
+            ix, p = _advance6(ix, p, sx, dp, dims, back)
