@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Arrays a kernel's non-storing hot loops read per element (a storing loop counts its stores).
 READ_STREAMS = {"stats_kernel": 1, "softmax_kernel": 1, "softmax_kernel_strided": 1,
-                "index_kernel": 1, "prob_kernel": 3, "prepare_kernel": 1,
+                "index_kernel": 1, "index_kernel_weighted": 1, "prob_kernel": 2,
+                "prob_kernel_weighted": 3, "prepare_kernel": 1,
                 "prepare_kernel_int32": 1, "sum_kernel": 1, "rowsum_kernel": 1,
                 "bad_value_kernel": 1, "bce_kernel": 2, "bce_logits_kernel": 2,
                 "copy_f16_to_f32": 1, "copy_f32_to_f16": 1, "copy_f32_to_f32": 1}
@@ -51,7 +52,8 @@ READ_STREAMS = {"stats_kernel": 1, "softmax_kernel": 1, "softmax_kernel_strided"
 # build, ``name + SOFTCAP_SUFFIX``) are measured again in that build; any cap value gives the
 # same code up to the constants.
 SOFTCAP, SOFTCAP_SUFFIX = 30.0, "_softcap"
-SOFTCAP_KERNELS = ("stats_kernel", "index_kernel", "prob_kernel")
+SOFTCAP_KERNELS = ("stats_kernel", "index_kernel", "index_kernel_weighted", "prob_kernel",
+                   "prob_kernel_weighted")
 
 # sm_90 per-SM limits (CUDA occupancy calculator): registers, shared memory (bytes, with the
 # 1 KB the driver reserves per block), warps, blocks; registers are allocated per warp in

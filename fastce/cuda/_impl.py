@@ -584,7 +584,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             if rows:
                 t_flag = call.check_values(K, t3, PROB_TARGET_VALUES)
                 G, _, blocks, tpb = plan(rows, C, S, allow_split=False)
-                K.prob_kernel[blocks, tpb, call.stream](
+                prob_kernel = K.prob_kernel if w is None else K.prob_kernel_weighted
+                prob_kernel[blocks, tpb, call.stream](
                     x3, t3, wd, keep, eps_c, mean, dt.type(rows), g0, gout, grad3, loss, G,
                     z, lse_arg)
             stats, denom, flag = None, rows, None
@@ -611,7 +612,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
                 G, n_split, blocks, tpb = plan(rows, C, S)
                 pm, ps = _stats_partials(call, K, x3, G, n_split, blocks, tpb)
                 parts = call.empty((rows, n_split), dt)
-                K.index_kernel[blocks, tpb, call.stream](
+                index_kernel = K.index_kernel if w is None else K.index_kernel_weighted
+                index_kernel[blocks, tpb, call.stream](
                     x3, t2, int(ignore_index), wd, stats, keep, eps_c, mean, g0, gout, grad3,
                     parts, G, n_split, pm, ps, z, lse_arg)
                 if n_split == 1 or reduction != "none":

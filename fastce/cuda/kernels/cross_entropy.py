@@ -44,7 +44,9 @@ def build_cross_entropy(P, soft):
     Returns
     -------
     types.SimpleNamespace
-        ``prepare_kernel``, ``index_kernel``, ``prob_kernel`` (see their docstrings).
+        ``prepare_kernel``, ``index_kernel``, ``prob_kernel`` (see their docstrings; both
+        for calls without class weights), ``index_kernel_weighted``,
+        ``prob_kernel_weighted`` (the same with weights).
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
     unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
@@ -200,99 +202,104 @@ def build_cross_entropy(P, soft):
         if t0 == 0:
             partials[cuda.blockIdx.x] = acc
 
-    @bounded_jit
-    def index_kernel(x, target, ignore_index, weight, stats, keep, eps_c, mean, g0, gout,
-                     grad, loss_part, G, n_split, part_m, part_s, z_loss, lse_out):
-        """Class-index targets.  ``stats`` = [denominator, sum of weights] (device);
-        ``keep = 1 - eps``, ``eps_c = eps / C``; ``grad`` is (N, C, S), or (0, 0, 0) for the
-        forward only; ``loss_part`` is (N * S, n_split); ``lse_out`` (N * S,) or 2-D (none)."""
-        N, C, S = x.shape
-        has_w = weight.shape[0] > 0
-        want_grad = grad.shape[0] > 0
-        want_lse = lse_out.ndim == 1
-        smooth = eps_c > ZERO
-        valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
-        t = int64(0)
-        active = False
-        if valid:
-            t = int64(target[n, s])
-            active = t != ignore_index and t >= 0 and t < C
-        # An ignored row reads nothing (unless its lse is wanted); it still joins the
-        # group's reductions.
-        read = active or (valid and want_lse)
-        m, acc = unit_stats(x, G, n_split, part_m, part_s, read, lane, r, n, s, lo,
-                            hi if read else lo)
-        m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
-        if lse_out.ndim == 1:
-            if valid and lane == 0 and k == 0:
-                lse_out[r] = m + L
-        # The target's share (loss and gradient) belongs to the chunk that holds it.
-        holds_t = active and t >= lo and t < hi
-        xt = NEG_INF
-        nll = ZERO
-        need = False
-        if holds_t:
-            xt = cap_value(x[n, t, s])
-            if xt != NEG_INF:
-                nll = lse_minus(m, L, xt)
-                # a confident row (the target holds the max; the CPU's test): see below
-                need = confident(xt - m, nll)
-        sm = ZERO
-        if active and (want_grad or smooth):
-            w_total = stats[1] if has_w else ftype(C)
-            g = upstream(gout, g0, r, mean, stats[0])
-            w_t = weight[t] if has_w else ONE
-            sh = safe_shift(m)
-            inv = inv_sum(m, acc)
-            zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
-            ga = g * (keep * w_t + eps_c * w_total + zz)
-            ge = g * eps_c
-            if want_grad:
-                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth,
-                               m, L, sh, inv, ga, ge)
-                # The target's element: its thread rewrites it with the -(1 - eps) w_t g
-                # term (g and w_t read again: not kept live across the loop).
-                if holds_t and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
-                    wt = weight[t] if has_w else ONE
-                    _, vt = index_term(xt, wt, m, L, sh, inv, ga, ge)
-                    gt = upstream(gout, g0, r, mean, stats[0]) * keep * wt
-                    store3(grad, n, t, s, vt - cap_grad(gt, xt))
-            else:
-                sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True,
-                               m, L, sh, inv, ga, ge)
-        elif valid and want_grad:
-            zero_row(grad, n, s, lo, hi, lane, G)
-        if smooth:
-            sm, _ = allreduce_sum2(sm, ZERO, G)
-        # Confident rows: the loss is log1p(rest) and the target's gradient comes from rest,
-        # a second pass over the row (rare; last, so that little is live across it).
-        if block_any(need):  # block-uniform, as the reductions need
-            rest = rest_sum(x, n, s, C, lane, G, xt, need)
-            if need:
-                nll = log1p(rest)
-                if want_grad and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
-                    # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
-                    # CPU's _target_grad); it replaces what pass 2 wrote there.  The factors
-                    # are read again rather than kept live across the pass.
-                    # (z-loss: lse = x_t + log1p(rest) for a confident row.)
-                    gr = upstream(gout, g0, r, mean, stats[0])
-                    wr = weight[t] if has_w else ONE
-                    pt = ONE / (ONE + rest)
-                    zr = ftype(2) * z_loss * (xt + nll) if z_loss != ZERO else ZERO
-                    store3(grad, n, t, s, cap_grad(
-                        (gr * keep * wr) * (-rest * pt) +
-                        (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr) +
-                        (gr * zr) * pt, xt))
-        part = ZERO
-        if holds_t:
-            # A target on a -inf logit costs +inf, even in an all-masked row.
-            # (the target's weight is read again: not kept live across the passes)
-            part = keep * (weight[t] if has_w else ONE) * nll if xt != NEG_INF else INF
-            if z_loss != ZERO:
-                # lse = x_t + (lse - x_t): no (m, L) kept live across the second pass.
-                part += z_loss * (xt + nll) * (xt + nll)
-        if valid and lane == 0:
-            loss_part[r, k] = part + eps_c * sm if smooth else part
+    def make_index_kernel(weighted):
+        """``index_kernel`` with class weights (``weighted``) or without: one template, two
+        specializations (weights are rare; without them the gradient loop loads, tests and
+        indexes no weight)."""
+        @bounded_jit
+        def index_kernel(x, target, ignore_index, weight, stats, keep, eps_c, mean, g0, gout,
+                         grad, loss_part, G, n_split, part_m, part_s, z_loss, lse_out):
+            """Class-index targets.  ``stats`` = [denominator, sum of weights] (device);
+            ``keep = 1 - eps``, ``eps_c = eps / C``; ``grad`` is (N, C, S), or (0, 0, 0) for the
+            forward only; ``loss_part`` is (N * S, n_split); ``lse_out`` (N * S,) or 2-D (none)."""
+            N, C, S = x.shape
+            has_w = weighted  # compile-time: the other specialization holds no weight code
+            want_grad = grad.shape[0] > 0
+            want_lse = lse_out.ndim == 1
+            smooth = eps_c > ZERO
+            valid, lane, r, k, n, s, lo, hi = unit(N * S * n_split, G, n_split, S, C)
+            t = int64(0)
+            active = False
+            if valid:
+                t = int64(target[n, s])
+                active = t != ignore_index and t >= 0 and t < C
+            # An ignored row reads nothing (unless its lse is wanted); it still joins the
+            # group's reductions.
+            read = active or (valid and want_lse)
+            m, acc = unit_stats(x, G, n_split, part_m, part_s, read, lane, r, n, s, lo,
+                                hi if read else lo)
+            m, L = shift_log_sum(m, acc)  # lse - x is (m - x) + L: keeps L for large logits
+            if lse_out.ndim == 1:
+                if valid and lane == 0 and k == 0:
+                    lse_out[r] = m + L
+            # The target's share (loss and gradient) belongs to the chunk that holds it.
+            holds_t = active and t >= lo and t < hi
+            xt = NEG_INF
+            nll = ZERO
+            need = False
+            if holds_t:
+                xt = cap_value(x[n, t, s])
+                if xt != NEG_INF:
+                    nll = lse_minus(m, L, xt)
+                    # a confident row (the target holds the max; the CPU's test): see below
+                    need = confident(xt - m, nll)
+            sm = ZERO
+            if active and (want_grad or smooth):
+                w_total = stats[1] if has_w else ftype(C)
+                g = upstream(gout, g0, r, mean, stats[0])
+                w_t = weight[t] if has_w else ONE
+                sh = safe_shift(m)
+                inv = inv_sum(m, acc)
+                zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
+                ga = g * (keep * w_t + eps_c * w_total + zz)
+                ge = g * eps_c
+                if want_grad:
+                    sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, True, smooth,
+                                   m, L, sh, inv, ga, ge)
+                    # The target's element: its thread rewrites it with the -(1 - eps) w_t g
+                    # term (g and w_t read again: not kept live across the loop).
+                    if holds_t and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+                        wt = weight[t] if has_w else ONE
+                        _, vt = index_term(xt, wt, m, L, sh, inv, ga, ge)
+                        gt = upstream(gout, g0, r, mean, stats[0]) * keep * wt
+                        store3(grad, n, t, s, vt - cap_grad(gt, xt))
+                else:
+                    sm = index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, False, True,
+                                   m, L, sh, inv, ga, ge)
+            elif valid and want_grad:
+                zero_row(grad, n, s, lo, hi, lane, G)
+            if smooth:
+                sm, _ = allreduce_sum2(sm, ZERO, G)
+            # Confident rows: the loss is log1p(rest) and the target's gradient comes from rest,
+            # a second pass over the row (rare; last, so that little is live across it).
+            if block_any(need):  # block-uniform, as the reductions need
+                rest = rest_sum(x, n, s, C, lane, G, xt, need)
+                if need:
+                    nll = log1p(rest)
+                    if want_grad and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
+                        # p_t - 1 = -rest / (1 + rest), without the cancelling subtraction (the
+                        # CPU's _target_grad); it replaces what pass 2 wrote there.  The factors
+                        # are read again rather than kept live across the pass.
+                        # (z-loss: lse = x_t + log1p(rest) for a confident row.)
+                        gr = upstream(gout, g0, r, mean, stats[0])
+                        wr = weight[t] if has_w else ONE
+                        pt = ONE / (ONE + rest)
+                        zr = ftype(2) * z_loss * (xt + nll) if z_loss != ZERO else ZERO
+                        store3(grad, n, t, s, cap_grad(
+                            (gr * keep * wr) * (-rest * pt) +
+                            (gr * eps_c) * ((stats[1] if has_w else ftype(C)) * pt - wr) +
+                            (gr * zr) * pt, xt))
+            part = ZERO
+            if holds_t:
+                # A target on a -inf logit costs +inf, even in an all-masked row.
+                # (the target's weight is read again: not kept live across the passes)
+                part = keep * (weight[t] if has_w else ONE) * nll if xt != NEG_INF else INF
+                if z_loss != ZERO:
+                    # lse = x_t + (lse - x_t): no (m, L) kept live across the second pass.
+                    part += z_loss * (xt + nll) * (xt + nll)
+            if valid and lane == 0:
+                loss_part[r, k] = part + eps_c * sm if smooth else part
+        return index_kernel
 
     @cuda.jit(device=True)
     def cursors(x, target, weight, n, c, s, G, has_w):
@@ -308,6 +315,22 @@ def build_cross_entropy(P, soft):
         and ``w_c`` at byte addresses ``pt``, ``pw``)."""
         wt = keep * load_at(target, pt, n, c, s) + eps_c
         return wt * load1_at(weight, pw, c) if has_w else wt
+
+    @cuda.jit(device=True)
+    def load_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c):
+        """One step of a probability-target row's loops: four raw logits (loads issued
+        first) and the four smoothed, weighted targets at the cursors."""
+        x0 = load_at(x, p, n, c, s)
+        x1 = load_at(x, p + d, n, c + G, s)
+        x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
+        x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+        t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+        t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep, eps_c)
+        t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s, has_w,
+                           keep, eps_c)
+        t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s, has_w,
+                           keep, eps_c)
+        return x0, x1, x2, x3, t0, t1, t2, t3
 
     @cuda.jit(device=True)
     def prob_term(xc, wt, m, L, sh, inv, ga, g):
@@ -328,17 +351,8 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         end = hi - 3 * G
         while c < end:
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-            t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-            t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
-                               eps_c)
-            t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s,
-                               has_w, keep, eps_c)
-            t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
-                               has_w, keep, eps_c)
+            x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(x, target, weight, p, d, pt, dt, pw,
+                                                        dw, n, c, s, G, has_w, keep, eps_c)
             l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
             l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
             l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
@@ -366,78 +380,76 @@ def build_cross_entropy(P, soft):
                     store_at(grad, q + j * e, n, cj, s, vj)
         return lsum
 
-    @bounded_jit
-    def prob_kernel(x, target, weight, keep, eps_c, mean, denom, g0, gout, grad, loss, G,
-                    z_loss, lse_out):
-        """Probability targets of the logits' (N, C, S) layout; whole rows (no split).  The
-        smoothed, weighted target is ``wt_c = ((1 - eps) t_c + eps / C) * w_c``; a class with
-        ``wt_c == 0`` adds 0 to the loss even where ``x_c = -inf``."""
-        N, C, S = x.shape
-        has_w = weight.shape[0] > 0
-        want_grad = grad.shape[0] > 0
-        valid, lane, r, k, n, s, lo, hi = unit(N * S, G, 1, S, C)
-        # Pass 1: the row's (max, sum-exp) and the total target weight sum_c wt_c.
-        m = NEG_INF
-        sh = ZERO
-        acc = ZERO
-        tw = ZERO
-        c = lo + lane
-        p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
-        end = hi - 3 * G
-        while c < end:
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-            t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-            t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep,
-                               eps_c)
-            t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s,
-                               has_w, keep, eps_c)
-            t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s,
-                               has_w, keep, eps_c)
-            m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
-                                     cap_value(x3))
-            tw += (t0 + t1) + (t2 + t3)
-            c += 4 * G
-            p += 4 * d
-            pt += 4 * dt
-            pw += 4 * dw
-        if c < hi:  # the last 1-3 elements of this thread
-            x1 = NEG_INF
-            x2 = NEG_INF
-            if c + G < hi:
-                x1 = xload(x, p + d, n, c + G, s)
-                tw += target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w,
-                                    keep, eps_c)
-            if c + 2 * G < hi:
-                x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
-                tw += target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G,
-                                    s, has_w, keep, eps_c)
-            tw += target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-            m, sh, acc = push_block4(m, sh, acc, xload(x, p, n, c, s), x1, x2, NEG_INF)
-        m, acc = allreduce_max_sumexp(m, acc, G)
-        tw, _ = allreduce_sum2(tw, ZERO, G)
-        m, L = shift_log_sum(m, acc)
-        if lse_out.ndim == 1:
+    def make_prob_kernel(weighted):
+        """:func:`make_index_kernel` for ``prob_kernel``."""
+        @bounded_jit
+        def prob_kernel(x, target, weight, keep, eps_c, mean, denom, g0, gout, grad, loss, G,
+                        z_loss, lse_out):
+            """Probability targets of the logits' (N, C, S) layout; whole rows (no split).  The
+            smoothed, weighted target is ``wt_c = ((1 - eps) t_c + eps / C) * w_c``; a class with
+            ``wt_c == 0`` adds 0 to the loss even where ``x_c = -inf``."""
+            N, C, S = x.shape
+            has_w = weighted  # compile-time: the other specialization holds no weight code
+            want_grad = grad.shape[0] > 0
+            valid, lane, r, k, n, s, lo, hi = unit(N * S, G, 1, S, C)
+            # Pass 1: the row's (max, sum-exp) and the total target weight sum_c wt_c.
+            m = NEG_INF
+            sh = ZERO
+            acc = ZERO
+            tw = ZERO
+            c = lo + lane
+            p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
+            end = hi - 3 * G
+            while c < end:
+                x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(
+                    x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
+                m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
+                                         cap_value(x3))
+                tw += (t0 + t1) + (t2 + t3)
+                c += 4 * G
+                p += 4 * d
+                pt += 4 * dt
+                pw += 4 * dw
+            if c < hi:  # the last 1-3 elements of this thread
+                x1 = NEG_INF
+                x2 = NEG_INF
+                if c + G < hi:
+                    x1 = xload(x, p + d, n, c + G, s)
+                    tw += target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w,
+                                        keep, eps_c)
+                if c + 2 * G < hi:
+                    x2 = xload(x, p + 2 * d, n, c + 2 * G, s)
+                    tw += target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G,
+                                        s, has_w, keep, eps_c)
+                tw += target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+                m, sh, acc = push_block4(m, sh, acc, xload(x, p, n, c, s), x1, x2, NEG_INF)
+            m, acc = allreduce_max_sumexp(m, acc, G)
+            tw, _ = allreduce_sum2(tw, ZERO, G)
+            m, L = shift_log_sum(m, acc)
+            if lse_out.ndim == 1:
+                if valid and lane == 0:
+                    lse_out[r] = m + L
+            # Pass 2: the loss terms and the gradient.
+            g = upstream(gout, g0, r, mean, denom)
+            zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
+            if want_grad:
+                lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, True,
+                                keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
+                                g)
+            else:
+                lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, False,
+                                keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
+                                g)
+            if lane == 0 and z_loss != ZERO:
+                lsum += z_loss * (m + L) * (m + L)
+            lsum, _ = allreduce_sum2(lsum, ZERO, G)
             if valid and lane == 0:
-                lse_out[r] = m + L
-        # Pass 2: the loss terms and the gradient.
-        g = upstream(gout, g0, r, mean, denom)
-        zz = ftype(2) * z_loss * (m + L) if z_loss != ZERO else ZERO
-        if want_grad:
-            lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, True,
-                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
-                            g)
-        else:
-            lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, False,
-                            keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
-                            g)
-        if lane == 0 and z_loss != ZERO:
-            lsum += z_loss * (m + L) * (m + L)
-        lsum, _ = allreduce_sum2(lsum, ZERO, G)
-        if valid and lane == 0:
-            loss[r] = lsum
+                loss[r] = lsum
+        return prob_kernel
 
-    return SimpleNamespace(prepare_kernel=prepare_kernel, index_kernel=index_kernel,
-                           prob_kernel=prob_kernel)
+    return SimpleNamespace(prepare_kernel=prepare_kernel,
+                           index_kernel=make_index_kernel(False),
+                           index_kernel_weighted=make_index_kernel(True),
+                           prob_kernel=make_prob_kernel(False),
+                           prob_kernel_weighted=make_prob_kernel(True))
+

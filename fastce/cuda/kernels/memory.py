@@ -15,9 +15,9 @@ hoisted, and the access is one wide multiply-add and a global load:
 * ``load1(a, i)`` / ``store1(a, i, v)``: element ``i`` (``0 <= i``, 64-bit) of a 1-D array.
 * for the strided copy, a 6-D array walked by byte address: ``base6(a)`` is the address of
   element 0 (``a.strides`` give the steps), ``flat_addr(a, i)`` the address of flat element
-  ``i`` of a C-contiguous ``a``; ``load6_at(a, p, i)`` / ``store6_at(a, p, i, v)`` access
-  the element at address ``p`` whose 6-D index is the tuple ``i`` (read by the simulator's
-  twin only).
+  ``i`` of a C-contiguous ``a``; ``load1_at(a, p, i)`` / ``store1_at(a, p, i, v)`` access
+  the element at address ``p`` whose index (here the 6-D tuple) ``i`` only the simulator's
+  twin reads.
 
 ``max_nan_f32(a, b)``: PTX ``max.NaN.f32``, one instruction (sm_80+), where the comparison
 form costs three.
@@ -28,7 +28,7 @@ indexing and the comparison max.
 from numba import config, cuda
 
 __all__ = ["load3", "store3", "addr3", "load_at", "store_at", "addr1", "load1_at",
-           "load1", "store1", "base6", "flat_addr", "load6_at", "store6_at",
+           "load1", "store1", "base6", "flat_addr", "store1_at",
            "max_nan_f32"]
 
 
@@ -78,11 +78,7 @@ def _sim_twins():
         return 0
 
     @cuda.jit(device=True)
-    def load6_at(a, p, i):
-        return a[i]
-
-    @cuda.jit(device=True)
-    def store6_at(a, p, i, v):
+    def store1_at(a, p, i, v):
         a[i] = v
 
     @cuda.jit(device=True)
@@ -90,7 +86,7 @@ def _sim_twins():
         return a if (a > b or a != a) else b
 
     return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
-            flat_addr, load6_at, store6_at, max_nan_f32)
+            flat_addr, store1_at, max_nan_f32)
 
 
 def _intrinsics():
@@ -228,13 +224,7 @@ def _intrinsics():
         return types.int64(a, i), codegen
 
     @intrinsic
-    def load6_at(typingctx, a, p, i):
-        def codegen(context, builder, sig, args):
-            return builder.load(_at(context, builder, sig.args[0], args[1]))
-        return a.dtype(a, p, i), codegen
-
-    @intrinsic
-    def store6_at(typingctx, a, p, i, v):
+    def store1_at(typingctx, a, p, i, v):
         def codegen(context, builder, sig, args):
             val = context.cast(builder, args[3], sig.args[3], sig.args[0].dtype)
             builder.store(val, _at(context, builder, sig.args[0], args[1]))
@@ -251,9 +241,9 @@ def _intrinsics():
         return types.float32(types.float32, types.float32), codegen
 
     return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
-            flat_addr, load6_at, store6_at, max_nan_f32)
+            flat_addr, store1_at, max_nan_f32)
 
 
 (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6, flat_addr,
- load6_at, store6_at, max_nan_f32) = (
+ store1_at, max_nan_f32) = (
     _sim_twins() if config.ENABLE_CUDASIM else _intrinsics())

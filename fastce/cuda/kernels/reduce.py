@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from numba import cuda, int64
 
-from .memory import base6, flat_addr, load1, load6_at, store6_at
+from .memory import base6, flat_addr, load1, load1_at, store1_at
 
 __all__ = ["build_reduce", "COPY_NDIM", "SUM_PARTIAL", "SUM_TOTAL", "SUM_MEAN"]
 
@@ -223,18 +223,18 @@ def copy_kernel(src, dst):
         ib, pb = _advance6(ix, p, sx, dp, dims, back)
         ic, pc = _advance6(ib, pb, sx, dp, dims, back)
         id4, pd = _advance6(ic, pc, sx, dp, dims, back)
-        va = load6_at(src, p, ix)
-        vb = load6_at(src, pb, ib)
-        vc = load6_at(src, pc, ic)
-        vd = load6_at(src, pd, id4)
-        store6_at(dst, flat_addr(dst, i), ix, va)
-        store6_at(dst, flat_addr(dst, i + stride), ib, vb)
-        store6_at(dst, flat_addr(dst, i + 2 * stride), ic, vc)
-        store6_at(dst, flat_addr(dst, i + 3 * stride), id4, vd)
+        va = load1_at(src, p, ix)
+        vb = load1_at(src, pb, ib)
+        vc = load1_at(src, pc, ic)
+        vd = load1_at(src, pd, id4)
+        store1_at(dst, flat_addr(dst, i), ix, va)
+        store1_at(dst, flat_addr(dst, i + stride), ib, vb)
+        store1_at(dst, flat_addr(dst, i + 2 * stride), ic, vc)
+        store1_at(dst, flat_addr(dst, i + 3 * stride), id4, vd)
         i += 4 * stride
         ix, p = _advance6(id4, pd, sx, dp, dims, back)
     for j in range(3):  # the last 0-3 positions of this thread (unrolled: not a loop)
         if i < total:
-            store6_at(dst, flat_addr(dst, i), ix, load6_at(src, p, ix))
+            store1_at(dst, flat_addr(dst, i), ix, load1_at(src, p, ix))
             i += stride
             ix, p = _advance6(ix, p, sx, dp, dims, back)

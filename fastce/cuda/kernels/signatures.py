@@ -27,16 +27,18 @@ def launch_signatures(K, dt):
     T2i32 = types.Array(types.int32, 2, "A")
     NO_LSE = A2  # the cross-entropy kernels' lse_out placeholder when no lse is returned
     BCE = (A1, A1, A1, A1, A1, f, f, A1, A1, I1)  # (x, y, weight, pos_weight, gout, g0, ...)
+    INDEX = (A3, T2, i64, A1, A1, f, f, b1, f, A1, A3, A2, i64, i64, A1, A1, f, NO_LSE)
+    PROB = (A3, S3, A1, f, f, b1, f, f, A1, A3, A1, i64, f, NO_LSE)
     return {
         "stats_kernel": (K.stats_kernel, (A3, i64, i64, A1, A1)),
         "softmax_kernel": (K.softmax_kernel, (A3, A3, i64, i64, i64, A1, A1)),
         "softmax_kernel_strided": (K.softmax_kernel, (S3, A3, i64, i64, i64, A1, A1)),
         "prepare_kernel": (K.prepare_kernel, (T2, i64, i64, A1, I1, A1)),
         "prepare_kernel_int32": (K.prepare_kernel, (T2i32, i64, i64, A1, I1, A1)),
-        "index_kernel": (K.index_kernel, (A3, T2, i64, A1, A1, f, f, b1, f, A1, A3, A2, i64,
-                                          i64, A1, A1, f, NO_LSE)),
-        "prob_kernel": (K.prob_kernel, (A3, S3, A1, f, f, b1, f, f, A1, A3, A1, i64, f,
-                                        NO_LSE)),
+        "index_kernel": (K.index_kernel, INDEX),
+        "index_kernel_weighted": (K.index_kernel_weighted, INDEX),
+        "prob_kernel": (K.prob_kernel, PROB),
+        "prob_kernel_weighted": (K.prob_kernel_weighted, PROB),
         "bce_kernel": (K.bce_kernel, BCE),
         "bce_logits_kernel": (K.bce_logits_kernel, BCE),
         "bce_grad_kernel": (K.bce_grad_kernel, BCE),
