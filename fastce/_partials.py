@@ -133,7 +133,8 @@ def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_in
                   eps=0.0, probs=False, cap=None, out=None):
     """Gradient (R, c) of the chunk ``x`` (classes ``lo:lo + c``), from the rows' merged
     partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`.
-    ``out``: a C-contiguous (R, c) array to write it into, which may be ``x`` itself."""
+    ``out``: a C-contiguous (R, c) array to write it into (``x`` itself works, but its
+    loops then run scalar: the vectorized loop's overlap check fails)."""
     flat, layout = _rows(x)
     if out is None:
         out = np.empty(layout[:2], flat.dtype)

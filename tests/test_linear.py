@@ -26,21 +26,23 @@ def _torch_linear_ce(h, w, t, b, grad_output=None, **kw):
     return loss.detach().numpy(), grads
 
 
-# At V = 13, N = 23: (rows per chunk, vocabulary block, logits kept for the gradient pass)
-CHUNKINGS = {"rows": (7, 13, True), "blocks-kept": (7, 5, True),
-             "blocks-recomputed": (9, 5, False)}
+# At V = 13, N = 23: (LINEAR_CHUNK_ELEMENTS, LINEAR_VOCAB_CHUNK, LINEAR_MIN_ROWS) and the
+# chunking they give, (rows per chunk, vocabulary block, logits kept for the gradient pass).
+CHUNKINGS = {"rows": ((7 * 26, 13, 4), (6, 13, True)),
+             "blocks-kept": ((7 * 18, 5, 4), (6, 5, True)),
+             "blocks-recomputed": ((9 * 10, 5, 8), (8, 5, False))}
 
 
 @pytest.fixture(params=list(CHUNKINGS))
 def small_chunks(request, monkeypatch):
-    """Whole-row chunks of 7 rows; or blocks of 5 vocabulary entries (13 = 5 + 5 + 3) with a
-    row chunk's logits kept, or recomputed (9 rows x 5); weight-gradient slabs of 2 rows."""
-    rows, vocab, keep = CHUNKINGS[request.param]
-    monkeypatch.setattr(_config, "LINEAR_CHUNK_ELEMENTS", rows * (13 if keep else vocab))
+    """Whole-row chunks of 6 rows; or blocks of 5 vocabulary entries (13 = 5 + 5 + 3) with a
+    row chunk's logits kept (6 rows), or recomputed (8 rows); weight-gradient slabs of 2."""
+    (budget, vocab, min_rows), chunking = CHUNKINGS[request.param]
+    monkeypatch.setattr(_config, "LINEAR_CHUNK_ELEMENTS", budget)
     monkeypatch.setattr(_config, "LINEAR_VOCAB_CHUNK", vocab)
-    monkeypatch.setattr(_config, "LINEAR_MIN_ROWS", 4)
+    monkeypatch.setattr(_config, "LINEAR_MIN_ROWS", min_rows)
     monkeypatch.setattr(_config, "LINEAR_VOCAB_SLAB", 2)
-    assert _chunking(23, 13, True) == CHUNKINGS[request.param]
+    assert _chunking(23, 13, True) == chunking
 
 
 # (bias, label_smoothing, softcap, z_loss): each option alone and all together.
