@@ -37,7 +37,7 @@ _NO_G = {k: np.ones(1, k) for k in _EMPTY}
 _NO_COEFS = {k: np.empty((0, 3), k) for k in _EMPTY}
 
 
-def _rows(x, dtype=None):
+def _rows(x, dtype=None, writeable=False):
     """The 2-D chunk ``x`` as ``(flat, (rows, classes, stride))``, row i at
     ``flat[i * stride : i * stride + classes]``.  A chunk whose rows are contiguous -- a block
     cut from a wider C-contiguous array, as Dask's ``from_array`` hands them out -- is read in
@@ -51,7 +51,10 @@ def _rows(x, dtype=None):
             and x.strides[0] % item == 0 and x.strides[0] >= c * item):
         stride = x.strides[0] // item
         span = (R - 1) * stride + c
-        return as_strided(x, shape=(span,), strides=(item,), writeable=False), (R, c, stride)
+        return (as_strided(x, shape=(span,), strides=(item,), writeable=writeable),
+                (R, c, stride))
+    if writeable:
+        raise ValueError("the chunk to write in place must have contiguous rows")
     x = np.ascontiguousarray(x)
     return x.reshape(-1), (R, c, c)
 
@@ -130,14 +133,15 @@ def softmax_chunk(x, stats, log):
 
 
 def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_index=-100,
-                  eps=0.0, probs=False, cap=None, out=None):
+                  eps=0.0, probs=False, cap=None, in_place=False):
     """Gradient (R, c) of the chunk ``x`` (classes ``lo:lo + c``), from the rows' merged
     partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`.
-    ``out``: a C-contiguous (R, c) array to write it into (``x`` itself works, but its
-    loops then run scalar: the vectorized loop's overlap check fails)."""
-    flat, layout = _rows(x)
-    if out is None:
-        out = np.empty(layout[:2], flat.dtype)
+    ``in_place`` (class indices only; ``x`` in the compute dtype with contiguous rows):
+    written over ``x``, which is returned."""
+    if in_place and probs:
+        raise ValueError("ce_grad_chunk: in_place is for class-index targets only")
+    flat, layout = _rows(x, writeable=in_place)
+    out = None if in_place else np.empty(layout[:2], flat.dtype)
     w = _weight(weight, flat.dtype)
     parts = np.ascontiguousarray(parts)
     coefs = np.ascontiguousarray(coefs)
@@ -148,7 +152,7 @@ def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_in
     else:
         _k.ce_index_grad(flat, layout, lo, np.ascontiguousarray(target, np.int64), w,
                          ignore_index, parts, coefs, out, cap)
-    return out
+    return x if in_place else out
 
 
 def first_bad_index(target, n_classes, ignore_index):

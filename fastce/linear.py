@@ -28,16 +28,15 @@ def _chunking(N, V, want_grad):
     """``(rows, vocab, keep)``: rows per row chunk, vocabulary entries per block, and whether
     a row chunk's logits are kept between the partials pass and the gradient pass.
 
-    Blocks are ``LINEAR_VOCAB_CHUNK`` wide.  The values held at once -- the kept logits (R x V)
-    or one block of them (R x Vc), plus with gradients one block of d_logits (R x Vc) -- stay
-    within ``LINEAR_CHUNK_ELEMENTS``.  With gradients the logits are kept when that still
-    allows ``LINEAR_MIN_ROWS`` rows (or all N); otherwise they are recomputed.  The rows are
-    then spread evenly over the chunks."""
+    Blocks are ``LINEAR_VOCAB_CHUNK`` wide.  The logits held at once -- a row chunk's (R x V)
+    when kept, else one block (R x Vc) -- stay within ``LINEAR_CHUNK_ELEMENTS``.  With
+    gradients they are kept when that still allows ``LINEAR_MIN_ROWS`` rows (or all N);
+    otherwise they are recomputed.  The rows are spread evenly over the chunks."""
     budget = _config.LINEAR_CHUNK_ELEMENTS
     vc = max(1, min(V, _config.LINEAR_VOCAB_CHUNK))
-    keep_rows = budget // max(V + vc, 1)
+    keep_rows = budget // max(V, 1)
     keep = want_grad and keep_rows >= min(N, _config.LINEAR_MIN_ROWS)
-    rows = max(1, min(N, keep_rows if keep else budget // (2 * vc if want_grad else vc)))
+    rows = max(1, min(N, keep_rows if keep else budget // vc))
     n_chunks = -(-N // rows)
     return (-(-N // n_chunks) if N else 1), vc, keep
 
@@ -108,10 +107,8 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     rows, vc, keep = _chunking(N, V, want_grad)
     blocks = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
     # keep: one row chunk's logits, block after block (each block C-contiguous); else one
-    # block.  The gradient has a block of its own: written over the logits it read, the
-    # kernel's loops would not vectorize (LLVM's overlap check fails, the scalar loop runs).
+    # block.  The gradient pass writes d_logits over them.
     logits = np.empty(rows * (V if keep else vc), dt)
-    d_logits = np.empty(rows * vc if want_grad else 0, dt)
     per_row = np.empty(N, dt)
     if want_grad:
         d_h = np.empty((N, H), dt)
@@ -154,14 +151,13 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
             z, v0, v1 = block_logits(r0, r1, j)
             if not keep:
                 compute(z, h_c, v0, v1)
-            g = d_logits[:z.size].reshape(z.shape)
-            P.ce_grad_chunk(z, v0, V, t_c, merged, coefs, None, ignore_index, eps, cap=cap,
-                            out=g)
+            g = P.ce_grad_chunk(z, v0, V, t_c, merged, coefs, None, ignore_index, eps, cap=cap,
+                                in_place=True)
             (blas.matmul if j == 0 else blas.matmul_add)(g, W[v0:v1], d_h[r0:r1])
             (blas.matmul if r0 == 0 else blas.matmul_add)(g.T, h_c, d_W[v0:v1])
             if d_b is not None:
                 d_b[v0:v1] += g.sum(axis=0)
-    del logits, d_logits
+    del logits
 
     in_dtype = hidden.dtype
     if reduction == "none":

@@ -28,9 +28,9 @@ def _torch_linear_ce(h, w, t, b, grad_output=None, **kw):
 
 # At V = 13, N = 23: (LINEAR_CHUNK_ELEMENTS, LINEAR_VOCAB_CHUNK, LINEAR_MIN_ROWS) and the
 # chunking they give, (rows per chunk, vocabulary block, logits kept for the gradient pass).
-CHUNKINGS = {"rows": ((7 * 26, 13, 4), (6, 13, True)),
-             "blocks-kept": ((7 * 18, 5, 4), (6, 5, True)),
-             "blocks-recomputed": ((9 * 10, 5, 8), (8, 5, False))}
+CHUNKINGS = {"rows": ((7 * 13, 13, 4), (6, 13, True)),
+             "blocks-kept": ((7 * 13, 5, 4), (6, 5, True)),
+             "blocks-recomputed": ((9 * 5, 5, 8), (8, 5, False))}
 
 
 @pytest.fixture(params=list(CHUNKINGS))

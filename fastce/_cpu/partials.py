@@ -21,7 +21,8 @@ Partial fields (``F_*``; softmax-family partials hold the first two only):
   never forms ``lse - x_c`` against a chunk's own, smaller shift.
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .._config import FASTMATH
 from .primitives import (exp_term, inv_sum, lse_from_max_sumexp, lse_minus, merge_max_sumexp,
@@ -239,17 +240,31 @@ def softmax_chunk(x, layout, stats, log, out):
                 orow[k] = exp_term(row[k] - sh) * inv
 
 
+def _out_row(row, out, i):
+    """``out[i]``, or ``row`` itself when ``out`` is None (resolved at typing time)."""
+    raise NotImplementedError("fastce._cpu.partials._out_row is for jitted code")
+
+
+@overload(_out_row, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _out_row_impl(row, out, i):
+    if out is None or isinstance(out, (types.NoneType, types.Omitted)):
+        return lambda row, out, i: row
+    return lambda row, out, i: out[i]
+
+
 @njit(**_OPTS)
 def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out, cap=None):
     """Gradient (R, c) of the chunk (``x``, ``layout``) (classes ``lo:lo + c``) for
     class-index targets, from the merged partials ``parts`` and the factors ``coefs`` of
-    :func:`ce_finish`; with ``cap`` through the soft-capping.  ``out`` may be the chunk itself
-    (each element is read before it is written)."""
+    :func:`ce_finish`; with ``cap`` through the soft-capping.  ``out`` None: written over the
+    chunk itself (each row through the one array, so that the loops vectorize: through two
+    arrays holding the same memory, LLVM's overlap check would send them to the scalar loop)."""
     wide_vectors()
     R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     for i in range(R):
-        orow = out[i]
+        row = _row(x, layout, i)
+        orow = _out_row(row, out, i)
         t = target[i]
         if t == ignore_index:
             # Exactly 0, also where the logits hold NaN or -inf.
@@ -260,9 +275,8 @@ def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out
         sh = safe_shift(m)
         inv = inv_sum(m, parts[i, F_SUM])
         ga, gb = coefs[i, 0], coefs[i, 1]
-        row = _row(x, layout, i)
         hit = lo <= t < lo + c
-        yt = softcap(row[t - lo], cap) if hit else sh   # read before ``out`` overwrites it
+        yt = softcap(row[t - lo], cap) if hit else sh   # read before it is overwritten
         if has_w:
             for k in range(c):
                 y = softcap(row[k], cap)
