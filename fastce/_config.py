@@ -93,6 +93,6 @@ CUDA_REDUCE_MAX_BLOCKS = 1024
 # LINEAR_MIN_ROWS rows per chunk.  NumPy's matmuls accumulate in slabs of LINEAR_VOCAB_SLAB
 # rows (a temporary of that many rows instead of the whole output).
 LINEAR_CHUNK_ELEMENTS = 1 << 25
-LINEAR_VOCAB_CHUNK = 8192
+LINEAR_VOCAB_CHUNK = 32768
 LINEAR_MIN_ROWS = 256
 LINEAR_VOCAB_SLAB = 4096
