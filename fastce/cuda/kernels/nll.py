@@ -1,0 +1,85 @@
+"""CUDA kernels for the negative log-likelihood loss on log-probabilities: a gather, one value
+per sample, as ``fastce._cpu.nll.nll_gather``.
+
+The host checks the class indices and sums torch's 'mean' denominator first (the
+cross-entropy ``prepare_kernel``: ``stats[0]``), so these kernels only gather.  An index
+outside [0, C) that is not ``ignore_index`` (the host raises for it once the kernels are
+queued) is never read: its loss is NaN and its gradient row 0.
+"""
+from types import SimpleNamespace
+
+from numba import cuda, int64
+
+__all__ = ["build_nll"]
+
+
+def build_nll(P):
+    """Kernels for the primitives ``P`` of one compute dtype.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``nll_loss_kernel(x, target, ignore_index, weight, loss)`` and
+        ``nll_grad_kernel(x, target, ignore_index, weight, stats, mean, g0, gout, grad)``.
+    """
+    ZERO, ONE, NAN = P.ZERO, P.ONE, P.NAN
+
+    @cuda.jit(device=True)
+    def target_weight(t, C, weight, ignore_index):
+        """(valid, w_t): the sample counts (and is read) only for an index in [0, C)."""
+        if t == ignore_index or t < 0 or t >= C:
+            return False, ZERO
+        return True, (weight[t] if weight.shape[0] > 0 else ONE)
+
+    @cuda.jit
+    def nll_loss_kernel(x, target, ignore_index, weight, loss):
+        """``loss[n * S + s] = -w[t] x[n, t, s]`` over the (N, S) samples (grid-stride), 0 for
+        ``ignore_index``.  ``x`` is (N, C, S), ``target`` (N, S)."""
+        N, C, S = x.shape
+        i = int64(cuda.grid(1))  # 64-bit: N * S may exceed 2**31
+        stride = int64(cuda.gridsize(1))
+        while i < N * S:
+            n = i // S
+            s = i - n * S
+            t = int64(target[n, s])
+            ok, w = target_weight(t, C, weight, ignore_index)
+            if ok:
+                loss[i] = -w * x[n, t, s]
+            else:
+                loss[i] = ZERO if t == ignore_index else NAN
+            i += stride
+
+    @cuda.jit
+    def nll_grad_kernel(x, target, ignore_index, weight, stats, mean, g0, gout, grad):
+        """The whole (N, C, S) gradient, element by element (grid-stride, coalesced writes):
+        ``-w[t] g`` at the target's class, 0 elsewhere and on ignored samples.  ``g`` is
+        ``gout[n * S + s]`` ('none' with a grad_output), ``gout[0]`` (a device scalar) or
+        ``g0``; for 'mean' divided by ``stats[0]`` (0 when that is 0, as the CPU path)."""
+        N, C, S = x.shape
+        i = int64(cuda.grid(1))
+        stride = int64(cuda.gridsize(1))
+        total = N * C * S
+        denom = stats[0] if mean else ONE
+        while i < total:
+            n = i // (C * S)
+            rest = i - n * (C * S)
+            c = rest // S
+            s = rest - c * S
+            t = int64(target[n, s])
+            v = ZERO
+            if c == t:
+                ok, w = target_weight(t, C, weight, ignore_index)
+                if ok:
+                    if gout.shape[0] > 1:
+                        g = gout[n * S + s]
+                    elif gout.shape[0] == 1:
+                        g = gout[0]
+                    else:
+                        g = g0
+                    if mean:
+                        g = g / denom if denom != ZERO else ZERO
+                    v = -w * g
+            grad[n, c, s] = v
+            i += stride
+
+    return SimpleNamespace(nll_loss_kernel=nll_loss_kernel, nll_grad_kernel=nll_grad_kernel)
