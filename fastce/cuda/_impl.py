@@ -647,6 +647,13 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
 # nll_loss
 
 
+def _grid_stride_blocks(n, tpb):
+    """Blocks for a grid-stride loop over ``n`` items: each thread takes at least
+    ``CUDA_REDUCE_ITEMS_PER_THREAD`` of them (its loop, carries included, runs even on tiny
+    inputs)."""
+    return max(1, min(-(-n // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)), 65535))
+
+
 def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=None,
              want_grad=False):
     """The gather of ``kernels.nll``: the class indices checked and the 'mean' denominator
@@ -689,10 +696,10 @@ def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=Non
                                                      partials)
             K.sum_kernel[1, tpb, call.stream](partials, stats, SUM_TOTAL, _empty(dt),
                                               dt.type(0))
-            K.nll_loss_kernel[min(-(-rows // tpb), 65535), tpb, call.stream](
+            K.nll_loss_kernel[_grid_stride_blocks(rows, tpb), tpb, call.stream](
                 x3, t2, int(ignore_index), wd, loss)
             if want_grad and grad.size:
-                K.nll_grad_kernel[min(-(-grad.size // tpb), 65535), tpb, call.stream](
+                K.nll_grad_kernel[_grid_stride_blocks(grad.size, tpb), tpb, call.stream](
                     x3, t2, int(ignore_index), wd, stats, reduction == "mean", g0, gout,
                     grad)
         else:

@@ -38,9 +38,13 @@ def build_nll(P):
         N, C, S = x.shape
         i = int64(cuda.grid(1))  # 64-bit: N * S may exceed 2**31
         stride = int64(cuda.gridsize(1))
+        # (n, s) of position i advance by the stride's decomposition with a carry: no
+        # division per element.
+        n = i // S
+        s = i - n * S
+        sn = stride // S
+        ss = stride - sn * S
         while i < N * S:
-            n = i // S
-            s = i - n * S
             t = int64(target[n, s])
             ok, w = target_weight(t, C, weight, ignore_index)
             if ok:
@@ -48,6 +52,11 @@ def build_nll(P):
             else:
                 loss[i] = ZERO if t == ignore_index else NAN
             i += stride
+            n += sn
+            s += ss
+            if s >= S:
+                s -= S
+                n += 1
 
     @cuda.jit
     def nll_grad_kernel(x, target, ignore_index, weight, stats, mean, g0, gout, grad):
@@ -60,11 +69,15 @@ def build_nll(P):
         stride = int64(cuda.gridsize(1))
         total = N * C * S
         denom = stats[0] if mean else ONE
+        # (n, c, s) of element i, advanced by the stride's decomposition with carries.
+        CS = C * S
+        n = i // CS
+        c = (i - n * CS) // S
+        s = i - n * CS - c * S
+        sn = stride // CS
+        sc = (stride - sn * CS) // S
+        ss = stride - sn * CS - sc * S
         while i < total:
-            n = i // (C * S)
-            rest = i - n * (C * S)
-            c = rest // S
-            s = rest - c * S
             t = int64(target[n, s])
             v = ZERO
             if c == t:
@@ -81,5 +94,14 @@ def build_nll(P):
                     v = -w * g
             grad[n, c, s] = v
             i += stride
+            n += sn
+            c += sc
+            s += ss
+            if s >= S:
+                s -= S
+                c += 1
+            if c >= C:
+                c -= C
+                n += 1
 
     return SimpleNamespace(nll_loss_kernel=nll_loss_kernel, nll_grad_kernel=nll_grad_kernel)
