@@ -65,8 +65,8 @@ def _kernels(dtype, shuffle, threads_per_block, softcap):
     P = build_primitives(dtype, shuffle, softcap)
     soft = build_softmax(P)
     ns = SimpleNamespace(P=P)
-    for part in (soft, build_cross_entropy(P, soft), build_nll(P), build_bce(P),
-                 build_reduce(P)):
+    ce = build_cross_entropy(P, soft)
+    for part in (soft, ce, build_nll(P, ce), build_bce(P), build_reduce(P)):
         ns.__dict__.update(vars(part))
     for name, value in vars(ns).items():
         if name.endswith("_kernel"):
@@ -545,12 +545,36 @@ def _grad_output(call, grad_output, reduction, loss_shape, dt):
     return dt.type(float(go.reshape(()))), _empty(dt)
 
 
+def _index_inputs(call, want_grad, grad_output, reduction, loss_shape, w, w_dev, dt):
+    """(g0, gout, weight) of the class-index kernels (cross-entropy's and nll's): the upstream
+    gradient as :func:`_grad_output` gives it (a plain 1 without gradient) and the class
+    weights on the device (empty: unweighted)."""
+    g0, gout = _grad_output(call, grad_output, reduction, loss_shape, dt) \
+        if want_grad else (dt.type(1), _empty(dt))
+    if w is None:
+        return g0, gout, _empty(dt)
+    return g0, gout, (call.flat(w, dt) if w_dev else call.to_device(w, dt))
+
+
+def _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, denom_out):
+    """Check the (N, S) class indices ``t2`` (``flag`` lowered to the first bad position) and
+    sum the 'mean' denominator into the 1-element device array ``denom_out``."""
+    dt = K.P.dtype
+    tpb = _threads()
+    rows = t2.shape[0] * t2.shape[1]
+    nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
+              _config.CUDA_REDUCE_MAX_BLOCKS)
+    partials = call.empty((nbp,), dt)
+    K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag, partials)
+    K.sum_kernel[1, tpb, call.stream](partials, denom_out, SUM_TOTAL, _empty(dt), dt.type(0))
+
+
 def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                   grad_output, want_grad, softcap=None, z_loss=0.0, return_lse=False):
     with Call(logits) as call:
         x = call.x
         tgt, t_dev = call.meta(target, "target")
-        w = None
+        w, w_dev = None, False
         if weight is not None:
             w, w_dev = call.meta(weight, "weight")
         prob = cross_entropy_problem(tuple(x.shape), x.dtype, tuple(tgt.shape), tgt.dtype,
@@ -566,12 +590,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         eps = float(label_smoothing)
         keep, eps_c = dt.type(1 - eps), dt.type(eps / C)
         mean = reduction == "mean"
-        g0, gout = _grad_output(call, grad_output, reduction, prob.loss_shape, dt) \
-            if want_grad else (dt.type(1), _empty(dt))
-        if w is None:
-            wd = _empty(dt)
-        else:
-            wd = call.flat(w, dt) if w_dev else call.to_device(w, dt)
+        g0, gout, wd = _index_inputs(call, want_grad, grad_output, reduction,
+                                     prob.loss_shape, w, w_dev, dt)
         nd = len(x.shape)
         cuts = (0, 0, 1, 1) if nd == 1 else (0, 1, 2, nd)
         x3 = call.grouped(x, cuts, dt) if rows else None
@@ -596,13 +616,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             flag = call.flag(rows)
             if rows:
                 t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
-                nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
-                          _config.CUDA_REDUCE_MAX_BLOCKS)
-                partials = call.empty((nbp,), dt)
-                K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag,
-                                                         partials)
-                K.sum_kernel[1, tpb, call.stream](partials, stats[0:1], SUM_TOTAL,
-                                                  _empty(dt), dt.type(0))
+                _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, stats[0:1])
             else:
                 K.sum_kernel[1, tpb, call.stream](_empty(dt), stats[0:1], SUM_TOTAL,
                                                   _empty(dt), dt.type(0))
@@ -664,7 +678,7 @@ def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=Non
             raise TypeError("log_probs must be a floating-point array (float32 or float64), "
                             "got dtype bool")
         tgt, t_dev = call.meta(target, "target")
-        w = None
+        w, w_dev = None, False
         if weight is not None:
             w, w_dev = call.meta(weight, "weight")
         prob = nll_loss_problem(tuple(x.shape), x.dtype, tuple(tgt.shape), tgt.dtype,
@@ -673,12 +687,8 @@ def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=Non
         K = kernels(dt)
         rows = N * S
         tpb = _threads()
-        g0, gout = _grad_output(call, grad_output, reduction, prob.loss_shape, dt) \
-            if want_grad else (dt.type(1), _empty(dt))
-        if w is None:
-            wd = _empty(dt)
-        else:
-            wd = call.flat(w, dt) if w_dev else call.to_device(w, dt)
+        g0, gout, wd = _index_inputs(call, want_grad, grad_output, reduction,
+                                     prob.loss_shape, w, w_dev, dt)
         nd = len(x.shape)
         loss = call.empty((rows,), dt)
         grad = call.empty((N, C, S), dt) if want_grad else None
@@ -689,13 +699,7 @@ def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=Non
             if not t_dev:
                 tgt = call.to_device(tgt)
             t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
-            nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
-                      _config.CUDA_REDUCE_MAX_BLOCKS)
-            partials = call.empty((nbp,), dt)
-            K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag,
-                                                     partials)
-            K.sum_kernel[1, tpb, call.stream](partials, stats, SUM_TOTAL, _empty(dt),
-                                              dt.type(0))
+            _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, stats)
             K.nll_loss_kernel[_grid_stride_blocks(rows, tpb), tpb, call.stream](
                 x3, t2, int(ignore_index), wd, loss)
             if want_grad and grad.size:

@@ -445,4 +445,4 @@ def build_cross_entropy(P, soft):
             loss[r] = lsum
 
     return SimpleNamespace(prepare_kernel=prepare_kernel, index_kernel=index_kernel,
-                           prob_kernel=prob_kernel)
+                           prob_kernel=prob_kernel, upstream=upstream)

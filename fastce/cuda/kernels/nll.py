@@ -13,8 +13,9 @@ from numba import cuda, int64
 __all__ = ["build_nll"]
 
 
-def build_nll(P):
-    """Kernels for the primitives ``P`` of one compute dtype.
+def build_nll(P, ce):
+    """Kernels for the primitives ``P`` of one compute dtype; ``ce`` is the namespace of
+    ``build_cross_entropy`` (its ``upstream`` reads a sample's upstream gradient).
 
     Returns
     -------
@@ -23,6 +24,29 @@ def build_nll(P):
         ``nll_grad_kernel(x, target, ignore_index, weight, stats, mean, g0, gout, grad)``.
     """
     ZERO, ONE, NAN = P.ZERO, P.ONE, P.NAN
+    upstream = ce.upstream
+
+    @cuda.jit(device=True)
+    def position(i, C, S):
+        """(n, c, s) of flat position ``i`` in (N, C, S): the one division, outside the loop."""
+        n = i // (C * S)
+        c = (i - n * (C * S)) // S
+        return n, c, i - n * (C * S) - c * S
+
+    @cuda.jit(device=True)
+    def advance(n, c, s, step, C, S):
+        """(n, c, s) advanced by ``step`` (the grid stride's own (n, c, s)) with carries: no
+        division per element."""
+        s += step[2]
+        c += step[1]
+        n += step[0]
+        if s >= S:
+            s -= S
+            c += 1
+        if c >= C:
+            c -= C
+            n += 1
+        return n, c, s
 
     @cuda.jit(device=True)
     def target_weight(t, C, weight, ignore_index):
@@ -38,12 +62,8 @@ def build_nll(P):
         N, C, S = x.shape
         i = int64(cuda.grid(1))  # 64-bit: N * S may exceed 2**31
         stride = int64(cuda.gridsize(1))
-        # (n, s) of position i advance by the stride's decomposition with a carry: no
-        # division per element.
-        n = i // S
-        s = i - n * S
-        sn = stride // S
-        ss = stride - sn * S
+        n, c, s = position(i, 1, S)
+        step = position(stride, 1, S)
         while i < N * S:
             t = int64(target[n, s])
             ok, w = target_weight(t, C, weight, ignore_index)
@@ -52,11 +72,7 @@ def build_nll(P):
             else:
                 loss[i] = ZERO if t == ignore_index else NAN
             i += stride
-            n += sn
-            s += ss
-            if s >= S:
-                s -= S
-                n += 1
+            n, c, s = advance(n, c, s, step, 1, S)
 
     @cuda.jit
     def nll_grad_kernel(x, target, ignore_index, weight, stats, mean, g0, gout, grad):
@@ -69,39 +85,17 @@ def build_nll(P):
         stride = int64(cuda.gridsize(1))
         total = N * C * S
         denom = stats[0] if mean else ONE
-        # (n, c, s) of element i, advanced by the stride's decomposition with carries.
-        CS = C * S
-        n = i // CS
-        c = (i - n * CS) // S
-        s = i - n * CS - c * S
-        sn = stride // CS
-        sc = (stride - sn * CS) // S
-        ss = stride - sn * CS - sc * S
+        n, c, s = position(i, C, S)
+        step = position(stride, C, S)
         while i < total:
             t = int64(target[n, s])
             v = ZERO
             if c == t:
                 ok, w = target_weight(t, C, weight, ignore_index)
                 if ok:
-                    if gout.shape[0] > 1:
-                        g = gout[n * S + s]
-                    elif gout.shape[0] == 1:
-                        g = gout[0]
-                    else:
-                        g = g0
-                    if mean:
-                        g = g / denom if denom != ZERO else ZERO
-                    v = -w * g
+                    v = -w * upstream(gout, g0, n * S + s, mean, denom)
             grad[n, c, s] = v
             i += stride
-            n += sn
-            c += sc
-            s += ss
-            if s >= S:
-                s -= S
-                c += 1
-            if c >= C:
-                c -= C
-                n += 1
+            n, c, s = advance(n, c, s, step, C, S)
 
     return SimpleNamespace(nll_loss_kernel=nll_loss_kernel, nll_grad_kernel=nll_grad_kernel)
