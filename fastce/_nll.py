@@ -82,7 +82,8 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     Notes
     -----
     A gather: one value per sample is read, so the cost is O(N) whatever C is.  With every
-    target ignored, 'mean' is NaN (0/0), as in torch.  CUDA arrays go to :func:`fastce.cuda.nll_loss`.
+    target ignored, 'mean' is NaN (0/0), as in torch.  CUDA arrays go to
+    :func:`fastce.cuda.nll_loss`.
 
     Examples
     --------
