@@ -218,9 +218,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
 
     Notes
     -----
-    Rows are processed in chunks of about ``fastce._config.LINEAR_CHUNK_ELEMENTS`` logits: one
-    matmul per chunk into a reused buffer, then fastce's one-pass cross-entropy kernel.  The
-    extra memory is one chunk of logits, whatever N is.
+    The logits are computed in blocks of rows x vocabulary entries (one matmul each, into a
+    reused buffer) and reduced to fastce's mergeable per-row partials, merged per row chunk:
+    the extra memory is one block of at most ``fastce._config.LINEAR_CHUNK_ELEMENTS`` logits,
+    whatever N and V are (see :mod:`fastce.linear`).
 
     Examples
     --------
@@ -260,10 +261,12 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
 
     Notes
     -----
-    Per chunk of rows: logits by one matmul, the fused cross-entropy kernel writes the chunk's
-    d_logits (the upstream gradient folded in), then ``d_hidden[chunk] = g @ W`` and
-    ``d_weight += g.T @ h[chunk]`` (accumulated in vocabulary slabs, so the temporary is a
-    slab, not V x H).  Three matmuls in all, as autograd does, and no N x V array.
+    Per chunk of rows: the logits block by block (one matmul each), their partials merged
+    and finished, then d_logits written over each block (the upstream gradient folded in)
+    and folded into ``d_hidden[rows] += g @ W[vocab]`` and ``d_weight[vocab] += g.T @
+    h[rows]``.  Three matmuls in all, as autograd does, while a row chunk's R x V logits fit
+    ``LINEAR_CHUNK_ELEMENTS`` with enough rows; for larger V a fourth (the block recomputed
+    in the gradient pass).  No N x V array.
 
     Examples
     --------
