@@ -87,8 +87,12 @@ CUDA_SPLIT_MIN_CHUNK = 4096
 CUDA_REDUCE_ITEMS_PER_THREAD = 8
 CUDA_REDUCE_MAX_BLOCKS = 1024
 
-# Linear cross-entropy: rows per chunk are chosen so that one chunk's logits hold about this
-# many values (64 MB of float32); the weight gradient is accumulated in vocabulary slabs of
-# this many rows (a temporary of LINEAR_VOCAB_SLAB x H instead of V x H).
-LINEAR_CHUNK_ELEMENTS = 1 << 24
+# Linear cross-entropy (fastce.linear._chunking): the logits held at once stay within this
+# many values (64 MB of float32), in blocks of LINEAR_VOCAB_CHUNK vocabulary entries; a row
+# chunk's logits are kept for the gradient pass (else recomputed) while that leaves at least
+# LINEAR_MIN_ROWS rows per chunk.  NumPy's matmuls accumulate in slabs of LINEAR_VOCAB_SLAB
+# rows (a temporary of that many rows instead of the whole output).
+LINEAR_CHUNK_ELEMENTS = 1 << 25
+LINEAR_VOCAB_CHUNK = 32768
+LINEAR_MIN_ROWS = 256
 LINEAR_VOCAB_SLAB = 4096

@@ -5,7 +5,7 @@ import numpy as np
 from ._arrays import (EMPTY, _as_array, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
 from ._cross_entropy import _check_targets
-from ._runtime import _import_kernels
+from ._runtime import _cuda, _import_kernels
 from ._validate import nll_loss_problem
 
 __all__ = ["nll_loss", "nll_loss_with_grad"]
@@ -17,8 +17,13 @@ def _nll_run(log_probs, target, weight, ignore_index, reduction, grad_output, wa
     """Validate, check the class indices (and find the 'mean' denominator) and form the
     upstream gradient as cross-entropy does, then one gather pass."""
     if is_device_array(log_probs):
-        raise TypeError("fastce.nll_loss runs on the CPU only (NumPy arrays); got a CUDA "
-                        "array for log_probs")
+        cu = _cuda()
+        if want_grad:
+            return cu.nll_loss_with_grad(log_probs, target, weight=weight,
+                                         ignore_index=ignore_index, reduction=reduction,
+                                         grad_output=grad_output)
+        return cu.nll_loss(log_probs, target, weight=weight, ignore_index=ignore_index,
+                           reduction=reduction)
     log_probs = _as_array(log_probs, "log_probs")
     if log_probs.dtype.kind == "b":
         raise TypeError("log_probs must be a floating-point array (float32 or float64), "
@@ -77,7 +82,8 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     Notes
     -----
     A gather: one value per sample is read, so the cost is O(N) whatever C is.  With every
-    target ignored, 'mean' is NaN (0/0), as in torch.  CPU only.
+    target ignored, 'mean' is NaN (0/0), as in torch.  CUDA arrays go to
+    :func:`fastce.cuda.nll_loss`.
 
     Examples
     --------

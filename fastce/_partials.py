@@ -29,6 +29,7 @@ _k = _kernels.partials
 CE_FIELDS = _k.CE_FIELDS
 STAT_FIELDS = _k.STAT_FIELDS
 F_WT = _k.F_WT
+F_HIT = _k.F_HIT
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
@@ -36,7 +37,7 @@ _NO_G = {k: np.ones(1, k) for k in _EMPTY}
 _NO_COEFS = {k: np.empty((0, 3), k) for k in _EMPTY}
 
 
-def _rows(x, dtype=None):
+def _rows(x, dtype=None, writeable=False):
     """The 2-D chunk ``x`` as ``(flat, (rows, classes, stride))``, row i at
     ``flat[i * stride : i * stride + classes]``.  A chunk whose rows are contiguous -- a block
     cut from a wider C-contiguous array, as Dask's ``from_array`` hands them out -- is read in
@@ -50,7 +51,10 @@ def _rows(x, dtype=None):
             and x.strides[0] % item == 0 and x.strides[0] >= c * item):
         stride = x.strides[0] // item
         span = (R - 1) * stride + c
-        return as_strided(x, shape=(span,), strides=(item,), writeable=False), (R, c, stride)
+        return (as_strided(x, shape=(span,), strides=(item,), writeable=writeable),
+                (R, c, stride))
+    if writeable:
+        raise ValueError("the chunk to write in place must have contiguous rows")
     x = np.ascontiguousarray(x)
     return x.reshape(-1), (R, c, c)
 
@@ -68,20 +72,23 @@ def stat_partials(x):
 
 
 def ce_partials(x, lo, n_classes, target, weight=None, ignore_index=-100, eps=0.0,
-                probs=False):
+                probs=False, cap=None, out=None):
     """(R, 7) cross-entropy partials of the (R, c) chunk ``x`` holding classes
     ``lo:lo + c`` of ``n_classes``: ``target`` is the rows' class indices (R,) (int64), or with
     ``probs`` the chunk's probability targets (R, c); ``weight`` the chunk's class weights (c,)
-    or None."""
+    or None.  ``cap`` (class indices only): None or the ``(softcap, 1 / softcap)`` pair of
+    ``fastce._validate.large_vocab_options``, for the partials of the soft-capped logits.
+    ``out``: an (R, 7) array (a view will do) to write them into."""
     flat, layout = _rows(x)
-    out = np.empty((layout[0], CE_FIELDS), flat.dtype)
+    if out is None:
+        out = np.empty((layout[0], CE_FIELDS), flat.dtype)
     w = _weight(weight, flat.dtype)
     if probs:
         t_flat, t_layout = _rows(target, flat.dtype)
         _k.ce_prob_partials(flat, layout, t_flat, t_layout, w, n_classes, float(eps), out)
     else:
         _k.ce_index_partials(flat, layout, lo, n_classes, np.ascontiguousarray(target, np.int64),
-                             w, ignore_index, float(eps), out)
+                             w, ignore_index, float(eps), out, cap)
     return out
 
 
@@ -126,11 +133,15 @@ def softmax_chunk(x, stats, log):
 
 
 def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_index=-100,
-                  eps=0.0, probs=False):
+                  eps=0.0, probs=False, cap=None, in_place=False):
     """Gradient (R, c) of the chunk ``x`` (classes ``lo:lo + c``), from the rows' merged
-    partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`."""
-    flat, layout = _rows(x)
-    out = np.empty(layout[:2], flat.dtype)
+    partials and the factors of :func:`ce_finish`; arguments as in :func:`ce_partials`.
+    ``in_place`` (class indices only; ``x`` in the compute dtype with contiguous rows):
+    written over ``x``, which is returned."""
+    if in_place and probs:
+        raise ValueError("ce_grad_chunk: in_place is for class-index targets only")
+    flat, layout = _rows(x, writeable=in_place)
+    out = None if in_place else np.empty(layout[:2], flat.dtype)
     w = _weight(weight, flat.dtype)
     parts = np.ascontiguousarray(parts)
     coefs = np.ascontiguousarray(coefs)
@@ -140,8 +151,8 @@ def ce_grad_chunk(x, lo, n_classes, target, parts, coefs, weight=None, ignore_in
                         out)
     else:
         _k.ce_index_grad(flat, layout, lo, np.ascontiguousarray(target, np.int64), w,
-                         ignore_index, parts, coefs, out)
-    return out
+                         ignore_index, parts, coefs, out, cap)
+    return x if in_place else out
 
 
 def first_bad_index(target, n_classes, ignore_index):

@@ -1,30 +1,50 @@
 """Linear cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without the N x V logits.
 
-Rows are processed in chunks: a chunk's logits come from one BLAS matmul (NumPy ``@``) into a
-reused buffer, fastce's fused kernel turns them into the chunk's loss and d_logits, and two
-more matmuls fold d_logits into ``d_hidden`` (``g @ W``) and ``d_weight`` (``g.T @ h``).  Each
-chunk holds whole rows, so no cross-chunk merge of softmax statistics is needed; peak memory
-is the outputs plus two chunks of logits, independent of N.
+The logits are computed in blocks of R rows x Vc vocabulary entries, each by one BLAS matmul
+(``hidden[rows] @ weight[vocab].T``).  Each block yields fastce's mergeable per-row partials
+(shift, sum-exp, target logit, label-smoothing sums: ``fastce._partials``); a row chunk's
+partials merge over its vocabulary blocks and the finish step gives the loss and the
+gradient's per-row factors.  A second pass over the blocks writes d_logits in place and folds
+them into ``d_hidden[rows] += g @ weight[vocab]`` and ``d_weight[vocab] += g.T @ hidden[rows]``.
+
+Between the two passes the blocks' logits are either kept (R x V values: three matmuls in all,
+as autograd does) or, when V is so large that keeping them would leave too few rows per chunk
+for efficient matmuls, recomputed (R x Vc values, a fourth matmul).  The forward alone keeps
+nothing: one block.  See :func:`_chunking`.
 """
 import numpy as np
 
 from . import _config
+from . import _partials as P
 from ._arrays import EMPTY, _as_array, _result, upstream_gradient
-from ._cross_entropy import _check_targets, cross_entropy, cross_entropy_with_grad
+from ._cross_entropy import _check_targets
 from ._validate import (CrossEntropyProblem, large_vocab_options,
                         linear_cross_entropy_problem)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
 
-def _rows_per_chunk(N, V):
-    return max(1, min(N, _config.LINEAR_CHUNK_ELEMENTS // max(V, 1)))
+def _chunking(N, V, want_grad):
+    """``(rows, vocab, keep)``: rows per row chunk, vocabulary entries per block, and whether
+    a row chunk's logits are kept between the partials pass and the gradient pass.
+
+    Blocks are ``LINEAR_VOCAB_CHUNK`` wide.  The logits held at once -- a row chunk's (R x V)
+    when kept, else one block (R x Vc) -- stay within ``LINEAR_CHUNK_ELEMENTS``.  With
+    gradients they are kept when that still allows ``LINEAR_MIN_ROWS`` rows (or all N);
+    otherwise they are recomputed.  The rows are spread evenly over the chunks."""
+    budget = _config.LINEAR_CHUNK_ELEMENTS
+    vc = max(1, min(V, _config.LINEAR_VOCAB_CHUNK))
+    keep_rows = budget // max(V, 1)
+    keep = want_grad and keep_rows >= min(N, _config.LINEAR_MIN_ROWS)
+    rows = max(1, min(N, keep_rows if keep else budget // vc))
+    n_chunks = -(-N // rows)
+    return (-(-N // n_chunks) if N else 1), vc, keep
 
 
 class NumpyBLAS:
     """The matmuls, through NumPy's BLAS.  ``matmul_add`` accumulates ``out += a @ b`` in
     slabs of ``out``'s rows: NumPy has no GEMM with beta = 1, and a whole ``a @ b`` temporary
-    would be V x H."""
+    would be as large as ``out``."""
 
     @staticmethod
     def matmul(a, b, out):
@@ -39,6 +59,27 @@ class NumpyBLAS:
             tmp = acc[:v1 - v0]
             np.matmul(a[v0:v1], b, out=tmp)
             out[v0:v1] += tmp
+
+
+def _empty_aligned(shape, dtype, align=64):
+    """``np.empty`` starting on an ``align``-byte boundary (NumPy's own start 16 bytes past
+    one): the BLAS GEMMs run measurably slower on misaligned output rows."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = np.empty(n * dtype.itemsize + align, np.uint8)
+    skip = -buf.ctypes.data % align
+    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _z_loss(parts, loss, coefs, z_loss, g):
+    """Add ``z_loss * lse**2`` to the non-ignored rows' ``loss`` and its gradient's factor
+    ``2 z_loss lse p_c`` to the softmax coefficient of ``coefs`` (``P.ce_finish``'s)."""
+    hit = parts[:, P.F_HIT] != 0
+    lse = P.lse(parts)
+    dt = loss.dtype.type
+    loss += np.where(hit, dt(z_loss) * lse * lse, dt(0))
+    if coefs is not None:
+        coefs[:, 0] += np.where(hit, dt(2 * z_loss) * lse * g, dt(0))
 
 
 def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_output,
@@ -57,7 +98,7 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
         hidden.shape, hidden.dtype, weight.shape, weight.dtype, target.shape, target.dtype,
         None if bias is None else bias.shape, None if bias is None else bias.dtype,
         ignore_index, reduction, label_smoothing)
-    large_vocab_options(softcap, z_loss, False, dt)   # checked here too: N may be 0
+    cap, z_loss = large_vocab_options(softcap, z_loss, False, dt)  # checked here: N may be 0
     h = np.ascontiguousarray(hidden, dtype=dt)
     W = np.ascontiguousarray(weight, dtype=dt)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dt)
@@ -66,55 +107,77 @@ def _run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
     # row for 'none'.
     prob = CrossEntropyProblem(N, V, 1, False, dt, (N,))
     t, denom = _check_targets(target, prob, ignore_index, EMPTY[dt])
+    t = np.ascontiguousarray(t, np.int64)
+    eps = float(label_smoothing)
     if want_grad:
         gscale = upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
-        row_go = gscale if gscale.size == N and reduction == "none" else None
-        scale = float(gscale[0]) if row_go is None else 1.0
+        per_row_g = reduction == "none" and gscale.size == N
+        g_all = np.ascontiguousarray(gscale, dt).reshape(-1)[:1]
 
-    rows = _rows_per_chunk(N, V)
-    logits = np.empty((rows, V), dt)
-    per_row = np.empty(N, dt) if reduction == "none" else None
-    total = 0.0
+    rows, vc, keep = _chunking(N, V, want_grad)
+    blocks = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
+    # keep: one row chunk's logits, block after block (each block C-contiguous); else one
+    # block.  The gradient pass writes d_logits over them.
+    logits = _empty_aligned(rows * (V if keep else vc), dt)
+    per_row = np.empty(N, dt)
     if want_grad:
-        d_h = np.empty((N, H), dt)
-        d_W = np.zeros((V, H), dt) if N == 0 else np.empty((V, H), dt)
+        d_h = _empty_aligned((N, H), dt)
+        d_W = np.zeros((V, H), dt) if N == 0 else _empty_aligned((V, H), dt)
         d_b = None if b is None else np.zeros(V, dt)
-    part = "none" if reduction == "none" else "sum"
+    parts = np.empty((rows, len(blocks), P.CE_FIELDS), dt)
+
+    def block_logits(r0, r1, j):
+        v0, v1 = blocks[j]
+        off = (r1 - r0) * v0 if keep else 0
+        z = logits[off:off + (r1 - r0) * (v1 - v0)].reshape(r1 - r0, v1 - v0)
+        return z, v0, v1
+
+    def compute(z, h_c, v0, v1):
+        blas.matmul(h_c, W[v0:v1].T, z)
+        if b is not None:
+            z += b[v0:v1]
+
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        h_c = h[r0:r1]
-        z = logits[:r1 - r0]
-        blas.matmul(h_c, W.T, z)
-        if b is not None:
-            z += b
-        opts = dict(ignore_index=ignore_index, reduction=part, label_smoothing=label_smoothing,
-                    softcap=softcap, z_loss=z_loss)
+        h_c, t_c = h[r0:r1], t[r0:r1]
+        p_c = parts[:r1 - r0]
+        for j in range(len(blocks)):
+            z, v0, v1 = block_logits(r0, r1, j)
+            compute(z, h_c, v0, v1)
+            P.ce_partials(z, v0, V, t_c, None, ignore_index, eps, cap=cap, out=p_c[:, j])
+        merged = P.merge(p_c)
         if not want_grad:
-            loss_c = cross_entropy(z, t[r0:r1], **opts)
+            loss_c = P.ce_finish(merged, V, eps)
+            coefs = g_c = None
         else:
-            if part == "none":
-                go_c = None if row_go is None else row_go[r0:r1]
-            else:
-                go_c = scale
-            loss_c, g = cross_entropy_with_grad(z, t[r0:r1], grad_output=go_c, **opts)
-            blas.matmul(g, W, d_h[r0:r1])
-            (blas.matmul if r0 == 0 else blas.matmul_add)(g.T, h_c, d_W)
+            g_c = gscale[r0:r1] if per_row_g else g_all
+            loss_c, coefs = P.ce_finish(merged, V, eps, g=g_c)
+        if z_loss:
+            _z_loss(merged, loss_c, coefs, z_loss, g_c)
+        per_row[r0:r1] = loss_c
+        if not want_grad:
+            continue
+        for j in range(len(blocks)):
+            z, v0, v1 = block_logits(r0, r1, j)
+            if not keep:
+                compute(z, h_c, v0, v1)
+            g = P.ce_grad_chunk(z, v0, V, t_c, merged, coefs, None, ignore_index, eps, cap=cap,
+                                in_place=True)
+            (blas.matmul if j == 0 else blas.matmul_add)(g, W[v0:v1], d_h[r0:r1])
+            (blas.matmul if r0 == 0 else blas.matmul_add)(g.T, h_c, d_W[v0:v1])
             if d_b is not None:
-                d_b += g.sum(axis=0)
-            del g
-        if per_row is not None:
-            per_row[r0:r1] = loss_c
-        else:
-            total += float(loss_c)
+                d_b[v0:v1] += g.sum(axis=0)
     del logits
 
     in_dtype = hidden.dtype
-    if per_row is not None:
+    if reduction == "none":
         loss = _result(per_row, in_dtype)
-    elif reduction == "mean":
-        loss = in_dtype.type(total / denom if denom != 0 else np.nan)
     else:
-        loss = in_dtype.type(total)
+        total = float(per_row.sum(dtype=np.float64))
+        if reduction == "mean":
+            loss = in_dtype.type(total / denom if denom != 0 else np.nan)
+        else:
+            loss = in_dtype.type(total)
     if not want_grad:
         return loss
     out = (loss, _result(d_h, in_dtype), _result(d_W, in_dtype))
@@ -155,9 +218,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
 
     Notes
     -----
-    Rows are processed in chunks of about ``fastce._config.LINEAR_CHUNK_ELEMENTS`` logits: one
-    matmul per chunk into a reused buffer, then fastce's one-pass cross-entropy kernel.  The
-    extra memory is one chunk of logits, whatever N is.
+    The logits are computed in blocks of rows x vocabulary entries (one matmul each, into a
+    reused buffer) and reduced to fastce's mergeable per-row partials, merged per row chunk:
+    the extra memory is one block of at most ``fastce._config.LINEAR_CHUNK_ELEMENTS`` logits,
+    whatever N and V are (see :mod:`fastce.linear`).
 
     Examples
     --------
@@ -197,10 +261,12 @@ def linear_cross_entropy_with_grad(hidden, weight, target, bias=None, *, ignore_
 
     Notes
     -----
-    Per chunk of rows: logits by one matmul, the fused cross-entropy kernel writes the chunk's
-    d_logits (the upstream gradient folded in), then ``d_hidden[chunk] = g @ W`` and
-    ``d_weight += g.T @ h[chunk]`` (accumulated in vocabulary slabs, so the temporary is a
-    slab, not V x H).  Three matmuls in all, as autograd does, and no N x V array.
+    Per chunk of rows: the logits block by block (one matmul each), their partials merged
+    and finished, then d_logits written over each block (the upstream gradient folded in)
+    and folded into ``d_hidden[rows] += g @ W[vocab]`` and ``d_weight[vocab] += g.T @
+    h[rows]``.  Three matmuls in all, as autograd does, while a row chunk's R x V logits fit
+    ``LINEAR_CHUNK_ELEMENTS`` with enough rows; for larger V a fourth (the block recomputed
+    in the gradient pass).  No N x V array.
 
     Examples
     --------

@@ -444,12 +444,17 @@ def _impl_tables(name, b, benches, decl=None):
     ours = FASTCE if FASTCE in shown else next(
         (i for i in shown if i.startswith(FASTCE + "-")), None)
     refs = [i for i in shown if i != ours] if ours else []
+    # A front end beside the plain fastce column is compared with its own library too
+    # (fastce-torch vs torch): the figure its users decide on.
+    twins = [(i, i[len(FASTCE) + 1:]) for i in shown
+             if ours == FASTCE and i.startswith(FASTCE + "-") and i[len(FASTCE) + 1:] in shown]
 
     out = []
     for dt in dtypes:
         headers = list(row_names) + shown
         if is_time:
             headers += [f"{ours} vs {r}" for r in refs]
+            headers += [f"{i} vs {r}" for i, r in twins]
             if roof and FASTCE in shown:
                 headers.append("fastce % of roof")
         rows = []
@@ -470,6 +475,7 @@ def _impl_tables(name, b, benches, decl=None):
             if is_time:
                 f = vals.get(ours, MISSING)
                 row += [_fmt_speedup(_ratio(vals[r], f)) for r in refs]
+                row += [_fmt_speedup(_ratio(vals[r], vals[i])) for i, r in twins]
                 if roof and FASTCE in shown:
                     rb = benches.get(roof[0])
                     rv = rb["values"].get(key(None, combo, dt)[1:], MISSING) if rb else MISSING
@@ -493,7 +499,8 @@ def _impl_tables(name, b, benches, decl=None):
                          "was disturbed), not a figure.")
         if is_time and refs:
             notes.append(f"Speedup = other implementation's time / {ours}'s time (>1: {ours} "
-                         "faster).")
+                         "faster)" + "".join(f"; {i} vs {r} = {r}'s time / {i}'s time"
+                                             for i, r in twins) + ".")
         if n_noisy:
             notes.append(f"~ = noisy ({n_noisy} cell(s)): the samples' interquartile range "
                          f"exceeds {NOISY_SPREAD:.0%} of the median.")

@@ -271,9 +271,6 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 @torch.library.custom_op("fastce::nll_loss", mutates_args=())
 def _nll_loss_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                  reduction: str) -> Tensor:
-    if input.device.type == "cuda":
-        raise NotImplementedError("fastce.torch.nll_loss has no CUDA kernel yet; use "
-                                  "torch.nn.functional.nll_loss for CUDA tensors")
     return _run(_fc.nll_loss, input, target, weight=weight, ignore_index=ignore_index,
                 reduction=reduction)
 
@@ -758,8 +755,10 @@ def _linear_ce_numpy(hidden, weight, target, bias, *, ignore_index, reduction,
 
 def _cpu_only(x, op):
     if x.device.type != "cpu":
-        raise NotImplementedError(f"fastce.torch.{op} runs on CPU tensors only, got a tensor "
-                                  f"on device {x.device.type!r}")
+        raise NotImplementedError(
+            f"fastce.torch.{op} runs on CPU tensors only (its chunked matmuls are NumPy/torch "
+            f"CPU code), got a tensor on device {x.device.type!r}; on the GPU use "
+            f"{_torch_equivalent(op)}, or fastce.torch.cross_entropy on the logits")
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,

@@ -15,7 +15,8 @@ from numba import cuda
 
 from fastce.cuda._impl import kernels
 from fastce.cuda.kernels.reduce import copy_kernel
-from fastce.cuda.kernels.signatures import CC, copy_signatures, launch_signatures, offline_target
+from fastce.cuda.kernels.signatures import (CC, copy_signatures, launch_signatures,
+                                            nll_signatures, offline_target)
 
 
 def summarize(ptx):
@@ -35,7 +36,8 @@ def main():
         for shuffle in ((True, False) if dt == np.float32 else (True,)):
             K = kernels(np.dtype(dt), shuffle)
             twin = "shuffle" if shuffle else "shared"
-            for name, (kern, sig) in launch_signatures(K, dt).items():
+            sigs = dict(launch_signatures(K, dt), **nll_signatures(K, dt))
+            for name, (kern, sig) in sigs.items():
                 ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=CC)
                 assert ".entry" in ptx
                 report[f"{np.dtype(dt).name}/{twin}/{name}"] = summarize(ptx)

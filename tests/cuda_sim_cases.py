@@ -541,6 +541,64 @@ def test_bce_with_grad_errors():
                                                       grad_output=np.ones(3, np.float32))
 
 
+# (shape, weighted): 2-D with class weights, K-dim unweighted, one sample of shape (C,).
+NLL_CASES = {"2d_weighted": ((9, 5), True), "kdim": ((3, 4, 2, 5), False),
+             "1d_weighted": ((6,), True)}
+
+
+@pytest.mark.parametrize("case", list(NLL_CASES))
+def test_nll_loss_with_grad(case):
+    """The gather kernels against the CPU's nll_loss(_with_grad) and torch's autograd:
+    ignore_index, class weights, the three reductions, the upstream gradient as a host
+    scalar, a device scalar or (for 'none') a device array; float32 and float64."""
+    shape, weighted = NLL_CASES[case]
+    rng = np.random.default_rng(len(shape))
+    C = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    for dtype in DTYPES:
+        x = np.log(fastce.softmax(rng.standard_normal(shape), axis=0 if len(shape) == 1
+                                  else 1)).astype(dtype)
+        t = rng.integers(0, C, tshape)
+        if t.size > 1:
+            t.reshape(-1)[1] = 2                               # the ignored class
+        w = (rng.random(C) + 0.2).astype(dtype) if weighted else None
+        for reduction in ("mean", "sum", "none"):
+            go = (rng.standard_normal(tshape) if reduction == "none"
+                  else np.array(0.7)).astype(dtype)
+            kw = dict(ignore_index=2, reduction=reduction)
+            dw = None if w is None else dev(w)
+            close(host(fc.nll_loss(dev(x), dev(t), weight=dw, **kw)),
+                  fastce.nll_loss(x, t, weight=w, **kw), dtype)
+            xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+            ref = F.nll_loss(xt, torch.tensor(t), ignore_index=2, reduction=reduction,
+                             weight=None if w is None else torch.tensor(w.astype(np.float64)))
+            ref.backward(torch.tensor(go.astype(np.float64)))
+            for go_in in (go, dev(go)):
+                loss, grad = fc.nll_loss_with_grad(dev(x), dev(t), weight=dw, grad_output=go_in,
+                                                   **kw)
+                close(host(loss), ref.detach().numpy(), dtype)
+                close(host(grad), xt.grad.numpy(), dtype)
+
+
+def test_nll_loss_edges_and_errors():
+    """All targets ignored ('mean' is NaN, the gradient 0), empty input, and the CPU's
+    errors: a class index out of range (raised after the kernels), bad shapes, bool input."""
+    x = np.log(np.full((2, 3), 1 / 3, np.float32))
+    ign = np.array([-100, -100])
+    assert np.isnan(host(fc.nll_loss(dev(x), dev(ign))))
+    loss, grad = fc.nll_loss_with_grad(dev(x), dev(ign))
+    assert np.isnan(host(loss)) and not host(grad).any()
+    assert host(fc.nll_loss(dev(x[:0]), dev(ign[:0]), reduction="sum")) == 0
+    with pytest.raises(IndexError, match=r"class index 3 at position \(1,\)"):
+        fc.nll_loss(dev(x), dev(np.array([0, 3])))
+    with pytest.raises(ValueError, match=r"target must have shape \(2,\)"):
+        fc.nll_loss(dev(x), dev(np.array([0, 1, 2])))
+    with pytest.raises(ValueError, match="weight must be a 1-D array of length C=3"):
+        fc.nll_loss(dev(x), dev(np.array([0, 1])), weight=dev(np.ones(2, np.float32)))
+    with pytest.raises(TypeError, match="log_probs must be a floating-point"):
+        fc.nll_loss(dev(np.zeros((2, 3), bool)), dev(np.array([0, 1])))
+
+
 @pytest.mark.parametrize("dtype,case,reduction", BCE_RUNS,
                          ids=[f"{np.dtype(d).name}-{c}-{r}" for d, c, r in BCE_RUNS])
 def test_bce(dtype, case, reduction):

@@ -56,7 +56,8 @@ def test_every_kernel_compiles_for_sm90(ptx_report):
     kinds = {k.split("/", 2)[2] for k in ptx_report if "/shuffle/" in k}
     assert {"softmax_kernel", "stats_kernel", "prepare_kernel", "index_kernel", "prob_kernel",
             "index_kernel_weighted", "prob_kernel_weighted",
-            "bce_kernel", "bce_logits_kernel", "sum_kernel", "bad_value_kernel"} <= kinds
+            "bce_kernel", "bce_logits_kernel", "sum_kernel", "bad_value_kernel",
+            "nll_loss_kernel", "nll_grad_kernel"} <= kinds
     for dt in ("float32", "float64"):
         assert all(f"{dt}/shuffle/{k}" in ptx_report for k in kinds)
     # The shuffle twin really shuffles, the simulator's twin does not.

@@ -91,7 +91,9 @@ def test_cuda_array_without_gpu_says_so(monkeypatch):
     for call in (lambda: fastce.softmax(FakeCudaArray()),
                  lambda: fastce.cross_entropy(FakeCudaArray(), np.zeros(2, np.int64)),
                  lambda: fastce.binary_cross_entropy_with_logits(FakeCudaArray(),
-                                                                np.zeros((2, 3)))):
+                                                                np.zeros((2, 3))),
+                 lambda: fastce.nll_loss(FakeCudaArray(), np.zeros(2, np.int64)),
+                 lambda: fastce.nll_loss_with_grad(FakeCudaArray(), np.zeros(2, np.int64))):
         with pytest.raises(RuntimeError, match="no usable GPU"):
             call()
 

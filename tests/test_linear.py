@@ -1,11 +1,14 @@
 """fastce.linear_cross_entropy(_with_grad) and fastce.nll_loss(_with_grad) (NumPy API) against
 torch autograd in float64, with the chunking forced small so that every path (several row
-chunks, vocabulary slabs of the weight-gradient accumulation, a short last chunk) runs."""
+chunks, several vocabulary blocks with their logits kept or recomputed for the gradient pass,
+short last chunks and blocks, slabs of the weight-gradient accumulation) runs."""
 import numpy as np
 import pytest
 
 import fastce
 from fastce import _config
+from fastce.linear import _chunking
+from fastce.reference import torch_cross_entropy_zloss_softcap
 
 from helpers import F, assert_close, t64, torch
 
@@ -16,26 +19,42 @@ def _torch_linear_ce(h, w, t, b, grad_output=None, **kw):
     ht, wt = t64(h).requires_grad_(True), t64(w).requires_grad_(True)
     bt = None if b is None else t64(b).requires_grad_(True)
     z = ht @ wt.T + (0 if bt is None else bt)
-    loss = F.cross_entropy(z, t64(t), **kw)
+    loss = torch_cross_entropy_zloss_softcap(z, t64(t), **kw)
     go = torch.ones_like(loss) if grad_output is None else t64(grad_output).reshape(loss.shape)
     loss.backward(go)
     grads = (ht.grad.numpy(), wt.grad.numpy()) + (() if bt is None else (bt.grad.numpy(),))
     return loss.detach().numpy(), grads
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 7 rows (at V = 13) and weight-gradient slabs of 5 vocabulary rows."""
-    monkeypatch.setattr(_config, "LINEAR_CHUNK_ELEMENTS", 7 * 13)
-    monkeypatch.setattr(_config, "LINEAR_VOCAB_SLAB", 5)
+# At V = 13, N = 23: (LINEAR_CHUNK_ELEMENTS, LINEAR_VOCAB_CHUNK, LINEAR_MIN_ROWS) and the
+# chunking they give, (rows per chunk, vocabulary block, logits kept for the gradient pass).
+CHUNKINGS = {"rows": ((7 * 13, 13, 4), (6, 13, True)),
+             "blocks-kept": ((7 * 13, 5, 4), (6, 5, True)),
+             "blocks-recomputed": ((9 * 5, 5, 8), (8, 5, False))}
+
+
+@pytest.fixture(params=list(CHUNKINGS))
+def small_chunks(request, monkeypatch):
+    """Whole-row chunks of 6 rows; or blocks of 5 vocabulary entries (13 = 5 + 5 + 3) with a
+    row chunk's logits kept (6 rows), or recomputed (8 rows); weight-gradient slabs of 2."""
+    (budget, vocab, min_rows), chunking = CHUNKINGS[request.param]
+    monkeypatch.setattr(_config, "LINEAR_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(_config, "LINEAR_VOCAB_CHUNK", vocab)
+    monkeypatch.setattr(_config, "LINEAR_MIN_ROWS", min_rows)
+    monkeypatch.setattr(_config, "LINEAR_VOCAB_SLAB", 2)
+    assert _chunking(23, 13, True) == chunking
+
+
+# (bias, label_smoothing, softcap, z_loss): each option alone and all together.
+OPTIONS = [(False, 0.0, None, 0.0), (True, 0.0, None, 0.0), (False, 0.3, None, 0.0),
+           (False, 0.0, 1.5, 0.0), (False, 0.0, None, 0.01), (True, 0.3, 1.5, 0.01)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias,smoothing,softcap,z_loss", OPTIONS)
 def test_linear_cross_entropy_matches_torch(small_chunks, dtype, reduction, with_bias,
-                                            smoothing):
+                                            smoothing, softcap, z_loss):
     rng = np.random.default_rng(int(with_bias) + 2 * int(smoothing * 10))
     N, H, V = 23, 6, 13
     h = rng.standard_normal((N, H)).astype(dtype)
@@ -44,7 +63,7 @@ def test_linear_cross_entropy_matches_torch(small_chunks, dtype, reduction, with
     t = rng.integers(0, V, N)
     t[[0, 9]] = -100
     go = rng.random(N) if reduction == "none" else 1.7
-    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    kw = dict(reduction=reduction, label_smoothing=smoothing, softcap=softcap, z_loss=z_loss)
     ref_loss, ref_grads = _torch_linear_ce(h, w, t, b, go, **kw)
     loss = fastce.linear_cross_entropy(h, w, t, b, **kw)
     out = fastce.linear_cross_entropy_with_grad(h, w, t, b, grad_output=go, **kw)

@@ -159,6 +159,26 @@ def test_markers_never_numbers():
 
 
 
+def test_front_end_beside_its_library():
+    """A suite with fastce, fastce-torch and torch columns (linear cross-entropy) compares
+    fastce-torch with torch as well as fastce with both."""
+    lin = "bench_linear.LinearCrossEntropy.time_forward_backward"
+    run = {"benchmarks": {lin: {
+        "params": [["fastce", "fastce-torch", "torch"], ["(4, 8, 16)"]],
+        "param_names": ["impl", "shape"], "unit": "seconds", "type": "time",
+        "values": {("fastce", "(4, 8, 16)"): 2.0, ("fastce-torch", "(4, 8, 16)"): 1.0,
+                   ("torch", "(4, 8, 16)"): 1.5},
+    }}, "machine": "m", "commit": "c", "env": "e", "path": "p"}
+    [t] = report.build_tables(run)
+    assert t["headers"][-3:] == ["fastce vs fastce-torch", "fastce vs torch",
+                                 "fastce-torch vs torch"]
+    row = dict(zip(t["headers"], t["rows"][0]))
+    assert row["fastce-torch"] == report.fmt_time(1.0) and row["torch"] == report.fmt_time(1.5)
+    assert row["fastce-torch vs torch"] == report._fmt_speedup(1.5)
+    assert row["fastce vs torch"] == report._fmt_speedup(0.75)
+    assert any("fastce-torch vs torch = torch's time" in n for n in t["notes"])
+
+
 def _doctored(results_dir, tmp_path, edit):
     """A copy of the real results directory whose result file ``edit(data)`` changed."""
     out = tmp_path / "results"

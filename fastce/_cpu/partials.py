@@ -21,11 +21,13 @@ Partial fields (``F_*``; softmax-family partials hold the first two only):
   never forms ``lse - x_c`` against a chunk's own, smaller shift.
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .._config import FASTMATH
 from .primitives import (exp_term, inv_sum, lse_from_max_sumexp, lse_minus, merge_max_sumexp,
-                         row_max_sumexp, safe_shift, shift_log_sum, wide_vectors)
+                         row_max_sumexp, safe_shift, shift_log_sum, softcap, softcap_grad,
+                         wide_vectors)
 
 F_SHIFT, F_SUM, F_HIT, F_XT, F_WT, F_LIN, F_COEF = range(7)
 STAT_FIELDS = 2
@@ -50,10 +52,13 @@ def stat_partials(x, layout, out):
 
 
 @njit(**_OPTS)
-def ce_index_partials(x, layout, lo, n_classes, target, weight, ignore_index, eps, out):
+def ce_index_partials(x, layout, lo, n_classes, target, weight, ignore_index, eps, out,
+                      cap=None):
     """Cross-entropy partials (R, 7) of the (R, c) chunk (``x``, ``layout``) holding classes ``lo:lo + c``
     of ``n_classes``, for class-index ``target`` (R,) and the chunk's ``weight`` (c,) (empty:
-    unweighted).  ``lin``/``coef`` are filled only with label smoothing (``eps > 0``)."""
+    unweighted).  ``lin``/``coef`` are filled only with label smoothing (``eps > 0``).  With
+    ``cap`` (``primitives.softcap``'s (cap, 1/cap) pair) the partials are those of the
+    soft-capped logits."""
     wide_vectors()
     R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
@@ -61,14 +66,14 @@ def ce_index_partials(x, layout, lo, n_classes, target, weight, ignore_index, ep
     one = x.dtype.type(1)
     for i in range(R):
         row = _row(x, layout, i)
-        m, s = row_max_sumexp(row)
+        m, s = row_max_sumexp(row, cap)
         out[i, F_SHIFT] = m
         out[i, F_SUM] = s
         t = target[i]
         hit, xt, wt = zero, zero, zero
         if t != ignore_index and lo <= t < lo + c:
             hit = one
-            xt = row[t - lo]
+            xt = softcap(row[t - lo], cap)
             wt = weight[t - lo] if has_w else one
         out[i, F_HIT] = hit
         out[i, F_XT] = xt
@@ -78,11 +83,11 @@ def ce_index_partials(x, layout, lo, n_classes, target, weight, ignore_index, ep
             r = safe_shift(m)
             if has_w:
                 for k in range(c):
-                    lin += weight[k] * (r - row[k])
+                    lin += weight[k] * (r - softcap(row[k], cap))
                     coef += weight[k]
             else:
                 for k in range(c):
-                    lin += r - row[k]
+                    lin += r - softcap(row[k], cap)
                 coef = x.dtype.type(c)
         out[i, F_LIN] = lin
         out[i, F_COEF] = coef
@@ -235,16 +240,31 @@ def softmax_chunk(x, layout, stats, log, out):
                 orow[k] = exp_term(row[k] - sh) * inv
 
 
+def _out_row(row, out, i):
+    """``out[i]``, or ``row`` itself when ``out`` is None (resolved at typing time)."""
+    raise NotImplementedError("fastce._cpu.partials._out_row is for jitted code")
+
+
+@overload(_out_row, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _out_row_impl(row, out, i):
+    if out is None or isinstance(out, (types.NoneType, types.Omitted)):
+        return lambda row, out, i: row
+    return lambda row, out, i: out[i]
+
+
 @njit(**_OPTS)
-def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out):
+def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out, cap=None):
     """Gradient (R, c) of the chunk (``x``, ``layout``) (classes ``lo:lo + c``) for
     class-index targets, from the merged partials ``parts`` and the factors ``coefs`` of
-    :func:`ce_finish`."""
+    :func:`ce_finish`; with ``cap`` through the soft-capping.  ``out`` None: written over the
+    chunk itself (each row through the one array, so that the loops vectorize: through two
+    arrays holding the same memory, LLVM's overlap check would send them to the scalar loop)."""
     wide_vectors()
     R, c = layout[0], layout[1]
     has_w = weight.shape[0] > 0
     for i in range(R):
-        orow = out[i]
+        row = _row(x, layout, i)
+        orow = _out_row(row, out, i)
         t = target[i]
         if t == ignore_index:
             # Exactly 0, also where the logits hold NaN or -inf.
@@ -255,15 +275,18 @@ def ce_index_grad(x, layout, lo, target, weight, ignore_index, parts, coefs, out
         sh = safe_shift(m)
         inv = inv_sum(m, parts[i, F_SUM])
         ga, gb = coefs[i, 0], coefs[i, 1]
-        row = _row(x, layout, i)
+        hit = lo <= t < lo + c
+        yt = softcap(row[t - lo], cap) if hit else sh   # read before it is overwritten
         if has_w:
             for k in range(c):
-                orow[k] = ga * (exp_term(row[k] - sh) * inv) - gb * weight[k]
+                y = softcap(row[k], cap)
+                orow[k] = softcap_grad(ga * (exp_term(y - sh) * inv) - gb * weight[k], y, cap)
         else:
             for k in range(c):
-                orow[k] = ga * (exp_term(row[k] - sh) * inv) - gb
-        if lo <= t < lo + c:
-            orow[t - lo] -= coefs[i, 2]
+                y = softcap(row[k], cap)
+                orow[k] = softcap_grad(ga * (exp_term(y - sh) * inv) - gb, y, cap)
+        if hit:
+            orow[t - lo] -= softcap_grad(coefs[i, 2], yt, cap)
 
 
 @njit(**_OPTS)

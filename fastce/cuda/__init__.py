@@ -21,13 +21,13 @@ import importlib.util
 import inspect
 import textwrap
 
-from .. import _bce, _cross_entropy, _softmax
+from .. import _bce, _cross_entropy, _nll, _softmax
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
            "binary_cross_entropy", "binary_cross_entropy_with_logits",
            "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits_with_grad",
-           "is_available"]
+           "nll_loss", "nll_loss_with_grad", "is_available"]
 
 _IMPL = None
 
@@ -127,6 +127,18 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     return _backend().cross_entropy(logits, target, weight, ignore_index, reduction,
                                     label_smoothing, grad_output, True, softcap=softcap,
                                     z_loss=z_loss, return_lse=return_lse)
+
+
+@_documented_by(_nll.nll_loss, waits="class indices")
+def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
+    return _backend().nll_loss(log_probs, target, weight, ignore_index, reduction)
+
+
+@_documented_by(_nll.nll_loss_with_grad, waits="class indices")
+def nll_loss_with_grad(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean",
+                       grad_output=None):
+    return _backend().nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output,
+                               True)
 
 
 @_documented_by(_bce.binary_cross_entropy, waits="inputs and targets")

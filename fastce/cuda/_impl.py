@@ -35,11 +35,12 @@ from .._modes import MODE_LOGSUMEXP
 from .._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, PROB_TARGET_VALUES,
                          bce_problem, broadcastable, check_axis, check_grad_output,
                          compute_dtype, cross_entropy_problem, large_vocab_options,
-                         pos_weight_is_compact,
+                         nll_loss_problem, pos_weight_is_compact,
                          raise_bad_class_index, raise_bad_probability, raise_bad_value,
                          split_at_axis)
 from .kernels.bce import build_bce
 from .kernels.cross_entropy import build_cross_entropy
+from .kernels.nll import build_nll
 from .kernels.primitives import SHARED_MAX_THREADS, build_primitives
 from ._launch import CALL_DEVICE, DeviceView, FastKernel, c_contiguous
 from .kernels.reduce import COPY_NDIM, SUM_MEAN, SUM_PARTIAL, SUM_TOTAL, build_reduce, copy_kernel
@@ -64,7 +65,8 @@ def _kernels(dtype, shuffle, threads_per_block, softcap):
     P = build_primitives(dtype, shuffle, softcap)
     soft = build_softmax(P)
     ns = SimpleNamespace(P=P)
-    for part in (soft, build_cross_entropy(P, soft), build_bce(P), build_reduce(P)):
+    ce = build_cross_entropy(P, soft)
+    for part in (soft, ce, build_nll(P, ce), build_bce(P), build_reduce(P)):
         ns.__dict__.update(vars(part))
     for name, value in vars(ns).items():
         if name.endswith("_kernel"):
@@ -543,12 +545,36 @@ def _grad_output(call, grad_output, reduction, loss_shape, dt):
     return dt.type(float(go.reshape(()))), _empty(dt)
 
 
+def _index_inputs(call, want_grad, grad_output, reduction, loss_shape, w, w_dev, dt):
+    """(g0, gout, weight) of the class-index kernels (cross-entropy's and nll's): the upstream
+    gradient as :func:`_grad_output` gives it (a plain 1 without gradient) and the class
+    weights on the device (empty: unweighted)."""
+    g0, gout = _grad_output(call, grad_output, reduction, loss_shape, dt) \
+        if want_grad else (dt.type(1), _empty(dt))
+    if w is None:
+        return g0, gout, _empty(dt)
+    return g0, gout, (call.flat(w, dt) if w_dev else call.to_device(w, dt))
+
+
+def _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, denom_out):
+    """Check the (N, S) class indices ``t2`` (``flag`` lowered to the first bad position) and
+    sum the 'mean' denominator into the 1-element device array ``denom_out``."""
+    dt = K.P.dtype
+    tpb = _threads()
+    rows = t2.shape[0] * t2.shape[1]
+    nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
+              _config.CUDA_REDUCE_MAX_BLOCKS)
+    partials = call.empty((nbp,), dt)
+    K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag, partials)
+    K.sum_kernel[1, tpb, call.stream](partials, denom_out, SUM_TOTAL, _empty(dt), dt.type(0))
+
+
 def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                   grad_output, want_grad, softcap=None, z_loss=0.0, return_lse=False):
     with Call(logits) as call:
         x = call.x
         tgt, t_dev = call.meta(target, "target")
-        w = None
+        w, w_dev = None, False
         if weight is not None:
             w, w_dev = call.meta(weight, "weight")
         prob = cross_entropy_problem(tuple(x.shape), x.dtype, tuple(tgt.shape), tgt.dtype,
@@ -564,12 +590,8 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         eps = float(label_smoothing)
         keep, eps_c = dt.type(1 - eps), dt.type(eps / C)
         mean = reduction == "mean"
-        g0, gout = _grad_output(call, grad_output, reduction, prob.loss_shape, dt) \
-            if want_grad else (dt.type(1), _empty(dt))
-        if w is None:
-            wd = _empty(dt)
-        else:
-            wd = call.flat(w, dt) if w_dev else call.to_device(w, dt)
+        g0, gout, wd = _index_inputs(call, want_grad, grad_output, reduction,
+                                     prob.loss_shape, w, w_dev, dt)
         nd = len(x.shape)
         cuts = (0, 0, 1, 1) if nd == 1 else (0, 1, 2, nd)
         x3 = call.grouped(x, cuts, dt) if rows else None
@@ -595,13 +617,7 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
             flag = call.flag(rows)
             if rows:
                 t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
-                nbp = min(-(-rows // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
-                          _config.CUDA_REDUCE_MAX_BLOCKS)
-                partials = call.empty((nbp,), dt)
-                K.prepare_kernel[nbp, tpb, call.stream](t2, int(ignore_index), C, wd, flag,
-                                                         partials)
-                K.sum_kernel[1, tpb, call.stream](partials, stats[0:1], SUM_TOTAL,
-                                                  _empty(dt), dt.type(0))
+                _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, stats[0:1])
             else:
                 K.sum_kernel[1, tpb, call.stream](_empty(dt), stats[0:1], SUM_TOTAL,
                                                   _empty(dt), dt.type(0))
@@ -641,6 +657,71 @@ def cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothi
         if not want_grad:
             return (out,) + lse_out if return_lse else out
         return (out, call.result(grad, tuple(x.shape), x.dtype)) + lse_out
+
+
+# ---------------------------------------------------------------------------------------------
+# nll_loss
+
+
+def _grid_stride_blocks(n, tpb):
+    """Blocks for a grid-stride loop over ``n`` items: each thread takes at least
+    ``CUDA_REDUCE_ITEMS_PER_THREAD`` of them (its loop, carries included, runs even on tiny
+    inputs)."""
+    return max(1, min(-(-n // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)), 65535))
+
+
+def nll_loss(log_probs, target, weight, ignore_index, reduction, grad_output=None,
+             want_grad=False):
+    """The gather of ``kernels.nll``: the class indices checked and the 'mean' denominator
+    summed on the device by cross-entropy's ``prepare_kernel`` first."""
+    with Call(log_probs) as call:
+        x = call.x
+        if x.dtype.kind == "b":
+            raise TypeError("log_probs must be a floating-point array (float32 or float64), "
+                            "got dtype bool")
+        tgt, t_dev = call.meta(target, "target")
+        w, w_dev = None, False
+        if weight is not None:
+            w, w_dev = call.meta(weight, "weight")
+        prob = nll_loss_problem(tuple(x.shape), x.dtype, tuple(tgt.shape), tgt.dtype,
+                                None if w is None else tuple(w.shape), ignore_index, reduction)
+        N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
+        K = kernels(dt)
+        rows = N * S
+        tpb = _threads()
+        g0, gout, wd = _index_inputs(call, want_grad, grad_output, reduction,
+                                     prob.loss_shape, w, w_dev, dt)
+        nd = len(x.shape)
+        loss = call.empty((rows,), dt)
+        grad = call.empty((N, C, S), dt) if want_grad else None
+        stats = call.empty((1,), dt)
+        flag = call.flag(rows)
+        if rows:
+            x3 = call.grouped(x, (0, 0, 1, 1) if nd == 1 else (0, 1, 2, nd), dt)
+            if not t_dev:
+                tgt = call.to_device(tgt)
+            t2 = call.grouped(tgt, (0, 0, 0) if nd == 1 else (0, 1, nd - 1), tgt.dtype)
+            _prepare_index_targets(call, K, t2, ignore_index, C, wd, flag, stats)
+            K.nll_loss_kernel[_grid_stride_blocks(rows, tpb), tpb, call.stream](
+                x3, t2, int(ignore_index), wd, loss)
+            if want_grad and grad.size:
+                K.nll_grad_kernel[_grid_stride_blocks(grad.size, tpb), tpb, call.stream](
+                    x3, t2, int(ignore_index), wd, stats, reduction == "mean", g0, gout,
+                    grad)
+        else:
+            K.sum_kernel[1, tpb, call.stream](_empty(dt), stats, SUM_TOTAL, _empty(dt),
+                                              dt.type(0))
+        if reduction == "none":
+            out = call.result(loss, prob.loss_shape, x.dtype)
+        else:
+            out = call.result(_sum(call, K, loss, reduction, stats, 0), (), x.dtype)
+        bad = call.first_error(flag, rows)
+        if bad is not None:
+            raise_bad_class_index(call.read(t2, divmod(bad, S)), bad, tuple(tgt.shape), C,
+                                  ignore_index)
+        if not want_grad:
+            return out
+        return out, call.result(grad, tuple(x.shape), x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -451,5 +451,5 @@ def build_cross_entropy(P, soft):
                            index_kernel=make_index_kernel(False),
                            index_kernel_weighted=make_index_kernel(True),
                            prob_kernel=make_prob_kernel(False),
-                           prob_kernel_weighted=make_prob_kernel(True))
-
+                           prob_kernel_weighted=make_prob_kernel(True),
+                           upstream=upstream)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import from_dtype, types
 
-__all__ = ["CC", "launch_signatures", "copy_signatures", "offline_target"]
+__all__ = ["CC", "launch_signatures", "nll_signatures", "copy_signatures", "offline_target"]
 
 CC = (9, 0)  # sm_90 (H100)
 i64 = types.int64
@@ -46,6 +46,20 @@ def launch_signatures(K, dt):
         "sum_kernel": (K.sum_kernel, (A1, A1, i64, A1, f)),
         "rowsum_kernel": (K.rowsum_kernel, (A2, A1)),
         "bad_value_kernel": (K.bad_value_kernel, (S3, f, f, I1)),
+    }
+
+
+def nll_signatures(K, dt):
+    """As :func:`launch_signatures`, for the nll_loss gather kernels (``kernels.nll``): kept
+    apart because the sm_90 static table (``benchmarks/cuda_static.py``) does not cover them
+    yet; the PTX compile test does."""
+    f = from_dtype(np.dtype(dt))
+    A1, A3 = types.Array(f, 1, "C"), types.Array(f, 3, "C")
+    S3 = types.Array(f, 3, "A")
+    T2 = types.Array(i64, 2, "A")
+    return {
+        "nll_loss_kernel": (K.nll_loss_kernel, (S3, T2, i64, A1, A1)),
+        "nll_grad_kernel": (K.nll_grad_kernel, (S3, T2, i64, A1, A1, b1, f, A1, A3)),
     }
 
 
