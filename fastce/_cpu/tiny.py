@@ -80,7 +80,7 @@ def ce_index_tiny(x, target, ignore_index, mean, grad):
                 rest, err = two_sum_inlined(rest, v)
                 rest_lo += err
         rest += rest_lo
-        total += (m - xt) + math.log1p(rest) if m > -np.inf else np.inf
+        total += np.inf if m == -np.inf else (m - xt) + math.log1p(rest)
         if want_grad:
             inv = g / (1.0 + rest) if abs(m) < np.inf else np.nan
             for j in range(C):
