@@ -1,4 +1,4 @@
-"""The tiny-call cross-entropy kernel: a few hundred logits, scalar, in float64.
+"""The tiny-call cross-entropy kernel: a few tens of logits, scalar, in float64.
 
 For calls of up to ``_config.TINY_MAX_ELEMENTS`` logits the first call's compile time, not
 the arithmetic, is what the user waits for: the vectorized small entry
