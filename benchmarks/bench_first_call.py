@@ -5,7 +5,7 @@ Each sample is a fresh interpreter (``timeraw_``) with its own new ``NUMBA_CACHE
 process (untimed) so the timed one only loads machine code, which is what a user sees after
 ``python -m fastce precompile`` or any earlier run.  ``what``: "import" times
 ``import fastce`` alone (numba included); the others time the import and one
-``cross_entropy`` on float32 logits of that shape (4x10: the small-call entry; 512x1000: the
+``cross_entropy`` on float32 logits of that shape (4x10: the tiny-call kernel; 512x1000: the
 parallel kernel).  The README's "First use" section quotes these figures.
 """
 

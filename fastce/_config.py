@@ -38,6 +38,12 @@ SPLIT_ROWS_PER_THREAD = 2
 # Smallest chunk of one row worth handing to a thread.
 SPLIT_MIN_CHUNK = 1 << 14
 
+# Class-index cross-entropy calls of at most this many logits that the small-call entry would
+# take run the scalar float64 kernel ``_cpu.tiny`` instead: it compiles in a fraction of the
+# vectorized entry's time (the first call in a fresh process) and runs as fast up to about
+# this size, slower beyond (libm's scalar exp; docs/performance.md, "First call").
+TINY_MAX_ELEMENTS = 40
+
 # (N, C) cross-entropy with at most FEW_CLASSES classes and at least FEW_CLASSES_MIN_ROWS rows
 # (that the row tiles do not take: probability targets) runs as the K-dim layout (1, C, N):
 # vectorized across rows instead of paying a row's fixed cost for 2-16 classes.  Tried up to

@@ -4,8 +4,8 @@ A call runs as named steps (:func:`_ce_run`): validate the arguments (``_validat
 the targets and find the 'mean' denominator, form the upstream gradient, choose a layout
 (row tiles, few classes, rows, or K-dim spatial), launch the CPU kernel of
 ``fastce._cpu.cross_entropy`` (``fastce._cpu.tiles``) on it, reduce the loss and cast back.
-Small common calls take one jitted entry instead (:func:`_ce_small`); CUDA arrays go to
-``fastce.cuda``.
+Small common calls take one jitted entry instead (:func:`_ce_small`; the smallest take the
+scalar kernel of ``fastce._cpu.tiny``); CUDA arrays go to ``fastce.cuda``.
 """
 import numpy as np
 
@@ -21,7 +21,8 @@ from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entr
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
 _kernels = _import_kernels()
-_ce, _checks, _tiles = _kernels.cross_entropy, _kernels.checks, _kernels.tiles
+_ce, _checks, _tiles, _tiny = (_kernels.cross_entropy, _kernels.checks, _kernels.tiles,
+                              _kernels.tiny)
 
 _EMPTY_2D = {k: v.reshape(0, 0) for k, v in EMPTY.items()}
 _EMPTY_3D = {k: v.reshape(0, 0, 0) for k, v in EMPTY.items()}
@@ -36,9 +37,11 @@ def _few_classes_many_rows(N, C):
 
 
 def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=None):
-    """The common small call in one jitted entry (``ce_index_small``), or None when the call
-    is not one: (N, C) logits that ``_runtime._small_call`` accepts,
-    int64 (N,) targets, no weight, no smoothing, "mean"/"sum", no grad_output.
+    """The common small call in one jitted entry, or None when the call is not one: (N, C)
+    logits that ``_runtime._small_call`` accepts, int64 (N,) targets, no weight, no
+    smoothing, "mean"/"sum", no grad_output.  The entry: the scalar ``tiny.ce_index_tiny``
+    up to ``_config.TINY_MAX_ELEMENTS`` logits (it compiles fastest: the first call in a
+    fresh process), else the vectorized ``ce_index_small`` or its row-tiles twin.
 
     For tiny inputs the general path's Python checks and NumPy glue cost several times the
     kernel (docs/performance.md).  These tests are cheap: they compare dtypes by identity
@@ -53,9 +56,14 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
             and target.flags.c_contiguous
             and type(ignore_index) is int and (reduction == "mean" or reduction == "sum")):
         return None
-    tiles = _row_tiles(*logits.shape, dt)
-    if not tiles and _few_classes_many_rows(*logits.shape):
+    if logits.size <= _config.TINY_MAX_ELEMENTS:
+        entry = _tiny.ce_index_tiny
+    elif _row_tiles(*logits.shape, dt):
+        entry = _tiles.ce_index_small_tiles
+    elif _few_classes_many_rows(*logits.shape):
         return None
+    else:
+        entry = _ce.ce_index_small
     if want_grad:
         if grad_input is None:
             grad = np.empty(logits.shape, dt)
@@ -67,7 +75,6 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     else:
         # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
         grad = _EMPTY_2D[dt]
-    entry = _tiles.ce_index_small_tiles if tiles else _ce.ce_index_small
     loss, bad = entry(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None

@@ -15,8 +15,8 @@ from multiprocessing import get_context
 DTYPES = ("float32", "float64")
 
 # A group of public calls per task: each compiles a few kernels for one dtype.  Shapes are
-# picked by the front ends' rules: (4, 10) with int64 targets takes the single small-call entry;
-# int32 targets the general path's serial kernel; 2**17 elements the parallel kernel; two
+# picked by the front ends' rules: (4, 10) with int64 targets takes the tiny-call kernel, (8, 100)
+# the vectorized small-call entry; int32 targets the general path's serial kernel; 2**17 elements the parallel kernel; two
 # rows of 2**16 classes the split-row statistics; (64, 100) and (1024, 100) the row tiles
 # (small-call entry, serial, parallel).
 COMMON = ("cross_entropy_small", "cross_entropy_rows", "softmax_rows", "row_tiles", "bce")
@@ -38,8 +38,11 @@ def _calls(group, dtype):
 
     ce, ceg = fastce.cross_entropy, fastce.cross_entropy_with_grad
     if group == "cross_entropy_small":
-        x, t = logits(4, 10), classes(4, 10, np.int64)
-        return [lambda: ce(x, t), lambda: ceg(x, t)]
+        tiny, small = logits(4, 10), logits(8, 100)
+        return [lambda: ce(tiny, classes(4, 10, np.int64)),
+                lambda: ceg(tiny, classes(4, 10, np.int64)),
+                lambda: ce(small, classes(8, 100, np.int64)),
+                lambda: ceg(small, classes(8, 100, np.int64))]
     if group == "cross_entropy_rows":
         small, big, long = logits(8, 100), logits(128, 1024), logits(2, 1 << 16)
         return [lambda: ce(small, classes(8, 100)), lambda: ceg(small, classes(8, 100)),

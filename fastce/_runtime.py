@@ -65,8 +65,8 @@ _KERNELS = None
 
 def _import_kernels():
     """The CPU kernel modules, as a namespace (``bce``, ``checks``, ``cross_entropy``, ``nll``,
-    ``partials``, ``softmax``, ``stats``, ``tiles``); imported on the first call, after the
-    stale-cache purge.
+    ``partials``, ``softmax``, ``stats``, ``tiles``, ``tiny``); imported on the first call,
+    after the stale-cache purge.
 
     Their ``cache=True`` dispatchers make numba raise RuntimeError ("cannot cache function
     ...: no locator available") at import when it finds no writable cache location: the
@@ -79,7 +79,8 @@ def _import_kernels():
         return _KERNELS
     _drop_stale_kernel_cache()
     try:
-        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats, tiles
+        from ._cpu import (bce, checks, cross_entropy, nll, partials, softmax, stats,
+                           tiles, tiny)
     except RuntimeError as exc:
         if "cannot cache function" not in str(exc):
             raise
@@ -89,10 +90,11 @@ def _import_kernels():
         cache_dir = tempfile.mkdtemp(prefix="fastce-numba-cache-")
         atexit.register(shutil.rmtree, cache_dir, True)
         numba.config.CACHE_DIR = cache_dir
-        from ._cpu import bce, checks, cross_entropy, nll, partials, softmax, stats, tiles
+        from ._cpu import (bce, checks, cross_entropy, nll, partials, softmax, stats,
+                           tiles, tiny)
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
                                      nll=nll, partials=partials, softmax=softmax, stats=stats,
-                                     tiles=tiles)
+                                     tiles=tiles, tiny=tiny)
     return _KERNELS
 
 

@@ -146,15 +146,19 @@ def test_kdim_layout(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_small_call_entry(dtype):
-    """One confident row through the small-call entry (``ce_index_small``), "sum"."""
+@pytest.mark.parametrize("C", [2, 10, 100])
+def test_small_call_entry(dtype, C):
+    """One confident row through the small-call entries, "sum": up to
+    ``_config.TINY_MAX_ELEMENTS`` logits the scalar ``tiny.ce_index_tiny``, above it
+    ``ce_index_small``."""
     rng = np.random.default_rng(9)
-    x, t = _confident_rows(rng, 12, 10, dtype)
+    x, t = _confident_rows(rng, 12, C, dtype)
     for i in range(x.shape[0]):
         xi, ti = x[i:i + 1], t[i:i + 1]
         assert fastce._cross_entropy._ce_small(xi, ti, -100, "sum", True) is not None
         loss, grad = fastce.cross_entropy_with_grad(xi, ti, reduction="sum")
         _check_rows(xi, ti, np.array([loss]), grad, dtype)
+        assert fastce.cross_entropy(xi, ti, reduction="sum") == loss
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

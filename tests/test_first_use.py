@@ -152,15 +152,18 @@ def test_precompile_fills_the_cache(tmp_path):
     assert "cross_entropy_small" in out.stdout
     assert list(tmp_path.rglob("*.nbi")), "no cache index written"
     probe = ("import numpy as np, fastce, fastce._runtime as r\n"
-             "x = np.ones((4, 10), np.float32); t = np.arange(4)\n"
-             "fastce.cross_entropy(x, t)\n"
-             "k = r._import_kernels().cross_entropy.ce_index_small\n"
-             "print(sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()))\n")
+             "x = np.ones((4, 10), np.float32); t = np.arange(8)\n"
+             "fastce.cross_entropy(x, t[:4])\n"
+             "fastce.cross_entropy(np.ones((8, 100), np.float32), t)\n"
+             "k = r._import_kernels()\n"
+             "for f in (k.tiny.ce_index_tiny, k.cross_entropy.ce_index_small):\n"
+             "    print(sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))\n")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    hits, misses = map(int, out.stdout.split())
-    assert hits == 1 and misses == 0, out.stdout
+    for line in out.stdout.splitlines():
+        hits, misses = map(int, line.split())
+        assert hits == 1 and misses == 0, out.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def test_first_call_benchmark_code_runs():
         compile(stmt, "stmt", "exec")
     stmt, setup = b.timeraw_first_call("filled", "4x10")
     code = (setup + "\n" + stmt + "\nimport fastce._runtime as r\n"
-            "print(r._import_kernels().cross_entropy.ce_index_small.stats.cache_hits)\n")
+            "print(r._import_kernels().tiny.ce_index_tiny.stats.cache_hits)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr

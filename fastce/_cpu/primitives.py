@@ -22,7 +22,8 @@ from numba.extending import intrinsic, overload
 from .._config import CLASS_BLOCK, FASTMATH, SHORT_ROW
 
 __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_term",
-           "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_diff", "exp_diff",
+           "log_normal", "log_nonneg", "log1p_vec", "log1p", "two_sum", "two_sum_inlined",
+           "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
            "rest_sum", "rest_term", "REST_TERM_BIAS", "lse_confident", "spatial_rest_sum",
@@ -336,6 +337,11 @@ def two_sum(a, b):
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
+
+
+# The same, inlined at the numba-IR level: for a caller compiled without "reassoc" (its flags
+# apply to the inlined code) that must not pay a separate compile (``tiny.ce_index_tiny``).
+two_sum_inlined = njit(inline="always", error_model="numpy")(two_sum.py_func)
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
