@@ -93,11 +93,24 @@ GRID_PEERS = ["torch", "torch-compile", "jax"]
 QUICK_BATCHES, QUICK_CLASSES = [1, 512, 4096], [10, 100, 1000]
 
 
-def _time_block(f, number):
-    """Median seconds of ``number`` single calls, after a pause (the previous block's thread
-    pool goes idle) and 3 untimed calls."""
+def _header(args, peers):
+    """The run's conditions (threads, numba's layer, the load average) and the table head."""
+    import fastce._runtime
+    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()} "
+          f"loadavg={os.getloadavg()[0]:.2f}; us, median of {args.rounds} interleaved rounds "
+          f"(each: every implementation, median of its single calls); (r x) = peer / fastce "
+          f"(> 1: fastce faster)")
+    cols = ["op", "dtype", "shape", "fastce"] + peers + ["fastest"]
+    print("| " + " | ".join(cols) + " |")
+    print("|---" * len(cols) + "|")
+
+
+def _time_block(f, number, pause=0.01):
+    """Median seconds of ``number`` single calls, after ``pause`` seconds (the previous
+    implementation's thread pool may still be spinning on the other core -- torch's OpenMP
+    workers do, for a while -- and goes idle) and 3 untimed calls."""
     import numpy as np
-    time.sleep(0.01)
+    time.sleep(pause)
     for _ in range(3):
         f()
     ts = []
@@ -129,12 +142,7 @@ def grid(args):
     classes = QUICK_CLASSES if args.quick else C.CLASSES
     only = set(filter(None, args.only.split(",")))
     impls = ["fastce"] + GRID_PEERS
-    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()} "
-          f"loadavg={os.getloadavg()[0]:.2f}; us, median of {args.rounds} interleaved "
-          f"rounds (each round: every implementation, median of its single calls); "
-          f"(r x) = peer / fastce (> 1: fastce faster)")
-    print("| op | dtype | shape | fastce | torch | torch.compile | jax.jit | fastest |")
-    print("|---|---|---|---|---|---|---|---|")
+    _header(args, ["torch", "torch.compile", "jax.jit"])
     losses = []
     for dname in args.dtypes.split(","):
         for label, mod, cls in GRID_OPS:
@@ -323,11 +331,7 @@ def main():
                ("bce_logits+grad", bce_logits_grad)]
     only = set(filter(None, args.only.split(",")))
     rng = np.random.default_rng(0)
-    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()}; times in "
-          f"us, median of {args.rounds} interleaved rounds; (r x) = peer / fastce (> 1: fastce "
-          f"faster)")
-    print("| op | dtype | shape | fastce | torch | jax.jit | fastest |")
-    print("|---|---|---|---|---|---|---|")
+    _header(args, ["torch", "jax.jit"])
     cases = []
     for dname in args.dtypes.split(","):
         dt = np.dtype(dname)
@@ -356,18 +360,7 @@ def main():
         rounds = {k: [] for k in fns}
         for _ in range(args.rounds):
             for k, f in fns.items():
-                # The previous implementation's thread pool may still be spinning on the other
-                # core (torch's OpenMP workers do, for a while): let it go idle, then a few
-                # untimed calls.
-                time.sleep(0.02)
-                for _ in range(3):
-                    f()
-                ts = []
-                for _ in range(number):
-                    t0 = time.perf_counter()
-                    f()
-                    ts.append(time.perf_counter() - t0)
-                rounds[k].append(np.median(ts))
+                rounds[k].append(_time_block(f, number, 0.02))
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         base = med["fastce"]
         best = min(med, key=med.get)
