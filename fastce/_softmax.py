@@ -22,8 +22,8 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted entry (``softmax_small``: the serial rows
-    kernel, or the row tiles for many short rows), or None when the call is not one.  The
+    reduced along its last axis -- in one jitted entry (``softmax_small_rows``, or
+    ``softmax_small_tiles`` for many short rows), or None when the call is not one.  The
     general path's Python glue (checks, canonical views, the serial/parallel choice) costs
     many times the kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or type(axis) is not int:
@@ -32,11 +32,13 @@ def _small_rows(x, axis, mode):
     if nd == 2:
         if axis != -1 and axis != 1:
             return None
-        o = _sm.softmax_small(x, mode)
+        N, C = x.shape
+        small = _sm.softmax_small_tiles if _row_tiles(N, C, x.dtype) else _sm.softmax_small_rows
+        o = small(x, mode)
         return o.ravel() if mode == MODE_LOGSUMEXP else o
     if nd != 1 or (axis != -1 and axis != 0):
         return None
-    o = _sm.softmax_small(x.reshape(1, x.shape[0]), mode)
+    o = _sm.softmax_small_rows(x.reshape(1, x.shape[0]), mode)
     return o[0, 0] if mode == MODE_LOGSUMEXP else o.reshape(x.shape[0])
 
 

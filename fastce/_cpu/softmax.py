@@ -9,8 +9,7 @@ row is still in cache.
 import numpy as np
 from numba import njit, prange
 
-from .._config import (CLASS_BLOCK, FASTMATH, ROW_TILE_MAX_CLASSES, ROW_TILE_MIN_CLASSES,
-                       ROW_TILE_MIN_ROWS)
+from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum,
@@ -195,18 +194,30 @@ softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)
 softmax_spatial, softmax_spatial_serial = kernel_twins(_softmax_spatial)
 
 
+# The small-call entries of the softmax family: the C-contiguous 2-D ``x`` reduced along its
+# rows by one serial kernel, the output allocated inside -- one dispatch with two arguments
+# instead of the Python glue around a six-argument kernel call.  Two entries, not one that
+# chooses: a first call (1, 10) then compiles the rows kernel only, not the row tiles too.
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _small_out(x, mode):
+    """The output of a small call: (N, 1) for logsumexp, (N, C) otherwise."""
+    return np.empty((x.shape[0], 1 if mode == MODE_LOGSUMEXP else x.shape[1]), dtype=x.dtype)
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def softmax_small(x, mode):
-    """The small-call entry of the softmax family: the C-contiguous 2-D ``x`` reduced along
-    its rows by the serial row tiles or rows kernel (``_runtime._row_tiles``' rule), the
-    output allocated here; (N, 1) for logsumexp, (N, C) otherwise.  One dispatch with two
-    arguments instead of the Python glue around a six-argument kernel call."""
-    N, C = x.shape
-    o = np.empty((N, 1 if mode == MODE_LOGSUMEXP else C), dtype=x.dtype)
-    max_c = ROW_TILE_MAX_CLASSES[0] if x.itemsize == 4 else ROW_TILE_MAX_CLASSES[1]
-    if N >= ROW_TILE_MIN_ROWS and C >= ROW_TILE_MIN_CLASSES and C <= max_c:
-        softmax_tiles_serial(x, o, mode)
-    else:
-        empty = np.empty(0, dtype=x.dtype)
-        softmax_rows_serial(x, o, mode, 1, empty, empty)
+def softmax_small_rows(x, mode):
+    """Small-call entry: the serial rows kernel."""
+    o = _small_out(x, mode)
+    empty = np.empty(0, dtype=x.dtype)
+    softmax_rows_serial(x, o, mode, 1, empty, empty)
+    return o
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
+def softmax_small_tiles(x, mode):
+    """Small-call entry: the serial row tiles (``_runtime._row_tiles`` chose them)."""
+    o = _small_out(x, mode)
+    softmax_tiles_serial(x, o, mode)
     return o
