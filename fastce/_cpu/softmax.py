@@ -16,7 +16,7 @@ from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_
                          rest_term, row_argmax, row_max_sumexp, safe_shift, shift_log_sum,
                          spatial_rest_sum, two_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
-from .tiles import rest_total, softmax_tiles_serial
+from .tiles import _softmax_tiles, rest_total
 
 
 def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
@@ -195,9 +195,15 @@ softmax_spatial, softmax_spatial_serial = kernel_twins(_softmax_spatial)
 
 
 # The small-call entries of the softmax family: the C-contiguous 2-D ``x`` reduced along its
-# rows by one serial kernel, the output allocated inside -- one dispatch with two arguments
-# instead of the Python glue around a six-argument kernel call.  Two entries, not one that
-# chooses: a first call (1, 10) then compiles the rows kernel only, not the row tiles too.
+# rows by one serial kernel body, the output allocated inside -- one dispatch with two
+# arguments instead of the Python glue around a six-argument kernel call.  The bodies are
+# inlined (as in ``cross_entropy.ce_index_small``): calling the serial kernels' dispatchers
+# would compile each kernel twice on a first call, once alone and once inside the entry.
+# Two entries, not one that chooses: a first (1, 10) call compiles the rows body only.
+_softmax_rows_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _softmax_rows)
+_softmax_tiles_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _softmax_tiles)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -208,16 +214,16 @@ def _small_out(x, mode):
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def softmax_small_rows(x, mode):
-    """Small-call entry: the serial rows kernel."""
+    """Small-call entry: the rows kernel's body."""
     o = _small_out(x, mode)
     empty = np.empty(0, dtype=x.dtype)
-    softmax_rows_serial(x, o, mode, 1, empty, empty)
+    _softmax_rows_inlined(x, o, mode, 1, empty, empty)
     return o
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def softmax_small_tiles(x, mode):
-    """Small-call entry: the serial row tiles (``_runtime._row_tiles`` chose them)."""
+    """Small-call entry: the row tiles' body (``_runtime._row_tiles`` chose them)."""
     o = _small_out(x, mode)
-    softmax_tiles_serial(x, o, mode)
+    _softmax_tiles_inlined(x, o, mode)
     return o
