@@ -69,8 +69,9 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
                 orow[c] = exp_term(row[c] - sh) * inv
 
 
-# Blocks of the precise pass: the float64 sum of a block's terms is within ~1 eps (float64
-# terms) or exact to far below float32's precision (float32 terms); blocks add with TwoSum.
+# Blocks of the precise pass, as ``primitives.rest_sum``'s: a block's float64 sum of float64
+# terms is within a few eps; of float32 terms, far below float32's precision.  Blocks add
+# with TwoSum.
 _REST_BLOCK = 256
 
 
