@@ -1,9 +1,18 @@
 """Many short rows and tiny BCE calls side by side: fastce vs torch (eager) vs jax.jit, in one
-process (issue #11 item 3).
+process (issue #11 item 3); with ``--grid``, every report op over the report grid against
+every strong peer (torch eager, torch.compile, jax.jit).
 
     python benchmarks/rows_compare.py                 # float32, 2 threads, 7 rounds
     python benchmarks/rows_compare.py --dtypes float32,float64 --rounds 9
     python benchmarks/rows_compare.py --kernels --dtypes float32,float64   # rows vs tiles
+    python benchmarks/rows_compare.py --grid --quick  # 7 ops x 9 cells, a few minutes
+    python benchmarks/rows_compare.py --grid --rounds 5   # the whole report grid
+
+``--grid`` times what the asv suite times: its input makers (the ``bench_*`` classes'
+``make_inputs``) and its implementation registry (``common.make_call``: ``fastce``,
+``torch``, ``torch-compile``, ``jax``), over ``common.BATCHES`` x ``common.CLASSES`` capped by
+``FASTCE_BENCH_MAX_ELEMENTS`` as the suite caps it.  It prints one row per cell (medians
+in us, each peer's time over fastce's) and then the cells where fastce loses.
 
 Thread counts are fixed before numba, torch and jax are imported (XLA's CPU thread pool cannot
 be resized later).  Each cell runs ``--rounds`` interleaved rounds (every implementation once
@@ -71,12 +80,127 @@ def kernels(rounds, dtypes):
             sys.stdout.flush()
 
 
+# The report's seven timed ops: (label, asv module, class); each class's ``op`` and
+# ``make_inputs`` say what is called on what.
+GRID_OPS = [("forward", "bench_cross_entropy", "CrossEntropy"),
+            ("forward+grad", "bench_cross_entropy", "CrossEntropyGrad"),
+            ("logsumexp", "bench_logsumexp", "LogSumExp"),
+            ("log_softmax", "bench_logsumexp", "LogSoftmax"),
+            ("softmax", "bench_logsumexp", "Softmax"),
+            ("bce", "bench_bce", "BinaryCrossEntropy"),
+            ("bce_logits", "bench_bce", "BinaryCrossEntropyWithLogits")]
+GRID_PEERS = ["torch", "torch-compile", "jax"]
+QUICK_BATCHES, QUICK_CLASSES = [1, 512, 4096], [10, 100, 1000]
+
+
+def _header(args, peers):
+    """The run's conditions (threads, numba's layer, the load average) and the table head."""
+    import fastce._runtime
+    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()} "
+          f"loadavg={os.getloadavg()[0]:.2f}; us, median of {args.rounds} interleaved rounds "
+          f"(each: every implementation, median of its single calls); (r x) = peer / fastce "
+          f"(> 1: fastce faster)")
+    cols = ["op", "dtype", "shape", "fastce"] + peers + ["fastest"]
+    print("| " + " | ".join(cols) + " |")
+    print("|---" * len(cols) + "|")
+
+
+def _time_block(f, number, pause=0.01):
+    """Median seconds of ``number`` single calls, after ``pause`` seconds (the previous
+    implementation's thread pool may still be spinning on the other core -- torch's OpenMP
+    workers do, for a while -- and goes idle) and 3 untimed calls."""
+    import numpy as np
+    time.sleep(pause)
+    for _ in range(3):
+        f()
+    ts = []
+    for _ in range(number):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def grid(args):
+    """Every report op over the report grid: fastce against each peer, interleaved rounds."""
+    import importlib
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    C = importlib.import_module("benchmarks.common")
+    import torch._dynamo
+    # one specialization per shape (reference._compiled_kernel): lift dynamo's per-function
+    # recompile limit, or after 8 shapes torch.compile silently runs eager
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 4096)
+    C.configure_threads()
+    import fastce._runtime
+    batches = QUICK_BATCHES if args.quick else C.BATCHES
+    classes = QUICK_CLASSES if args.quick else C.CLASSES
+    only = set(filter(None, args.only.split(",")))
+    impls = ["fastce"] + GRID_PEERS
+    _header(args, ["torch", "torch.compile", "jax.jit"])
+    losses = []
+    for dname in args.dtypes.split(","):
+        for label, mod, cls in GRID_OPS:
+            if only and label not in only:
+                continue
+            bench = getattr(importlib.import_module(f"benchmarks.{mod}"), cls)()
+            for N in batches:
+                for K in classes:
+                    if N * K > C.max_elements():
+                        continue
+                    arrays, kwargs = bench.make_inputs(N, K, dname)
+                    fns = {}
+                    for impl in impls:
+                        try:
+                            fns[impl] = C.make_call(impl, bench.op, *arrays, **kwargs)
+                        except NotImplementedError:
+                            continue
+                    number = {}
+                    for impl, f in fns.items():
+                        f()    # compiled peers: the first call compiles
+                        t0 = time.perf_counter()
+                        f()
+                        one = time.perf_counter() - t0
+                        # about 20 ms of single calls per block, 3 to 1000 of them
+                        number[impl] = max(3, min(1000, int(0.02 / max(one, 1e-7))))
+                    rounds = {impl: [] for impl in fns}
+                    for _ in range(args.rounds):
+                        for impl, f in fns.items():
+                            rounds[impl].append(_time_block(f, number[impl]))
+                    med = {impl: float(np.median(v)) for impl, v in rounds.items()}
+                    base = med["fastce"]
+                    best = min(med, key=med.get)
+                    cells = [f"{base * 1e6:.1f}"]
+                    for impl in GRID_PEERS:
+                        cells.append(f"{med[impl] * 1e6:.1f} ({med[impl] / base:.2f}x)"
+                                     if impl in med else "-")
+                    cells.append(best if best == "fastce" else
+                                 f"{best} ({base / med[best]:.2f}x)")
+                    print(f"| {label} | {dname} | {N}x{K} | " + " | ".join(cells) + " |")
+                    sys.stdout.flush()
+                    if best != "fastce":
+                        losses.append((label, dname, N, K, best, base / med[best]))
+    print(f"\nfastce loses {len(losses)} cells (fastce time / fastest peer's; loadavg "
+          f"{os.getloadavg()[0]:.2f} at the end):")
+    for label, dname, N, K, best, r in sorted(losses, key=lambda e: -e[-1]):
+        print(f"  {label:13s} {dname} {N}x{K}: {r:.2f}x slower than {best}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--only", default="", help="comma-separated op names to run")
+    ap.add_argument("--grid", action="store_true",
+                    help="the 7 report ops over the report grid vs torch, torch.compile, jax")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --grid: batches 1, 512, 4096 x classes 10, 100, 1000")
     ap.add_argument("--kernels", action="store_true",
                     help="serial rows kernels vs row tiles, called directly (one thread)")
     args = ap.parse_args()
@@ -86,6 +210,10 @@ def main():
     t = str(args.threads)
     os.environ["NUMBA_NUM_THREADS"] = t
     os.environ["OMP_NUM_THREADS"] = t
+    if args.grid:
+        # XLA's CPU pool is sized by PJRT_NPROC (benchmarks/common.py sets it from numba's count)
+        os.environ["PJRT_NPROC"] = t
+        return grid(args)
     multi = "true" if args.threads > 1 else "false"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_cpu_multi_thread_eigen={multi}"
@@ -203,11 +331,7 @@ def main():
                ("bce_logits+grad", bce_logits_grad)]
     only = set(filter(None, args.only.split(",")))
     rng = np.random.default_rng(0)
-    print(f"threads={args.threads} numba layer={fastce._runtime.threading_layer()}; times in "
-          f"us, median of {args.rounds} interleaved rounds; (r x) = peer / fastce (> 1: fastce "
-          f"faster)")
-    print("| op | dtype | shape | fastce | torch | jax.jit | fastest |")
-    print("|---|---|---|---|---|---|---|")
+    _header(args, ["torch", "jax.jit"])
     cases = []
     for dname in args.dtypes.split(","):
         dt = np.dtype(dname)
@@ -236,18 +360,7 @@ def main():
         rounds = {k: [] for k in fns}
         for _ in range(args.rounds):
             for k, f in fns.items():
-                # The previous implementation's thread pool may still be spinning on the other
-                # core (torch's OpenMP workers do, for a while): let it go idle, then a few
-                # untimed calls.
-                time.sleep(0.02)
-                for _ in range(3):
-                    f()
-                ts = []
-                for _ in range(number):
-                    t0 = time.perf_counter()
-                    f()
-                    ts.append(time.perf_counter() - t0)
-                rounds[k].append(np.median(ts))
+                rounds[k].append(_time_block(f, number, 0.02))
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         base = med["fastce"]
         best = min(med, key=med.get)

@@ -7,7 +7,7 @@ the axis is the last (inner == 1), the spatial kernel otherwise, serial or paral
 """
 import numpy as np
 
-from ._arrays import (EMPTY, _as_array, _canonical_3d, _into, _out_buffer, _result,
+from ._arrays import (_as_array, _canonical_3d, _into, _out_buffer, _result,
                       is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
@@ -22,25 +22,24 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted entry (the serial rows kernel, or the row
-    tiles for many short rows), or None when the call is not one.  The general path's
-    Python glue (checks, canonical views, the serial/parallel choice) costs many times the
-    kernel on inputs like (1, 10) (docs/performance.md)."""
-    if not _small_call(x) or x.ndim > 2 or type(axis) is not int or not (
-            axis == -1 or axis == x.ndim - 1):
+    reduced along its last axis -- in one jitted entry (``softmax_small_rows``, or
+    ``softmax_small_tiles`` for many short rows), or None when the call is not one.  The
+    general path's Python glue (checks, canonical views, the serial/parallel choice) costs
+    many times the kernel on inputs like (1, 10) (docs/performance.md)."""
+    if not _small_call(x) or type(axis) is not int:
         return None
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    lse = mode == MODE_LOGSUMEXP
-    o = np.empty((x2.shape[0], 1 if lse else C), x.dtype)
-    if _row_tiles(x2.shape[0], C, x.dtype):
-        _tiles.softmax_tiles_serial(x2, o, mode)
-    else:
-        empty = EMPTY[x.dtype]
-        _sm.softmax_rows_serial(x2, o, mode, 1, empty, empty)
-    if lse:
-        return o[0, 0] if x.ndim == 1 else o.reshape(x2.shape[0])
-    return o.reshape(x.shape)
+    nd = x.ndim
+    if nd == 2:
+        if axis != -1 and axis != 1:
+            return None
+        N, C = x.shape
+        small = _sm.softmax_small_tiles if _row_tiles(N, C, x.dtype) else _sm.softmax_small_rows
+        o = small(x, mode)
+        return o.ravel() if mode == MODE_LOGSUMEXP else o
+    if nd != 1 or (axis != -1 and axis != 0):
+        return None
+    o = _sm.softmax_small_rows(x.reshape(1, x.shape[0]), mode)
+    return o[0, 0] if mode == MODE_LOGSUMEXP else o.reshape(x.shape[0])
 
 
 def _softmax_family(x, axis, mode, out=None):

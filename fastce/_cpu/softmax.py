@@ -9,13 +9,14 @@ row is still in cache.
 import numpy as np
 from numba import njit, prange
 
-from .._config import FASTMATH
+from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum,
-                         row_argmax, row_max_sumexp, safe_shift, shift_log_sum,
-                         spatial_rest_sum, wide_vectors)
+                         rest_term, row_argmax, row_max_sumexp, safe_shift, shift_log_sum,
+                         spatial_rest_sum, two_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
+from .tiles import _softmax_tiles, rest_total
 
 
 def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
@@ -44,6 +45,15 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         orow = out[i, lo:hi]
         if mode == MODE_LOG_SOFTMAX:
             a, L = shift_log_sum(m, s)
+            if n_chunks == 1 and C <= CLASS_BLOCK:
+                # One block: the shift is the row's max, so whether the row is confident is
+                # known before any output is written; a confident row's log1p(rest) comes
+                # from the precise pass, and the output is written once.
+                if confident(_zero_if_finite(a), L):
+                    L = x.dtype.type(log1p(row_rest(row, a)))
+                for c in range(row.shape[0]):
+                    orow[c] = -lse_minus(a, L, row[c])
+                continue
             top = x.dtype.type(-np.inf)
             for c in range(row.shape[0]):
                 orow[c] = -lse_minus(a, L, row[c])
@@ -57,6 +67,45 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             inv = inv_sum(m, s)
             for c in range(row.shape[0]):
                 orow[c] = exp_term(row[c] - sh) * inv
+
+
+# Blocks of the precise pass, as ``primitives.rest_sum``'s: a block's float64 sum of float64
+# terms is within a few eps; of float32 terms, far below float32's precision.  Blocks add
+# with TwoSum.
+_REST_BLOCK = 256
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _block_rest_below(blk, m):
+    """(sum of the :func:`rest_term` terms of the entries below ``m``, count of the entries
+    equal to ``m``), both float64; vectorized reductions."""
+    wide_vectors()
+    zero = blk.dtype.type(0)
+    acc = np.float64(0)
+    ties = np.float64(0)
+    for j in range(blk.shape[0]):
+        v = blk[j]
+        acc += np.float64(rest_term(v, m) if v < m else zero)
+        ties += np.float64(v == m)
+    return acc, ties
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def row_rest(row, m):
+    """``rest = sum exp(row[c] - m)`` over the entries below the row's finite max ``m``,
+    plus one for each further entry equal to it, in float64 to full relative precision
+    (``tiles.tile_max_rest``'s terms: each difference exact; block sums compensated), so that
+    ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
+    n = row.shape[0]
+    hi = np.float64(0)
+    lo = np.float64(0)
+    ties = np.float64(0)
+    for b in range(0, n, _REST_BLOCK):
+        acc, t = _block_rest_below(row[b:min(b + _REST_BLOCK, n)], m)
+        hi, err = two_sum(hi, acc)
+        lo += err
+        ties += t
+    return rest_total(hi, lo, row.itemsize, ties)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -144,3 +193,38 @@ def spatial_log_softmax_confident(x, out, n, s0, s1, m, L):
 
 softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)
 softmax_spatial, softmax_spatial_serial = kernel_twins(_softmax_spatial)
+
+
+# The small-call entries of the softmax family: the C-contiguous 2-D ``x`` reduced along its
+# rows by one serial kernel body, the output allocated inside -- one dispatch with two
+# arguments instead of the Python glue around a six-argument kernel call.  The bodies are
+# inlined (as in ``cross_entropy.ce_index_small``): calling the serial kernels' dispatchers
+# would compile each kernel twice on a first call, once alone and once inside the entry.
+# Two entries, not one that chooses: a first (1, 10) call compiles the rows body only.
+_softmax_rows_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _softmax_rows)
+_softmax_tiles_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
+    _softmax_tiles)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _small_out(x, mode):
+    """The output of a small call: (N, 1) for logsumexp, (N, C) otherwise."""
+    return np.empty((x.shape[0], 1 if mode == MODE_LOGSUMEXP else x.shape[1]), dtype=x.dtype)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
+def softmax_small_rows(x, mode):
+    """Small-call entry: the rows kernel's body."""
+    o = _small_out(x, mode)
+    empty = np.empty(0, dtype=x.dtype)
+    _softmax_rows_inlined(x, o, mode, 1, empty, empty)
+    return o
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
+def softmax_small_tiles(x, mode):
+    """Small-call entry: the row tiles' body (``_runtime._row_tiles`` chose them)."""
+    o = _small_out(x, mode)
+    _softmax_tiles_inlined(x, o, mode)
+    return o

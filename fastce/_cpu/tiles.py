@@ -105,18 +105,17 @@ def load_tile(x, r0, buf):
     N, C = x.shape
     W = _lanes(x)
     n = min(TILE_ROWS, N - r0)
-    if n == TILE_ROWS:
-        cw = C - C % W
-        for jb in range(0, TILE_ROWS, W):
-            for c0 in range(0, cw, W):
-                transpose_block(x, r0 + jb, c0, buf, c0, jb)
-        for c in range(cw, C):
-            for j in range(TILE_ROWS):
-                buf[c, j] = x[r0 + j, c]
-    else:
-        for c in range(C):
-            for j in range(TILE_ROWS):
-                buf[c, j] = x[r0 + j, c] if j < n else 0
+    nb = n - n % W      # rows in whole blocks of W (all of them in a full tile)
+    cw = C - C % W
+    for jb in range(0, nb, W):
+        for c0 in range(0, cw, W):
+            transpose_block(x, r0 + jb, c0, buf, c0, jb)
+    for c in range(cw, C):
+        for j in range(nb):
+            buf[c, j] = x[r0 + j, c]
+    for c in range(C):
+        for j in range(nb, TILE_ROWS):
+            buf[c, j] = x[r0 + j, c] if j < n else 0
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -125,18 +124,17 @@ def store_tile(buf, out, r0):
     N, C = out.shape
     W = _lanes(out)
     n = min(TILE_ROWS, N - r0)
-    if n == TILE_ROWS:
-        cw = C - C % W
-        for jb in range(0, TILE_ROWS, W):
-            for c0 in range(0, cw, W):
-                transpose_block(buf, c0, jb, out, r0 + jb, c0)
-        for j in range(TILE_ROWS):
-            for c in range(cw, C):
-                out[r0 + j, c] = buf[c, j]
-    else:
-        for j in range(n):
-            for c in range(C):
-                out[r0 + j, c] = buf[c, j]
+    nb = n - n % W
+    cw = C - C % W
+    for jb in range(0, nb, W):
+        for c0 in range(0, cw, W):
+            transpose_block(buf, c0, jb, out, r0 + jb, c0)
+    for j in range(nb):
+        for c in range(cw, C):
+            out[r0 + j, c] = buf[c, j]
+    for j in range(nb, n):
+        for c in range(C):
+            out[r0 + j, c] = buf[c, j]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -198,17 +196,21 @@ def tile_max_rest(buf, m, rest, work):
             hi[j], err = two_sum(hi[j], term)
             lo[j] += err
             ties[j] += buf.dtype.type(v == m[j])
-    unbias = np.float64(2.0 ** -REST_TERM_BIAS) if buf.itemsize == 4 else np.float64(1)
     for j in range(TILE_ROWS):
         finite = m[j] > -np.inf and m[j] < np.inf
-        r = _rest_total(np.float64(hi[j]), np.float64(lo[j]), unbias, np.float64(ties[j]))
+        r = rest_total(np.float64(hi[j]), np.float64(lo[j]), buf.itemsize,
+                       np.float64(ties[j]))
         rest[j] = r if finite else np.float64(0)
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
-def _rest_total(hi, lo, unbias, ties):
-    """``(hi + lo) * unbias + (ties - 1)`` in this order: compiled without "reassoc", which
-    would regroup it as ``(... + ties) - 1`` and lose the rest's low bits against 1."""
+def rest_total(hi, lo, itemsize, ties):
+    """The rest from its compensated sum ``hi + lo`` of :func:`rest_term` terms (data of
+    ``itemsize`` bytes: float32 terms carry ``2**REST_TERM_BIAS``) and the count of entries
+    equal to the max: ``(hi + lo) * unbias + (ties - 1)`` in this order, compiled without
+    "reassoc", which would regroup it as ``(... + ties) - 1`` and lose the rest's low bits
+    against 1."""
+    unbias = np.float64(2.0 ** -REST_TERM_BIAS) if itemsize == 4 else np.float64(1)
     return (hi + lo) * unbias + (ties - np.float64(1))
 
 
