@@ -26,7 +26,8 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
-           "rest_sum", "rest_term", "REST_TERM_BIAS", "lse_confident", "spatial_rest_sum",
+           "rest_sum", "rest_total", "row_rest", "rest_term", "REST_TERM_BIAS", "lse_confident",
+           "spatial_rest_sum",
            "tanh", "softcap", "softcap_grad"]
 
 
@@ -854,6 +855,50 @@ def rest_sum(row, skip, pivot, cap=None):
         hi, err = two_sum(hi, acc)
         lo += err
     return hi + lo
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def rest_total(hi, lo, itemsize, ties):
+    """The rest from its compensated sum ``hi + lo`` of :func:`rest_term` terms (data of
+    ``itemsize`` bytes: float32 terms carry ``2**REST_TERM_BIAS``) and the count of entries
+    equal to the max: ``(hi + lo) * unbias + (ties - 1)`` in this order, compiled without
+    "reassoc", which would regroup it as ``(... + ties) - 1`` and lose the rest's low bits
+    against 1."""
+    unbias = np.float64(2.0 ** -REST_TERM_BIAS) if itemsize == 4 else np.float64(1)
+    return (hi + lo) * unbias + (ties - np.float64(1))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _block_rest_below(blk, m):
+    """(sum of the :func:`rest_term` terms of the entries below ``m``, count of the entries
+    equal to ``m``), both float64; vectorized reductions."""
+    wide_vectors()
+    zero = blk.dtype.type(0)
+    acc = np.float64(0)
+    ties = np.float64(0)
+    for j in range(blk.shape[0]):
+        v = blk[j]
+        acc += np.float64(rest_term(v, m) if v < m else zero)
+        ties += np.float64(v == m)
+    return acc, ties
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def row_rest(row, m):
+    """``rest = sum exp(row[c] - m)`` over the entries below the row's finite max ``m``,
+    plus one for each further entry equal to it, in float64 to full relative precision
+    (``tiles.tile_max_rest``'s terms: each difference exact; block sums compensated), so that
+    ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
+    n = row.shape[0]
+    hi = np.float64(0)
+    lo = np.float64(0)
+    ties = np.float64(0)
+    for b in range(0, n, _REST_BLOCK):
+        acc, t = _block_rest_below(row[b:min(b + _REST_BLOCK, n)], m)
+        hi, err = two_sum(hi, acc)
+        lo += err
+        ties += t
+    return rest_total(hi, lo, row.itemsize, ties)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -12,11 +12,11 @@ from numba import njit, prange
 from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, rest_sum,
-                         rest_term, row_argmax, row_max_sumexp, safe_shift, shift_log_sum,
-                         spatial_rest_sum, two_sum, wide_vectors)
+                         lse_minus, lse_needs_rest, nan_max, rest_sum, row_argmax,
+                         row_max_sumexp, row_rest, safe_shift, shift_log_sum,
+                         spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
-from .tiles import _softmax_tiles, rest_total
+from .tiles import _softmax_tiles
 
 
 def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
@@ -67,45 +67,6 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             inv = inv_sum(m, s)
             for c in range(row.shape[0]):
                 orow[c] = exp_term(row[c] - sh) * inv
-
-
-# Blocks of the precise pass, as ``primitives.rest_sum``'s: a block's float64 sum of float64
-# terms is within a few eps; of float32 terms, far below float32's precision.  Blocks add
-# with TwoSum.
-_REST_BLOCK = 256
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def _block_rest_below(blk, m):
-    """(sum of the :func:`rest_term` terms of the entries below ``m``, count of the entries
-    equal to ``m``), both float64; vectorized reductions."""
-    wide_vectors()
-    zero = blk.dtype.type(0)
-    acc = np.float64(0)
-    ties = np.float64(0)
-    for j in range(blk.shape[0]):
-        v = blk[j]
-        acc += np.float64(rest_term(v, m) if v < m else zero)
-        ties += np.float64(v == m)
-    return acc, ties
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def row_rest(row, m):
-    """``rest = sum exp(row[c] - m)`` over the entries below the row's finite max ``m``,
-    plus one for each further entry equal to it, in float64 to full relative precision
-    (``tiles.tile_max_rest``'s terms: each difference exact; block sums compensated), so that
-    ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
-    n = row.shape[0]
-    hi = np.float64(0)
-    lo = np.float64(0)
-    ties = np.float64(0)
-    for b in range(0, n, _REST_BLOCK):
-        acc, t = _block_rest_below(row[b:min(b + _REST_BLOCK, n)], m)
-        hi, err = two_sum(hi, acc)
-        lo += err
-        ties += t
-    return rest_total(hi, lo, row.itemsize, ties)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -28,8 +28,8 @@ from numba.extending import intrinsic
 from .._config import FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
-from .primitives import (REST_TERM_BIAS, confident, exp_term, inv_sum, kernel_twins, log1p,
-                         lse_confident, lse_minus, lse_needs_rest, nan_max, rest_sum, rest_term,
+from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
+                         lse_minus, lse_needs_rest, nan_max, rest_sum, rest_term, rest_total,
                          safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
@@ -201,17 +201,6 @@ def tile_max_rest(buf, m, rest, work):
         r = rest_total(np.float64(hi[j]), np.float64(lo[j]), buf.itemsize,
                        np.float64(ties[j]))
         rest[j] = r if finite else np.float64(0)
-
-
-@njit(fastmath={"contract"}, error_model="numpy")
-def rest_total(hi, lo, itemsize, ties):
-    """The rest from its compensated sum ``hi + lo`` of :func:`rest_term` terms (data of
-    ``itemsize`` bytes: float32 terms carry ``2**REST_TERM_BIAS``) and the count of entries
-    equal to the max: ``(hi + lo) * unbias + (ties - 1)`` in this order, compiled without
-    "reassoc", which would regroup it as ``(... + ties) - 1`` and lose the rest's low bits
-    against 1."""
-    unbias = np.float64(2.0 ** -REST_TERM_BIAS) if itemsize == 4 else np.float64(1)
-    return (hi + lo) * unbias + (ties - np.float64(1))
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
