@@ -29,8 +29,9 @@ def _small_rows(x, axis, mode):
     many times the kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or type(axis) is not int:
         return None
-    if mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS:
-        return None     # threaded from this size (the general path)
+    if (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
+            and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS)):
+        return None     # threaded: the general path
     nd = x.ndim
     if nd == 2:
         if axis != -1 and axis != 1:
