@@ -64,9 +64,9 @@ def test_softmax_family_on_tiles(shape, dtype, rng, spy):
 
 
 def test_parallel_twins_on_tiles(rng, spy, monkeypatch):
-    monkeypatch.setattr(_runtime, "_parallel", lambda n: True)
-    monkeypatch.setattr(fastce._softmax, "_parallel", lambda n: True)
-    monkeypatch.setattr(fastce._cross_entropy, "_parallel", lambda n: True)
+    monkeypatch.setattr(_runtime, "_parallel", lambda *args: True)
+    monkeypatch.setattr(fastce._softmax, "_parallel", lambda *args: True)
+    monkeypatch.setattr(fastce._cross_entropy, "_parallel", lambda *args: True)
     x = _logits(rng, PARALLEL_SHAPE, np.float32)
     t = rng.integers(0, x.shape[1], x.shape[0])
     x64 = t64(x)
