@@ -4,9 +4,10 @@ A row of C <= 256 classes is too short for the rows kernels' vector loops to pay
 row costs the loops' set-up, horizontal reductions and a scalar remainder of up to 63
 elements (exps included) -- more than its arithmetic (docs/performance.md).  Here a tile of
 ``TILE_ROWS`` rows is transposed into an L1/L2-resident (C, TILE_ROWS) buffer, 16 x 16
-(float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`),
-so that every loop over classes runs with the rows as vector lanes: fixed trip counts, no
-remainders, no horizontal reductions.  Elementwise outputs (log_softmax, softmax, the
+(float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`;
+the class tail and a partial tile's last rows with masked loads and stores,
+:func:`transpose_part`), so that every loop over classes runs with the rows as vector lanes:
+fixed trip counts, no remainders, no horizontal reductions.  Elementwise outputs (log_softmax, softmax, the
 cross-entropy gradient) are computed in the buffer and transposed back; softmax and the
 gradient reuse the exps of the statistics pass (kept in the buffer).
 
