@@ -7,9 +7,9 @@ elements (exps included) -- more than its arithmetic (docs/performance.md).  Her
 (float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`;
 the class tail and a partial tile's last rows with masked loads and stores,
 :func:`transpose_part`), so that every loop over classes runs with the rows as vector lanes:
-fixed trip counts, no remainders, no horizontal reductions.  Elementwise outputs (log_softmax, softmax, the
-cross-entropy gradient) are computed in the buffer and transposed back; softmax and the
-gradient reuse the exps of the statistics pass (kept in the buffer).
+fixed trip counts, no remainders, no horizontal reductions.  Elementwise outputs
+(log_softmax, softmax, the cross-entropy gradient) are computed in the buffer and transposed
+back; softmax and the gradient reuse the exps of the statistics pass (kept in the buffer).
 
 The statistics are the rows kernels' own (shift = the row's max, ``exp_term`` sums,
 ``shift_log_sum``, ``lse_minus``), and so are the special values (NaN, +-inf rows).  The
