@@ -19,6 +19,10 @@ CLASS_BLOCK = 1024
 # Below this many logits a call runs the serial kernel: waking the thread pool costs more than
 # the work.
 PARALLEL_MIN_ELEMENTS = 1 << 16
+# log_softmax and softmax (a full N x C output to write) run threaded from this many logits:
+# their write pass scales with a second thread where the pool's wake-up (tbb) costs a few us
+# (docs/performance.md, "Session 4: medium and large softmax-family cells").
+PARALLEL_MIN_WRITE_ELEMENTS = 1 << 15
 
 # The elementwise BCE kernels cut their input into chunks of this many elements (the units the
 # threads share; a flat input is one long row).

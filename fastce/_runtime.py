@@ -244,11 +244,12 @@ def _thread_count():
     return numba.get_num_threads()
 
 
-def _parallel(n_elements):
-    """Whether a call over ``n_elements`` values runs the parallel kernel: large enough, a
-    layer that may run it from this thread, and more than one thread set for this thread
+def _parallel(n_elements, min_elements=None):
+    """Whether a call over ``n_elements`` values runs the parallel kernel: large enough (at
+    least ``min_elements``, by default ``PARALLEL_MIN_ELEMENTS``), a layer that may run it
+    from this thread, and more than one thread set for this thread
     (``numba.set_num_threads(1)`` takes the serial kernels: no thread-pool round trip)."""
-    if n_elements < _config.PARALLEL_MIN_ELEMENTS:
+    if n_elements < (_config.PARALLEL_MIN_ELEMENTS if min_elements is None else min_elements):
         return False
     mode = _par_mode
     if mode == _PAR_UNSET:

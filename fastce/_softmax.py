@@ -7,6 +7,7 @@ the axis is the last (inner == 1), the spatial kernel otherwise, serial or paral
 """
 import numpy as np
 
+from . import _config
 from ._arrays import (_as_array, _canonical_3d, _into, _out_buffer, _result,
                       is_device_array)
 from ._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
@@ -28,6 +29,9 @@ def _small_rows(x, axis, mode):
     many times the kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or type(axis) is not int:
         return None
+    if (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
+            and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS)):
+        return None     # threaded: the general path
     nd = x.ndim
     if nd == 2:
         if axis != -1 and axis != 1:
@@ -62,7 +66,7 @@ def _softmax_family(x, axis, mode, out=None):
     if lse and C == 0:
         out3.fill(-np.inf)
     elif out3.size:
-        par = _parallel(x3.size)
+        par = _parallel(x3.size, None if lse else _config.PARALLEL_MIN_WRITE_ELEMENTS)
         if inner == 1:
             x2 = x3.reshape(outer, C)
             if _row_tiles(outer, C, dtype):

@@ -64,9 +64,9 @@ def test_softmax_family_on_tiles(shape, dtype, rng, spy):
 
 
 def test_parallel_twins_on_tiles(rng, spy, monkeypatch):
-    monkeypatch.setattr(_runtime, "_parallel", lambda n: True)
-    monkeypatch.setattr(fastce._softmax, "_parallel", lambda n: True)
-    monkeypatch.setattr(fastce._cross_entropy, "_parallel", lambda n: True)
+    monkeypatch.setattr(_runtime, "_parallel", lambda *args: True)
+    monkeypatch.setattr(fastce._softmax, "_parallel", lambda *args: True)
+    monkeypatch.setattr(fastce._cross_entropy, "_parallel", lambda *args: True)
     x = _logits(rng, PARALLEL_SHAPE, np.float32)
     t = rng.integers(0, x.shape[1], x.shape[0])
     x64 = t64(x)
@@ -245,9 +245,11 @@ def test_rest_term(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tile_transpose_round_trip(dtype, rng):
-    """load_tile / store_tile: the shuffle transpose of full blocks, the class tail and the
-    partial last tile."""
+@pytest.mark.parametrize("shape", [(150, 45), (150, 10), (37, 3), (64, 16)])
+def test_tile_transpose_round_trip(dtype, shape, rng):
+    """load_tile / store_tile: the shuffle transpose of full blocks, the masked class tail
+    (C not a multiple of the vector width, or narrower than one vector) and the partial
+    last tile; nothing outside the tile's rows is written."""
     @njit
     def round_trip(x, out, bufs):
         buf = np.empty((x.shape[1], _config.TILE_ROWS), x.dtype)
@@ -256,15 +258,18 @@ def test_tile_transpose_round_trip(dtype, rng):
             bufs[k] = buf
             tiles.store_tile(buf, out, r0)
 
-    x = rng.standard_normal((150, 45)).astype(dtype)
-    out = np.zeros_like(x)
+    N, C = shape
     T = _config.TILE_ROWS
-    bufs = np.empty((3, 45, T), dtype)
-    round_trip(x, out, bufs)
-    assert np.array_equal(out, x)
-    padded = np.zeros((3 * T, 45), dtype)
-    padded[:150] = x
-    assert np.array_equal(bufs, padded.reshape(3, T, 45).transpose(0, 2, 1))
+    n_tiles = -(-N // T)
+    x = rng.standard_normal((N + 1, C)).astype(dtype)
+    out = np.full_like(x, 7)
+    bufs = np.empty((n_tiles, C, T), dtype)
+    round_trip(x[:N], out[:N], bufs)
+    assert np.array_equal(out[:N], x[:N])
+    assert np.all(out[N] == 7)      # the row past the end untouched
+    padded = np.zeros((n_tiles * T, C), dtype)
+    padded[:N] = x[:N]
+    assert np.array_equal(bufs, padded.reshape(n_tiles, T, C).transpose(0, 2, 1))
 
 
 # ---------------------------------------------------------------------------------------------

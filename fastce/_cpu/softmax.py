@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CLASS_BLOCK, FASTMATH
-from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
+from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum, row_argmax,
                          row_max_sumexp, row_rest, safe_shift, shift_log_sum,
@@ -30,6 +30,9 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         i = u // n_chunks
         lo = (u - i * n_chunks) * chunk
         hi = min(lo + chunk, C)
+        if mode == MODE_SOFTMAX and n_chunks == 1 and C <= CLASS_BLOCK:
+            softmax_one_block(x[i], out[i])
+            continue
         if n_chunks == 1:
             m, s = row_max_sumexp(x[i])
         else:
@@ -67,6 +70,31 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             inv = inv_sum(m, s)
             for c in range(row.shape[0]):
                 orow[c] = exp_term(row[c] - sh) * inv
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def softmax_one_block(row, out):
+    """softmax of a row of at most ``CLASS_BLOCK`` classes: its max, then its terms written to
+    ``out`` as they are summed, then scaled -- one exp an element where the statistics pass
+    followed by a write pass takes two.  The special rows as ``inv_sum`` gives them: a row
+    whose max is not finite (NaN, +inf, all -inf) is all NaN."""
+    wide_vectors()
+    n = row.shape[0]
+    m = row.dtype.type(-np.inf)
+    for c in range(n):
+        m = nan_max(m, row[c])
+    if not (m > -np.inf and m < np.inf):
+        for c in range(n):
+            out[c] = np.nan
+        return
+    acc = row.dtype.type(0)
+    for c in range(n):
+        e = exp_term(row[c] - m)
+        out[c] = e
+        acc += e
+    inv = row.dtype.type(1) / acc
+    for c in range(n):
+        out[c] = out[c] * inv
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

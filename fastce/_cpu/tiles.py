@@ -4,11 +4,12 @@ A row of C <= 256 classes is too short for the rows kernels' vector loops to pay
 row costs the loops' set-up, horizontal reductions and a scalar remainder of up to 63
 elements (exps included) -- more than its arithmetic (docs/performance.md).  Here a tile of
 ``TILE_ROWS`` rows is transposed into an L1/L2-resident (C, TILE_ROWS) buffer, 16 x 16
-(float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`),
-so that every loop over classes runs with the rows as vector lanes: fixed trip counts, no
-remainders, no horizontal reductions.  Elementwise outputs (log_softmax, softmax, the
-cross-entropy gradient) are computed in the buffer and transposed back; softmax and the
-gradient reuse the exps of the statistics pass (kept in the buffer).
+(float32) or 8 x 8 (float64) blocks at a time with register shuffles (:func:`transpose_block`;
+the class tail and a partial tile's last rows with masked loads and stores,
+:func:`transpose_part`), so that every loop over classes runs with the rows as vector lanes:
+fixed trip counts, no remainders, no horizontal reductions.  Elementwise outputs
+(log_softmax, softmax, the cross-entropy gradient) are computed in the buffer and transposed
+back; softmax and the gradient reuse the exps of the statistics pass (kept in the buffer).
 
 The statistics are the rows kernels' own (shift = the row's max, ``exp_term`` sums,
 ``shift_log_sum``, ``lse_minus``), and so are the special values (NaN, +-inf rows).  The
@@ -38,6 +39,109 @@ from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_
 _FEW_CONFIDENT = TILE_ROWS // 8
 
 
+def _transpose_codegen(masked):
+    """Code generator of :func:`transpose_block` (``masked`` False) and
+    :func:`transpose_part` (True)."""
+    def typer(typingctx, src, r0, c0, dst, d0, e0, *counts):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+                and src.ndim == 2 and dst.ndim == 2 and src.layout == "C"
+                and dst.layout == "C" and src.dtype == dst.dtype
+                and isinstance(src.dtype, types.Float)
+                and len(counts) == (2 if masked else 0)):
+            return None
+        lanes = 16 if src.dtype.bitwidth == 32 else 8
+        align = src.dtype.bitwidth // 8
+
+        def codegen(context, builder, sig, args):
+            sty, dty = sig.args[0], sig.args[3]
+            sa = context.make_array(sty)(context, builder, args[0])
+            da = context.make_array(dty)(context, builder, args[3])
+            r0v, c0v, d0v, e0v = (context.cast(builder, args[k], sig.args[k], types.intp)
+                                  for k in (1, 2, 4, 5))
+            vty = ir.VectorType(context.get_data_type(sty.dtype), lanes)
+            intp = context.get_value_type(types.intp)
+            i32 = ir.IntType(32)
+            bty = ir.VectorType(ir.IntType(1), lanes)
+
+            def vec_ptr(ary, aty, i, j):
+                # Plain (not inbounds) address arithmetic: a masked-off row may lie past
+                # the array's end.
+                off = builder.add(builder.mul(i, builder.extract_value(ary.shape, 1)), j)
+                return builder.bitcast(builder.gep(ary.data, [off]), vty.as_pointer())
+
+            if masked:
+                nrow, ncol = (context.cast(builder, args[k], sig.args[k], types.intp)
+                              for k in (6, 7))
+                ity = ir.VectorType(intp, lanes)
+                lane_ids = ir.Constant(ity, list(range(lanes)))
+
+                def below(n):   # lanes < n, as a mask
+                    v = builder.insert_element(ir.Constant(ity, None), n, i32(0))
+                    v = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
+                                                                 [0] * lanes))
+                    return builder.icmp_signed("<", lane_ids, v)
+
+                def splat(bit):
+                    v = builder.insert_element(ir.Constant(bty, None), bit, i32(0))
+                    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
+                                                                    [0] * lanes))
+
+                col_mask, row_mask = below(ncol), below(nrow)
+                mload = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(vty, [vty.as_pointer(), i32, bty, vty]),
+                    f"llvm.masked.load.v{lanes}{'f32' if align == 4 else 'f64'}.p0")
+                mstore = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(),
+                                                                    i32, bty]),
+                    f"llvm.masked.store.v{lanes}{'f32' if align == 4 else 'f64'}.p0")
+                zero = ir.Constant(vty, [0.0] * lanes)
+
+                def load(i):
+                    live = builder.icmp_signed("<", intp(i), nrow)
+                    mask = builder.and_(col_mask, splat(live))
+                    return builder.call(mload, [vec_ptr(sa, sty, builder.add(r0v, intp(i)),
+                                                        c0v), i32(align), mask, zero])
+
+                def store(k, v):
+                    live = builder.icmp_signed("<", intp(k), ncol)
+                    mask = builder.and_(row_mask, splat(live))
+                    builder.call(mstore, [v, vec_ptr(da, dty, builder.add(d0v, intp(k)), e0v),
+                                          i32(align), mask])
+            else:
+                def load(i):
+                    return builder.load(vec_ptr(sa, sty, builder.add(r0v, intp(i)), c0v),
+                                        align=align)
+
+                def store(k, v):
+                    builder.store(v, vec_ptr(da, dty, builder.add(d0v, intp(k)), e0v),
+                                  align=align)
+
+            rows = [load(i) for i in range(lanes)]
+            mty = ir.VectorType(i32, lanes)
+            bit = 1
+            while bit < lanes:
+                # Swap bit `bit` of the row index with the same bit of the lane index.
+                lo_mask = ir.Constant(mty, [c if not c & bit else lanes + (c ^ bit)
+                                            for c in range(lanes)])
+                hi_mask = ir.Constant(mty, [c ^ bit if not c & bit else lanes + c
+                                            for c in range(lanes)])
+                new = list(rows)
+                for r in range(lanes):
+                    if not r & bit:
+                        lo, hi = rows[r], rows[r | bit]
+                        new[r] = builder.shuffle_vector(lo, hi, lo_mask)
+                        new[r | bit] = builder.shuffle_vector(lo, hi, hi_mask)
+                rows = new
+                bit *= 2
+            for k in range(lanes):
+                store(k, rows[k])
+            return context.get_dummy_value()
+
+        return types.none(src, r0, c0, dst, d0, e0, *counts), codegen
+
+    return typer
+
+
 @intrinsic
 def transpose_block(typingctx, src, r0, c0, dst, d0, e0):
     """``dst[d0 + k, e0 + i] = src[r0 + i, c0 + k]`` for ``i, k < W``, W = 16 (float32) or 8
@@ -45,50 +149,15 @@ def transpose_block(typingctx, src, r0, c0, dst, d0, e0):
     stages (each swaps one bit of the row index with one bit of the column index), W vector
     stores.  About 2.5x faster than an element loop, which LLVM leaves scalar.  Both arrays
     2-D C-contiguous; no bounds checks (callers stay in range)."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.ndim == 2
-            and dst.ndim == 2 and src.layout == "C" and dst.layout == "C"
-            and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)):
-        return None
-    lanes = 16 if src.dtype.bitwidth == 32 else 8
-    align = src.dtype.bitwidth // 8
+    return _transpose_codegen(False)(typingctx, src, r0, c0, dst, d0, e0)
 
-    def codegen(context, builder, sig, args):
-        sty, dty = sig.args[0], sig.args[3]
-        sa = context.make_array(sty)(context, builder, args[0])
-        da = context.make_array(dty)(context, builder, args[3])
-        r0v, c0v, d0v, e0v = (context.cast(builder, args[k], sig.args[k], types.intp)
-                              for k in (1, 2, 4, 5))
-        vty = ir.VectorType(context.get_data_type(sty.dtype), lanes)
-        intp = context.get_value_type(types.intp)
 
-        def vec_ptr(ary, aty, i, j):
-            p = cgutils.get_item_pointer(context, builder, aty, ary, [i, j], wraparound=False,
-                                         boundscheck=False)
-            return builder.bitcast(p, vty.as_pointer())
-
-        rows = [builder.load(vec_ptr(sa, sty, builder.add(r0v, intp(i)), c0v), align=align)
-                for i in range(lanes)]
-        mty = ir.VectorType(ir.IntType(32), lanes)
-        bit = 1
-        while bit < lanes:
-            # Swap bit `bit` of the row index with the same bit of the lane index.
-            lo_mask = ir.Constant(mty, [c if not c & bit else lanes + (c ^ bit)
-                                        for c in range(lanes)])
-            hi_mask = ir.Constant(mty, [c ^ bit if not c & bit else lanes + c
-                                        for c in range(lanes)])
-            new = list(rows)
-            for r in range(lanes):
-                if not r & bit:
-                    lo, hi = rows[r], rows[r | bit]
-                    new[r] = builder.shuffle_vector(lo, hi, lo_mask)
-                    new[r | bit] = builder.shuffle_vector(lo, hi, hi_mask)
-            rows = new
-            bit *= 2
-        for i in range(lanes):
-            builder.store(rows[i], vec_ptr(da, dty, builder.add(d0v, intp(i)), e0v), align=align)
-        return context.get_dummy_value()
-
-    return types.none(src, r0, c0, dst, d0, e0), codegen
+@intrinsic
+def transpose_part(typingctx, src, r0, c0, dst, d0, e0, nrow, ncol):
+    """:func:`transpose_block` of the ``nrow`` x ``ncol`` corner of the W x W block (0 <
+    ``nrow``, ``ncol`` <= W): masked vector loads and stores (AVX-512 masks; nothing outside
+    the corner is read or written), for the class tail of a tile and its last rows."""
+    return _transpose_codegen(True)(typingctx, src, r0, c0, dst, d0, e0, nrow, ncol)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -110,12 +179,14 @@ def load_tile(x, r0, buf):
     for jb in range(0, nb, W):
         for c0 in range(0, cw, W):
             transpose_block(x, r0 + jb, c0, buf, c0, jb)
-    for c in range(cw, C):
-        for j in range(nb):
-            buf[c, j] = x[r0 + j, c]
+        if cw < C:
+            transpose_part(x, r0 + jb, cw, buf, cw, jb, W, C - cw)
+    if nb < n:
+        for c0 in range(0, C, W):
+            transpose_part(x, r0 + nb, c0, buf, c0, nb, n - nb, min(W, C - c0))
     for c in range(C):
-        for j in range(nb, TILE_ROWS):
-            buf[c, j] = x[r0 + j, c] if j < n else 0
+        for j in range(n, TILE_ROWS):
+            buf[c, j] = 0
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -129,12 +200,11 @@ def store_tile(buf, out, r0):
     for jb in range(0, nb, W):
         for c0 in range(0, cw, W):
             transpose_block(buf, c0, jb, out, r0 + jb, c0)
-    for j in range(nb):
-        for c in range(cw, C):
-            out[r0 + j, c] = buf[c, j]
-    for j in range(nb, n):
-        for c in range(C):
-            out[r0 + j, c] = buf[c, j]
+        if cw < C:
+            transpose_part(buf, cw, jb, out, r0 + jb, cw, C - cw, W)
+    if nb < n:
+        for c0 in range(0, C, W):
+            transpose_part(buf, c0, nb, out, r0 + nb, c0, min(W, C - c0), n - nb)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
