@@ -167,7 +167,9 @@ def _rows_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, 
         return loss
     # (The split statistics are of the raw logits: capped rows are not split.)
     n_chunks = _row_chunks(N, C) if par and cap is None else 1
-    m, s = _split_stats(x2, n_chunks)
+    # the shift at each row's exact max: the confident-row test is then not widened by a
+    # stale block max (see _cpu.cross_entropy._ce_index_rows)
+    m, s = _split_stats(x2, n_chunks, True)
     part = np.empty((N, n_chunks), dt)
     # With split statistics the forward has little left to do: the serial twin saves a
     # second thread-pool wake-up.

@@ -296,14 +296,14 @@ def _row_chunks(N, C):
     return max(1, min(want, C // _config.SPLIT_MIN_CHUNK))
 
 
-def _split_stats(x2, n_chunks):
+def _split_stats(x2, n_chunks, exact_max=False):
     """Row statistics precomputed for the split-row kernels (``stats.split_row_stats``):
-    each row's (max, sum-exp), merged from its ``n_chunks`` chunks; unused (empty) when rows
-    are not split."""
+    each row's (max, sum-exp), merged from its ``n_chunks`` chunks (the shift at the row's
+    exact max with ``exact_max``); unused (empty) when rows are not split."""
     if n_chunks == 1:
         empty = EMPTY[x2.dtype]
         return empty, empty
     m = np.empty(x2.shape[0], x2.dtype)
     s = np.empty(x2.shape[0], x2.dtype)
-    _import_kernels().stats.split_row_stats(x2, n_chunks, m, s)
+    _import_kernels().stats.split_row_stats(x2, n_chunks, m, s, exact_max)
     return m, s

@@ -74,7 +74,7 @@ def _softmax_family(x, axis, mode, out=None):
                 kern(x2, out3.reshape(outer, out3.shape[1]), mode)
                 return _finish(out, out3, back, direct, lse, in_dtype)
             n_chunks = _row_chunks(outer, C) if par else 1
-            m, s = _split_stats(x2, n_chunks)
+            m, s = _split_stats(x2, n_chunks, mode == MODE_LOG_SOFTMAX)
             # logsumexp from split statistics is a per-row formula: no second wake-up.
             serial = not par or (lse and n_chunks > 1)
             kern = _sm.softmax_rows_serial if serial else _sm.softmax_rows

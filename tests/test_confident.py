@@ -258,3 +258,29 @@ def test_random_rows_unchanged():
     x64 = x.astype(np.float64)
     ref = np.log(np.exp(x64).sum(axis=1)) - x64[np.arange(64), t]
     np.testing.assert_allclose(loss, ref, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_target_above_a_stale_shift(dtype):
+    """Wide rows whose first block is low, so the one-pass shift lies far below the target
+    (the argmax, in a late block), at probabilities from 0.01 to 0.99: on both sides of the
+    confident line the loss and the target's gradient keep full relative precision, whether
+    the test is taken again from the row's exact max (rows) or the shift is exact from the
+    start (split rows, log_softmax)."""
+    rng = np.random.default_rng(7)
+    C = 5000
+    probs = [0.01, 0.1, 0.2, 0.25, 0.5, 0.9, 0.99]
+    x = rng.standard_normal((len(probs), C))
+    x[:, :1024] -= 20.0
+    t = np.full(len(probs), C - 7)
+    for i, p in enumerate(probs):
+        others = np.log(np.exp(np.delete(x[i], t[i])).sum())
+        x[i, t[i]] = others + np.log(p / (1 - p))
+    x = x.astype(dtype)
+    loss, grad = fastce.cross_entropy_with_grad(x, t, reduction="none")
+    _check_rows(x, t, loss, grad, dtype)
+    lsm = fastce.log_softmax(x)
+    for i in range(len(probs)):
+        assert _rel_err(-lsm[i, t[i]], _ref(x[i], t[i])[0], dtype) <= BOUND
+        li, gi = fastce.cross_entropy_with_grad(x[i:i + 1], t[i:i + 1], reduction="none")
+        _check_rows(x[i:i + 1], t[i:i + 1], li, gi, dtype)

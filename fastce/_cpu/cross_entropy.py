@@ -32,8 +32,9 @@ from numba.extending import overload
 
 from .._config import FASTMATH
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
-                         lse_from_max_sumexp, lse_minus, rest_sum, row_max_sumexp, safe_shift,
-                         shift_log_sum, softcap, softcap_grad, spatial_rest_sum, wide_vectors)
+                         lse_from_max_sumexp, lse_minus, rest_sum, row_exact_max_sumexp,
+                         row_max_sumexp, safe_shift, shift_log_sum, softcap, softcap_grad,
+                         spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
 
@@ -127,9 +128,6 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         else:
             m, s = stat_m[i], stat_s[i]
         a, L = shift_log_sum(m, s)
-        if lse_out is not None:
-            if k == 0:
-                lse_out[i] = a + L
         w_t = weight[t] if has_w else one
         part = zero
         # The target's share (loss and gradient) belongs to the chunk that holds it.
@@ -140,6 +138,14 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
             xt = softcap(x[i, t], cap)
             if xt != -np.inf:
                 nll = lse_minus(a, L, xt)
+                if xt > a and confident(xt - a, nll):
+                    # The one-pass shift lies below the target, and the test widens with
+                    # that gap: a target well above a stale block max (often the argmax, at
+                    # p = 0.1) would take the precise pass for nothing.  Test again from the
+                    # row's exact max (split rows have it already: split_row_stats).
+                    m, s = row_exact_max_sumexp(x[i], cap)
+                    a, L = shift_log_sum(m, s)
+                    nll = lse_minus(a, L, xt)
                 if confident(xt - a, nll):
                     rest = rest_sum(x[i], t, xt, cap)
                     nll = x.dtype.type(log1p(rest))
@@ -148,6 +154,9 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
                 part = x.dtype.type(np.inf)
             if z_loss is not None:
                 part += z_loss * (a + L) * (a + L)
+        if lse_out is not None:
+            if k == 0:
+                lse_out[i] = a + L
         if eps > 0:
             acc = zero
             if has_w:

@@ -685,6 +685,23 @@ def row_max_sumexp(row, cap=None):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
+def row_exact_max_sumexp(row, cap=None):
+    """:func:`row_max_sumexp` with the shift at the row's exact max: one max pass, then the
+    exp-sum block by block against it (the second read comes from cache for a row that fits
+    in L2).  log_softmax wants this: with a shift below the max, the second-pass test
+    (:func:`confident`) widens by the gap, and wide random rows would take the precise pass
+    for nothing."""
+    wide_vectors()
+    n = row.shape[0]
+    m = _block_max(row, cap)
+    s = row.dtype.type(0)
+    if m > -np.inf and m < np.inf:
+        for b in range(0, n, CLASS_BLOCK):
+            s += _block_sumexp(row[b:min(b + CLASS_BLOCK, n)], m, cap)
+    return m, s
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def inv_sum(m, s):
     """1/s for turning exp(x - shift) into probabilities; NaN when the shift is not finite,
     so that rows with a +inf or only -inf logits give NaN probabilities, as torch does (a

@@ -13,8 +13,8 @@ from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum, row_argmax,
-                         row_max_sumexp, row_rest, safe_shift, shift_log_sum,
-                         spatial_rest_sum, wide_vectors)
+                         row_exact_max_sumexp, row_max_sumexp, row_rest, safe_shift,
+                         shift_log_sum, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 from .tiles import _softmax_tiles
 
@@ -33,7 +33,11 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         if mode == MODE_SOFTMAX and n_chunks == 1 and C <= CLASS_BLOCK:
             softmax_one_block(x[i], out[i])
             continue
-        if n_chunks == 1:
+        if n_chunks == 1 and mode == MODE_LOG_SOFTMAX:
+            # The shift at the exact max: whether the row is confident is then known before
+            # any output is written, and the output is written once.
+            m, s = row_exact_max_sumexp(x[i])
+        elif n_chunks == 1:
             m, s = row_max_sumexp(x[i])
         else:
             m, s = stat_m[i], stat_s[i]
@@ -48,10 +52,9 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         orow = out[i, lo:hi]
         if mode == MODE_LOG_SOFTMAX:
             a, L = shift_log_sum(m, s)
-            if n_chunks == 1 and C <= CLASS_BLOCK:
-                # One block: the shift is the row's max, so whether the row is confident is
-                # known before any output is written; a confident row's log1p(rest) comes
-                # from the precise pass, and the output is written once.
+            if n_chunks == 1:
+                # The shift is the row's max: a confident row's log1p(rest) comes from the
+                # precise pass before the output is written.
                 if confident(_zero_if_finite(a), L):
                     L = x.dtype.type(log1p(row_rest(row, a)))
                 for c in range(row.shape[0]):
@@ -61,7 +64,8 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             for c in range(row.shape[0]):
                 orow[c] = -lse_minus(a, L, row[c])
                 top = nan_max(top, row[c])
-            # The chunk's largest entry is the one that can have cancelled: if it needs it,
+            # A chunk of a split row (the shift is the row's exact max, split_row_stats):
+            # the chunk's largest entry is the one that can have cancelled; if it needs it,
             # redo the chunk from the row's max with that max's term carried apart.
             if confident(top - a, lse_minus(a, L, top)):
                 log_softmax_confident_row(x[i], row, orow)

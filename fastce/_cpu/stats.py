@@ -9,14 +9,16 @@ from numba import njit, prange
 
 from .._config import FASTMATH, SPATIAL_BLOCK
 from .partials import STAT_FIELDS, merge_partials
-from .primitives import exp_term, nan_max, row_max_sumexp, safe_shift, softcap, wide_vectors
+from .primitives import (exp_term, nan_max, row_exact_max_sumexp, row_max_sumexp, safe_shift,
+                         softcap, wide_vectors)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True, nogil=True)
-def split_row_stats(x, n_chunks, out_m, out_s):
+def split_row_stats(x, n_chunks, out_m, out_s, exact_max):
     """(max, sum-exp) of each row of the C-contiguous (N, C) ``x``, each row cut into
     ``n_chunks`` chunks that are reduced in parallel and then merged (the partials mechanism
-    of ``partials``, as Dask class chunks use it)."""
+    of ``partials``, as Dask class chunks use it).  With ``exact_max`` the merged shift is
+    each row's exact max (``primitives.row_exact_max_sumexp``), which log_softmax wants."""
     wide_vectors()
     N, C = x.shape
     chunk = (C + n_chunks - 1) // n_chunks
@@ -25,7 +27,11 @@ def split_row_stats(x, n_chunks, out_m, out_s):
         i = u // n_chunks
         k = u - i * n_chunks
         lo = k * chunk
-        parts[i, k, 0], parts[i, k, 1] = row_max_sumexp(x[i, lo:min(lo + chunk, C)])
+        part = x[i, lo:min(lo + chunk, C)]
+        if exact_max:
+            parts[i, k, 0], parts[i, k, 1] = row_exact_max_sumexp(part)
+        else:
+            parts[i, k, 0], parts[i, k, 1] = row_max_sumexp(part)
     merged = np.empty((N, STAT_FIELDS), dtype=x.dtype)
     merge_partials(parts, merged)
     for i in range(N):
