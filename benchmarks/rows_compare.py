@@ -7,6 +7,7 @@ every strong peer (torch eager, torch.compile, jax.jit).
     python benchmarks/rows_compare.py --kernels --dtypes float32,float64   # rows vs tiles
     python benchmarks/rows_compare.py --grid --quick  # 7 ops x 9 cells, a few minutes
     python benchmarks/rows_compare.py --grid --rounds 5   # the whole report grid
+    python benchmarks/rows_compare.py --grid --batches 1 --classes 10,100,1000  # some cells
 
 ``--grid`` times what the asv suite times: its input makers (the ``bench_*`` classes'
 ``make_inputs``) and its implementation registry (``common.make_call``: ``fastce``,
@@ -140,6 +141,10 @@ def grid(args):
     import fastce._runtime
     batches = QUICK_BATCHES if args.quick else C.BATCHES
     classes = QUICK_CLASSES if args.quick else C.CLASSES
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
+    if args.classes:
+        classes = [int(v) for v in args.classes.split(",")]
     only = set(filter(None, args.only.split(",")))
     impls = ["fastce"] + GRID_PEERS
     _header(args, ["torch", "torch.compile", "jax.jit"])
@@ -201,6 +206,10 @@ def main():
                     help="the 7 report ops over the report grid vs torch, torch.compile, jax")
     ap.add_argument("--quick", action="store_true",
                     help="with --grid: batches 1, 512, 4096 x classes 10, 100, 1000")
+    ap.add_argument("--batches", default="",
+                    help="with --grid: comma-separated batch sizes (instead of the grid's)")
+    ap.add_argument("--classes", default="",
+                    help="with --grid: comma-separated class counts (instead of the grid's)")
     ap.add_argument("--kernels", action="store_true",
                     help="serial rows kernels vs row tiles, called directly (one thread)")
     args = ap.parse_args()

@@ -92,6 +92,9 @@ def _import_kernels():
         numba.config.CACHE_DIR = cache_dir
         from ._cpu import (bce, checks, cross_entropy, nll, partials, softmax, stats,
                            tiles, tiny)
+    # Several processes may fill the cache at once (xdist, precompile's workers): lock it.
+    from ._cachelock import guard
+    guard((bce, checks, cross_entropy, nll, partials, softmax, stats, tiles, tiny))
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
                                      nll=nll, partials=partials, softmax=softmax, stats=stats,
                                      tiles=tiles, tiny=tiny)

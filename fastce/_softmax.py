@@ -23,27 +23,33 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted entry (``softmax_small_rows``, or
-    ``softmax_small_tiles`` for many short rows), or None when the call is not one.  The
-    general path's Python glue (checks, canonical views, the serial/parallel choice) costs
-    many times the kernel on inputs like (1, 10) (docs/performance.md)."""
+    reduced along its last axis -- in one jitted call (``softmax_small_rows``, or the serial
+    row tiles for many short rows) into an output allocated here, or None when the call is
+    not one.  The general path's Python glue (checks, canonical views, the serial/parallel
+    choice) costs many times the kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or type(axis) is not int:
         return None
     if (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
             and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS)):
         return None     # threaded: the general path
-    nd = x.ndim
-    if nd == 2:
+    shape = x.shape
+    lse = mode == MODE_LOGSUMEXP
+    if len(shape) == 2:
         if axis != -1 and axis != 1:
             return None
-        N, C = x.shape
-        small = _sm.softmax_small_tiles if _row_tiles(N, C, x.dtype) else _sm.softmax_small_rows
-        o = small(x, mode)
-        return o.ravel() if mode == MODE_LOGSUMEXP else o
-    if nd != 1 or (axis != -1 and axis != 0):
+        N, C = shape
+        o = np.empty((N, 1) if lse else shape, x.dtype)
+        if _row_tiles(N, C, x.dtype):
+            _tiles.softmax_tiles_serial(x, o, mode)
+        else:
+            _sm.softmax_small_rows(x, o, mode)
+        return o.reshape(N) if lse else o
+    if len(shape) != 1 or (axis != -1 and axis != 0):
         return None
-    o = _sm.softmax_small_rows(x.reshape(1, x.shape[0]), mode)
-    return o[0, 0] if mode == MODE_LOGSUMEXP else o.reshape(x.shape[0])
+    C = shape[0]
+    o = np.empty((1, 1 if lse else C), x.dtype)
+    _sm.softmax_small_rows(x.reshape(1, C), o, mode)
+    return o[0, 0] if lse else o.reshape(C)
 
 
 def _softmax_family(x, axis, mode, out=None):

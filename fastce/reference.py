@@ -856,6 +856,12 @@ class Implementation:
         if self._binder is not None:
             return self._binder(function, *arrays, **kwargs)
         f = getattr(self, function)
+        if len(arrays) == 1 and list(kwargs) == ["axis"]:
+            # The softmax family as its user writes the call: a generic closure's star
+            # unpacking alone costs ~0.15 us a call, 10 % of a (1, 10) log_softmax, which the
+            # tensor binders (a direct call on bound tensors) do not pay.
+            (a,), axis = arrays, kwargs["axis"]
+            return lambda: f(a, axis=axis)
         return lambda: f(*arrays, **kwargs)
 
     def supports(self, function):

@@ -267,6 +267,90 @@ def test_no_writable_cache_location_anywhere(tmp_path):
     assert str(pkg) in out and float(out.split()[0]) == pytest.approx(np.log(3))
 
 
+# Two processes compile two signatures of one cached kernel at once (xdist workers, the
+# precompile workers).  numba updates the kernel's index by read-modify-write, then writes the
+# data file; this child widens the window the way a descheduled process on a loaded machine
+# does: each save waits until both processes have read the index (or 4 s), then sleeps its
+# own delays before writing the index and the data.  Unguarded, the index ends up filing
+# float64 under a data file that holds the float32 code (numba#4807).
+CACHE_RACE_CHILD = """
+import os, sys, time
+import numpy as np
+from numba.core import caching
+
+me, cache = sys.argv[1], os.environ["NUMBA_CACHE_DIR"]
+index_delay, data_delay = {"f32": (0.5, 2.0), "f64": (1.0, 0.0)}[me]
+save_index, save_data = caching.IndexDataCacheFile._save_index, caching.IndexDataCacheFile._save_data
+
+def slow_save_index(self, overloads):
+    open(os.path.join(cache, "read-" + me), "w").close()
+    t0 = time.time()
+    while time.time() - t0 < 4 and not all(
+            os.path.exists(os.path.join(cache, "read-" + k)) for k in ("f32", "f64")):
+        time.sleep(0.01)
+    time.sleep(index_delay)
+    save_index(self, overloads)
+
+def slow_save_data(self, name, data):
+    time.sleep(data_delay)
+    save_data(self, name, data)
+
+caching.IndexDataCacheFile._save_index = slow_save_index
+caching.IndexDataCacheFile._save_data = slow_save_data
+from fastce import _runtime
+tiny = _runtime._import_kernels().tiny
+dt = np.float32 if me == "f32" else np.float64
+x = np.zeros((2, 3), dt)
+loss, bad = tiny.ce_index_tiny(x, np.zeros(2, np.int64), -100, True, np.empty((0, 0), dt))
+print(repr(float(loss)))
+"""
+
+
+def test_concurrent_cache_fills_stay_consistent(tmp_path):
+    """Two processes fill the cache of one kernel with two signatures at once; a third then
+    loads each signature from the cache: the right results (every index entry holds the code
+    of the signature it is filed under)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(CACHE_RACE_CHILD)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(script), k], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k in ("f32", "f64")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert float(out) == pytest.approx(np.log(3))
+    check = """
+    import glob, os, pickle, numpy as np
+    from fastce import _runtime
+    tiny = _runtime._import_kernels().tiny
+    for nbi in glob.glob(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**", "*.nbi"),
+                         recursive=True):
+        with open(nbi, "rb") as f:
+            pickle.load(f)
+            stamp, overloads = pickle.loads(f.read())
+        for key, name in overloads.items():
+            with open(os.path.join(os.path.dirname(nbi), name), "rb") as f:
+                held = pickle.loads(f.read())[3].args
+            print("filed", key[0] == held)
+    for dt in (np.float32, np.float64):
+        x = np.zeros((2, 3), dt)
+        print("loss", float(tiny.ce_index_tiny(x, np.zeros(2, np.int64), -100, True,
+                                               np.empty((0, 0), dt))[0]))
+    print("hits", sum(tiny.ce_index_tiny.stats.cache_hits.values()))
+    """
+    out = _ok(_python(check, tmp_path, env={"NUMBA_CACHE_DIR": str(cache)})).split("\n")
+    assert "filed False" not in out, out
+    assert out.count("filed True") >= 2, out
+    for line in out:
+        if line.startswith("loss"):
+            assert float(line.split()[1]) == pytest.approx(np.log(3), rel=1e-6), out
+    assert int(out[-2].split()[1]) == 2, out        # both loaded from the cache
+
+
 # ---------------------------------------------------------------------------------------------
 # import footprint
 

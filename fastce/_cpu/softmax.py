@@ -16,7 +16,6 @@ from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_
                          row_exact_max_sumexp, row_max_sumexp, row_rest, safe_shift,
                          shift_log_sum, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
-from .tiles import _softmax_tiles
 
 
 def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
@@ -188,36 +187,21 @@ softmax_rows, softmax_rows_serial = kernel_twins(_softmax_rows)
 softmax_spatial, softmax_spatial_serial = kernel_twins(_softmax_spatial)
 
 
-# The small-call entries of the softmax family: the C-contiguous 2-D ``x`` reduced along its
-# rows by one serial kernel body, the output allocated inside -- one dispatch with two
-# arguments instead of the Python glue around a six-argument kernel call.  The bodies are
-# inlined (as in ``cross_entropy.ce_index_small``): calling the serial kernels' dispatchers
-# would compile each kernel twice on a first call, once alone and once inside the entry.
-# Two entries, not one that chooses: a first (1, 10) call compiles the rows body only.
+# The small-call entry of the softmax family: the C-contiguous 2-D ``x`` reduced along its
+# rows by the serial rows kernel's body into ``out`` (allocated by the caller: NumPy's
+# allocation and a third argument cost less than an array allocated here and boxed on return,
+# docs/performance.md "Session 4") -- one dispatch with three arguments instead of the Python
+# glue around a six-argument kernel call.  The body is inlined (as in
+# ``cross_entropy.ce_index_small``): calling the serial kernel's dispatcher would compile it
+# twice on a first call, once alone and once inside the entry.  Many short rows take the
+# serial row tiles kernel itself (``tiles.softmax_tiles_serial``: the same three arguments).
 _softmax_rows_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
     _softmax_rows)
-_softmax_tiles_inlined = njit(inline="always", fastmath=FASTMATH, error_model="numpy")(
-    _softmax_tiles)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def _small_out(x, mode):
-    """The output of a small call: (N, 1) for logsumexp, (N, C) otherwise."""
-    return np.empty((x.shape[0], 1 if mode == MODE_LOGSUMEXP else x.shape[1]), dtype=x.dtype)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def softmax_small_rows(x, mode):
-    """Small-call entry: the rows kernel's body."""
-    o = _small_out(x, mode)
+def softmax_small_rows(x, out, mode):
+    """Small-call entry: the rows kernel's body; ``out`` is (N, 1) for logsumexp, (N, C)
+    otherwise."""
     empty = np.empty(0, dtype=x.dtype)
-    _softmax_rows_inlined(x, o, mode, 1, empty, empty)
-    return o
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def softmax_small_tiles(x, mode):
-    """Small-call entry: the row tiles' body (``_runtime._row_tiles`` chose them)."""
-    o = _small_out(x, mode)
-    _softmax_tiles_inlined(x, o, mode)
-    return o
+    _softmax_rows_inlined(x, out, mode, 1, empty, empty)
