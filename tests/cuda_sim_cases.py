@@ -894,6 +894,29 @@ def test_confident_issue_table(k):
         _note(("issue table logsumexp", "float64"), _rel(lse, ref, np.float64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_confident_row_with_masked_logits(dtype):
+    """A confident row holding -inf logits (masked classes; C = 1000, 32 threads a row):
+    the second pass adds nothing for them (float32 computes every term branch-free and maps
+    their NaN TwoSum error to a finite factor of exp(-inf) = 0): loss, target gradient and
+    log_softmax at the target within the confident-row bound of mpmath."""
+    rng = np.random.default_rng(7)
+    row = rng.uniform(-5.0, 5.0, 1000)
+    row[1::7] = -np.inf
+    row[0] = 20.0
+    x = np.array([row], dtype)
+    t = np.zeros(1, np.int64)
+    _, rest = _mp_rest(x[0], 0)
+    with mpmath.workdps(50):
+        ref_loss, ref_g = float(mpmath.log1p(rest)), float(-rest / (1 + rest))
+    loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), reduction="none")
+    name = np.dtype(dtype).name
+    _note(("masked row loss", name), _rel(host(loss)[0], ref_loss, dtype))
+    _note(("masked row grad[t]", name), _rel(host(grad)[0, 0], ref_g, dtype))
+    _note(("masked row log_softmax", name),
+          _rel(host(fc.log_softmax(dev(x)))[0, 0], -ref_loss, dtype))
+
+
 @real_gpu
 def test_cupy_and_numba_arrays_come_back_as_their_type(monkeypatch):
     """CuPy arrays in give CuPy arrays out, Numba device arrays give Numba device arrays, on

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, int64
 
-from .memory import addr1, addr3, load1_at, load_at, store3, store_at
+from .memory import addr1, addr3, load1_at, load_at, steps4, store3, store_at
 
 __all__ = ["build_cross_entropy"]
 
@@ -319,18 +319,20 @@ def build_cross_entropy(P, soft):
     @cuda.jit(device=True)
     def load_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c):
         """One step of a probability-target row's loops: four raw logits (loads issued
-        first) and the four smoothed, weighted targets at the cursors."""
+        first) and the four smoothed, weighted targets at the cursors (addresses chained
+        with ``steps4``), and the cursors' next positions."""
+        p1, p2, p3, p4 = steps4(p, d)
+        t1, t2, t3, t4 = steps4(pt, dt)
+        w1, w2, w3, w4 = steps4(pw, dw) if has_w else (pw, pw, pw, pw)
         x0 = load_at(x, p, n, c, s)
-        x1 = load_at(x, p + d, n, c + G, s)
-        x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-        x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-        t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-        t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep, eps_c)
-        t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s, has_w,
-                           keep, eps_c)
-        t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s, has_w,
-                           keep, eps_c)
-        return x0, x1, x2, x3, t0, t1, t2, t3
+        x1 = load_at(x, p1, n, c + G, s)
+        x2 = load_at(x, p2, n, c + 2 * G, s)
+        x3 = load_at(x, p3, n, c + 3 * G, s)
+        y0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+        y1 = target_weight(target, weight, t1, w1, n, c + G, s, has_w, keep, eps_c)
+        y2 = target_weight(target, weight, t2, w2, n, c + 2 * G, s, has_w, keep, eps_c)
+        y3 = target_weight(target, weight, t3, w3, n, c + 3 * G, s, has_w, keep, eps_c)
+        return x0, x1, x2, x3, y0, y1, y2, y3, p4, t4, w4
 
     @cuda.jit(device=True)
     def prob_term(xc, wt, m, L, sh, inv, ga, g):
@@ -351,23 +353,24 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         end = hi - 3 * G
         while c < end:
-            x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(x, target, weight, p, d, pt, dt, pw,
-                                                        dw, n, c, s, G, has_w, keep, eps_c)
+            x0, x1, x2, x3, t0, t1, t2, t3, pn, ptn, pwn = load_step4(
+                x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
             l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
             l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
             l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
             l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, inv, ga, g)
             lsum += (l0 + l1) + (l2 + l3)
             if want_grad:
+                q1, q2, q3, q4 = steps4(q, e)
                 store_at(grad, q, n, c, s, v0)
-                store_at(grad, q + e, n, c + G, s, v1)
-                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
-                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+                store_at(grad, q1, n, c + G, s, v1)
+                store_at(grad, q2, n, c + 2 * G, s, v2)
+                store_at(grad, q3, n, c + 3 * G, s, v3)
+                q = q4
             c += 4 * G
-            p += 4 * d
-            pt += 4 * dt
-            pw += 4 * dw
-            q += 4 * e
+            p = pn
+            pt = ptn
+            pw = pwn
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
@@ -401,15 +404,12 @@ def build_cross_entropy(P, soft):
             p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
             end = hi - 3 * G
             while c < end:
-                x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(
+                x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
                     x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
                 m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
                                          cap_value(x3))
                 tw += (t0 + t1) + (t2 + t3)
                 c += 4 * G
-                p += 4 * d
-                pt += 4 * dt
-                pw += 4 * dw
             if c < hi:  # the last 1-3 elements of this thread
                 x1 = NEG_INF
                 x2 = NEG_INF
