@@ -57,6 +57,11 @@ def build_cross_entropy(P, soft):
     ftype = P.ftype
     xload, cap_value, cap_grad = P.xload, P.cap_value, P.cap_grad
     unit_stats = soft.unit_stats
+    # The weighted, soft-capped gradient loop is the most register-bound (64 in float32):
+    # with plain offsets p + k d ptxas interleaves its loads with the tanh (3 in flight);
+    # chained cursors (memory.steps4) keep them issued together.  Elsewhere the plain
+    # offsets measure fewer instructions (docs/gpu.md).
+    CAPPED = P.softcap is not None
     # float64: unbounded (at 80 registers these two kernels spill)
     bounded_jit = P.row_kernel_jit(None)
 
@@ -97,15 +102,22 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         dw = G * weight.strides[0]
         end = hi - 3 * G
+        chain = has_w and CAPPED  # compile-time: see CAPPED
         while c < end:
+            if chain:
+                p1, p2, p3, p4 = steps4(p, d)
+                pw1, pw2, pw3, pw4 = steps4(pw, dw)
+            else:
+                p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p
+                pw1, pw2, pw3, pw4 = pw + dw, pw + 2 * dw, pw + 3 * dw, pw
             x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            x1 = load_at(x, p1, n, c + G, s)
+            x2 = load_at(x, p2, n, c + 2 * G, s)
+            x3 = load_at(x, p3, n, c + 3 * G, s)
             w0 = load1_at(weight, pw, c) if has_w else ONE
-            w1 = load1_at(weight, pw + dw, c + G) if has_w else ONE
-            w2 = load1_at(weight, pw + 2 * dw, c + 2 * G) if has_w else ONE
-            w3 = load1_at(weight, pw + 3 * dw, c + 3 * G) if has_w else ONE
+            w1 = load1_at(weight, pw1, c + G) if has_w else ONE
+            w2 = load1_at(weight, pw2, c + 2 * G) if has_w else ONE
+            w3 = load1_at(weight, pw3, c + 3 * G) if has_w else ONE
             s0, v0 = index_term(cap_value(x0), w0, m, L, sh, inv, ga, ge)
             s1, v1 = index_term(cap_value(x1), w1, m, L, sh, inv, ga, ge)
             s2, v2 = index_term(cap_value(x2), w2, m, L, sh, inv, ga, ge)
@@ -113,14 +125,18 @@ def build_cross_entropy(P, soft):
             if smooth:
                 sm += (s0 + s1) + (s2 + s3)
             if want_grad:
+                if chain:
+                    q1, q2, q3, q4 = steps4(q, e)
+                else:
+                    q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q
                 store_at(grad, q, n, c, s, v0)
-                store_at(grad, q + e, n, c + G, s, v1)
-                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
-                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+                store_at(grad, q1, n, c + G, s, v1)
+                store_at(grad, q2, n, c + 2 * G, s, v2)
+                store_at(grad, q3, n, c + 3 * G, s, v3)
+                q = q4 if chain else q + 4 * e
             c += 4 * G
-            p += 4 * d
-            q += 4 * e
-            pw += 4 * dw
+            p = p4 if chain else p + 4 * d
+            pw = pw4 if chain else pw + 4 * dw
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
