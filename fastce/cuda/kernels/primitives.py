@@ -382,7 +382,7 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     # float32 chains a step's cursors (64-register bound: see memory.step); float64's pass
     # keeps the offsets p + k d (at 80 registers the chain spills).
     CHAIN_CURSORS = dtype == np.float32
-    REST_STEP8 = dtype == np.float32  # see thread_rest
+    REST_STEP8 = dtype == np.float32 and softcap is None  # see thread_rest
     # The largest finite value: a bound on a TwoSum error that replaces its NaN (see below).
     BIG = ftype(np.finfo(dtype).max)
 
@@ -433,7 +433,10 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
         equal to the pivot (terms summed pairwise a step, the step sums compensated with
         TwoSum), ``cnt`` the count of those equal.  float32 steps eight elements (two
-        :func:`rest_step4`, one TwoSum), float64 four; ``C = 0`` reads nothing."""
+        :func:`rest_step4`, one TwoSum), float64 four, and so do the soft-capped builds:
+        there the eight-wide pass costs the weighted gradient loop (``index_row``) its
+        loads in flight under the 64-register bound (docs/gpu.md).  ``C = 0`` reads
+        nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
