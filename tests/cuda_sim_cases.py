@@ -870,28 +870,47 @@ ISSUE_ROWS = [  # issue #13's table: (logits, target 0), dtype
 ]
 
 
-@pytest.mark.parametrize("k", range(len(ISSUE_ROWS)))
-def test_confident_issue_table(k):
-    """The issue's rows (tiny-launch block path; C = 1000 strides 32 threads): loss,
-    target gradient and log_softmax at the target within 8 eps of mpmath, and
-    logsumexp([0, -40]) = 4.248e-18 (float64)."""
-    vals, dtype = ISSUE_ROWS[k]
-    x = np.array([vals], dtype)
+def _check_confident_row(x, label):
+    """Class 0 holds the max of the one row ``x``: the loss, the target gradient and
+    log_softmax at the target against mpmath (noted under ``label``)."""
+    dtype = x.dtype
     t = np.zeros(1, np.int64)
     _, rest = _mp_rest(x[0], 0)
     with mpmath.workdps(50):
         ref_loss, ref_g = float(mpmath.log1p(rest)), float(-rest / (1 + rest))
     loss, grad = fc.cross_entropy_with_grad(dev(x), dev(t), reduction="none")
     name = np.dtype(dtype).name
-    _note(("issue table loss", name), _rel(host(loss)[0], ref_loss, dtype))
-    _note(("issue table grad[t]", name), _rel(host(grad)[0, 0], ref_g, dtype))
-    _note(("issue table log_softmax", name),
+    _note((f"{label} loss", name), _rel(host(loss)[0], ref_loss, dtype))
+    _note((f"{label} grad[t]", name), _rel(host(grad)[0, 0], ref_g, dtype))
+    _note((f"{label} log_softmax", name),
           _rel(host(fc.log_softmax(dev(x)))[0, 0], -ref_loss, dtype))
+
+
+@pytest.mark.parametrize("k", range(len(ISSUE_ROWS)))
+def test_confident_issue_table(k):
+    """The issue's rows (tiny-launch block path; C = 1000 strides 32 threads): loss,
+    target gradient and log_softmax at the target within 8 eps of mpmath, and
+    logsumexp([0, -40]) = 4.248e-18 (float64)."""
+    vals, dtype = ISSUE_ROWS[k]
+    _check_confident_row(np.array([vals], dtype), "issue table")
     if k == 0:
         lse = host(fc.logsumexp(dev(np.array([0.0, -40.0]))))
         with mpmath.workdps(50):
             ref = float(mpmath.log1p(mpmath.exp(-40)))
         _note(("issue table logsumexp", "float64"), _rel(lse, ref, np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_confident_row_with_masked_logits(dtype):
+    """A confident row holding -inf logits (masked classes; C = 1000, 32 threads a row):
+    the second pass adds nothing for them (float32 computes every term branch-free and maps
+    their NaN TwoSum error to a finite factor of exp(-inf) = 0): loss, target gradient and
+    log_softmax at the target within the confident-row bound of mpmath."""
+    rng = np.random.default_rng(7)
+    row = rng.uniform(-5.0, 5.0, 1000)
+    row[1::7] = -np.inf
+    row[0] = 20.0
+    _check_confident_row(np.array([row], dtype), "masked row")
 
 
 @real_gpu

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, int64
 
-from .memory import addr1, addr3, load1_at, load_at, store3, store_at
+from .memory import addr1, addr3, load1_at, load_at, steps4, store3, store_at
 
 __all__ = ["build_cross_entropy"]
 
@@ -57,6 +57,11 @@ def build_cross_entropy(P, soft):
     ftype = P.ftype
     xload, cap_value, cap_grad = P.xload, P.cap_value, P.cap_grad
     unit_stats = soft.unit_stats
+    # The weighted, soft-capped gradient loop is the most register-bound (64 in float32):
+    # with plain offsets p + k d ptxas interleaves its loads with the tanh (3 in flight);
+    # chained cursors (memory.steps4) keep them issued together.  Elsewhere the plain
+    # offsets measure fewer instructions (docs/gpu.md).
+    CAPPED = P.softcap is not None
     # float64: unbounded (at 80 registers these two kernels spill)
     bounded_jit = P.row_kernel_jit(None)
 
@@ -97,15 +102,22 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         dw = G * weight.strides[0]
         end = hi - 3 * G
+        chain = has_w and CAPPED  # compile-time: see CAPPED
         while c < end:
+            if chain:
+                p1, p2, p3, p4 = steps4(p, d)
+                pw1, pw2, pw3, pw4 = steps4(pw, dw)
+            else:
+                p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p
+                pw1, pw2, pw3, pw4 = pw + dw, pw + 2 * dw, pw + 3 * dw, pw
             x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p + d, n, c + G, s)
-            x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
+            x1 = load_at(x, p1, n, c + G, s)
+            x2 = load_at(x, p2, n, c + 2 * G, s)
+            x3 = load_at(x, p3, n, c + 3 * G, s)
             w0 = load1_at(weight, pw, c) if has_w else ONE
-            w1 = load1_at(weight, pw + dw, c + G) if has_w else ONE
-            w2 = load1_at(weight, pw + 2 * dw, c + 2 * G) if has_w else ONE
-            w3 = load1_at(weight, pw + 3 * dw, c + 3 * G) if has_w else ONE
+            w1 = load1_at(weight, pw1, c + G) if has_w else ONE
+            w2 = load1_at(weight, pw2, c + 2 * G) if has_w else ONE
+            w3 = load1_at(weight, pw3, c + 3 * G) if has_w else ONE
             s0, v0 = index_term(cap_value(x0), w0, m, L, sh, inv, ga, ge)
             s1, v1 = index_term(cap_value(x1), w1, m, L, sh, inv, ga, ge)
             s2, v2 = index_term(cap_value(x2), w2, m, L, sh, inv, ga, ge)
@@ -113,14 +125,18 @@ def build_cross_entropy(P, soft):
             if smooth:
                 sm += (s0 + s1) + (s2 + s3)
             if want_grad:
+                if chain:
+                    q1, q2, q3, q4 = steps4(q, e)
+                else:
+                    q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q
                 store_at(grad, q, n, c, s, v0)
-                store_at(grad, q + e, n, c + G, s, v1)
-                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
-                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+                store_at(grad, q1, n, c + G, s, v1)
+                store_at(grad, q2, n, c + 2 * G, s, v2)
+                store_at(grad, q3, n, c + 3 * G, s, v3)
+                q = q4 if chain else q + 4 * e
             c += 4 * G
-            p += 4 * d
-            q += 4 * e
-            pw += 4 * dw
+            p = p4 if chain else p + 4 * d
+            pw = pw4 if chain else pw + 4 * dw
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
@@ -319,18 +335,20 @@ def build_cross_entropy(P, soft):
     @cuda.jit(device=True)
     def load_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c):
         """One step of a probability-target row's loops: four raw logits (loads issued
-        first) and the four smoothed, weighted targets at the cursors."""
+        first) and the four smoothed, weighted targets at the cursors (addresses chained
+        with ``steps4``), and the cursors' next positions."""
+        p1, p2, p3, p4 = steps4(p, d)
+        t1, t2, t3, t4 = steps4(pt, dt)
+        w1, w2, w3, w4 = steps4(pw, dw) if has_w else (pw, pw, pw, pw)
         x0 = load_at(x, p, n, c, s)
-        x1 = load_at(x, p + d, n, c + G, s)
-        x2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-        x3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-        t0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
-        t1 = target_weight(target, weight, pt + dt, pw + dw, n, c + G, s, has_w, keep, eps_c)
-        t2 = target_weight(target, weight, pt + 2 * dt, pw + 2 * dw, n, c + 2 * G, s, has_w,
-                           keep, eps_c)
-        t3 = target_weight(target, weight, pt + 3 * dt, pw + 3 * dw, n, c + 3 * G, s, has_w,
-                           keep, eps_c)
-        return x0, x1, x2, x3, t0, t1, t2, t3
+        x1 = load_at(x, p1, n, c + G, s)
+        x2 = load_at(x, p2, n, c + 2 * G, s)
+        x3 = load_at(x, p3, n, c + 3 * G, s)
+        y0 = target_weight(target, weight, pt, pw, n, c, s, has_w, keep, eps_c)
+        y1 = target_weight(target, weight, t1, w1, n, c + G, s, has_w, keep, eps_c)
+        y2 = target_weight(target, weight, t2, w2, n, c + 2 * G, s, has_w, keep, eps_c)
+        y3 = target_weight(target, weight, t3, w3, n, c + 3 * G, s, has_w, keep, eps_c)
+        return x0, x1, x2, x3, y0, y1, y2, y3, p4, t4, w4
 
     @cuda.jit(device=True)
     def prob_term(xc, wt, m, L, sh, inv, ga, g):
@@ -351,23 +369,24 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         end = hi - 3 * G
         while c < end:
-            x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(x, target, weight, p, d, pt, dt, pw,
-                                                        dw, n, c, s, G, has_w, keep, eps_c)
+            x0, x1, x2, x3, t0, t1, t2, t3, pn, ptn, pwn = load_step4(
+                x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
             l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
             l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
             l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
             l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, inv, ga, g)
             lsum += (l0 + l1) + (l2 + l3)
             if want_grad:
+                q1, q2, q3, q4 = steps4(q, e)
                 store_at(grad, q, n, c, s, v0)
-                store_at(grad, q + e, n, c + G, s, v1)
-                store_at(grad, q + 2 * e, n, c + 2 * G, s, v2)
-                store_at(grad, q + 3 * e, n, c + 3 * G, s, v3)
+                store_at(grad, q1, n, c + G, s, v1)
+                store_at(grad, q2, n, c + 2 * G, s, v2)
+                store_at(grad, q3, n, c + 3 * G, s, v3)
+                q = q4
             c += 4 * G
-            p += 4 * d
-            pt += 4 * dt
-            pw += 4 * dw
-            q += 4 * e
+            p = pn
+            pt = ptn
+            pw = pwn
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
@@ -401,15 +420,12 @@ def build_cross_entropy(P, soft):
             p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
             end = hi - 3 * G
             while c < end:
-                x0, x1, x2, x3, t0, t1, t2, t3 = load_step4(
+                x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
                     x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
                 m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
                                          cap_value(x3))
                 tw += (t0 + t1) + (t2 + t3)
                 c += 4 * G
-                p += 4 * d
-                pt += 4 * dt
-                pw += 4 * dw
             if c < hi:  # the last 1-3 elements of this thread
                 x1 = NEG_INF
                 x2 = NEG_INF

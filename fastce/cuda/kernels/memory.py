@@ -19,6 +19,13 @@ hoisted, and the access is one wide multiply-add and a global load:
   the element at address ``p`` whose index (here the 6-D tuple) ``i`` only the simulator's
   twin reads.
 
+``step(p, d)``: the byte address ``p + d`` as one PTX ``add.s64`` that LLVM cannot look through.
+A hot loop that walks several cursors ``p, p + d, p + 2d, ...`` written with plain adds has
+each one turned into an invariant 64-bit offset from one induction variable; under a
+register bound ptxas then rebuilds every offset inside the loop (three ``IMAD`` a load).
+Chained ``step``s keep one cursor and one step live: two instructions an address.
+``steps4(p, d)`` is the chain ``(p + d, p + 2d, p + 3d, p + 4d)`` of a four-element step.
+
 ``max_nan_f32(a, b)``: PTX ``max.NaN.f32``, one instruction (sm_80+), where the comparison
 form costs three.
 
@@ -29,7 +36,7 @@ from numba import config, cuda
 
 __all__ = ["load3", "store3", "addr3", "load_at", "store_at", "addr1", "load1_at",
            "load1", "store1", "base6", "flat_addr", "store1_at",
-           "max_nan_f32"]
+           "step", "steps4", "max_nan_f32"]
 
 
 def _sim_twins():
@@ -82,11 +89,15 @@ def _sim_twins():
         a[i] = v
 
     @cuda.jit(device=True)
+    def step(p, d):
+        return p + d
+
+    @cuda.jit(device=True)
     def max_nan_f32(a, b):
         return a if (a > b or a != a) else b
 
     return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
-            flat_addr, store1_at, max_nan_f32)
+            flat_addr, store1_at, step, max_nan_f32)
 
 
 def _intrinsics():
@@ -232,6 +243,15 @@ def _intrinsics():
         return types.void(a, p, i, v), codegen
 
     @intrinsic
+    def step(typingctx, p, d):
+        def codegen(context, builder, sig, args):
+            p64, d64 = (_int64(context, builder, v, ty) for v, ty in zip(args, sig.args))
+            asm = ir.InlineAsm(ir.FunctionType(i64, [i64, i64]), "add.s64 $0, $1, $2;",
+                               "=l,l,l")
+            return builder.call(asm, [p64, d64])
+        return types.int64(p, d), codegen
+
+    @intrinsic
     def max_nan_f32(typingctx, a, b):
         def codegen(context, builder, sig, args):
             f32 = ir.FloatType()
@@ -241,9 +261,17 @@ def _intrinsics():
         return types.float32(types.float32, types.float32), codegen
 
     return (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6,
-            flat_addr, store1_at, max_nan_f32)
+            flat_addr, store1_at, step, max_nan_f32)
 
 
 (load3, store3, addr3, load_at, store_at, addr1, load1_at, load1, store1, base6, flat_addr,
- store1_at, max_nan_f32) = (
+ store1_at, step, max_nan_f32) = (
     _sim_twins() if config.ENABLE_CUDASIM else _intrinsics())
+
+
+@cuda.jit(device=True)
+def steps4(p, d):
+    p1 = step(p, d)
+    p2 = step(p1, d)
+    p3 = step(p2, d)
+    return p1, p2, p3, step(p3, d)

@@ -29,7 +29,7 @@ import numpy as np
 from numba import config, cuda, from_dtype
 
 from ... import _config
-from .memory import addr3, load_at, max_nan_f32
+from .memory import addr3, load_at, max_nan_f32, steps4
 
 __all__ = ["build_primitives", "use_shuffle", "SHARED_MAX_THREADS"]
 
@@ -379,26 +379,64 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     # at once cost the kernels registers (occupancy); float32 selects.
     PIVOT_BRANCH = dtype == np.float64
 
+    # float32 chains a step's cursors (64-register bound: see memory.step); float64's pass
+    # keeps the offsets p + k d (at 80 registers the chain spills).
+    CHAIN_CURSORS = dtype == np.float32
+    REST_STEP8 = dtype == np.float32 and softcap is None  # see thread_rest
+    # The largest finite value: a bound on a TwoSum error that replaces its NaN (see below).
+    BIG = ftype(np.finfo(dtype).max)
+
     @cuda.jit(device=True)
     def rest_term(v, pivot):
         """``(term, is_pivot)``: ``exp(v - pivot)`` from the exact difference ``d + e`` as
         ``exp(d) (1 + e)``, or 0 where ``v`` equals the pivot (those entries are counted
-        apart: their term is exactly 1), with ``is_pivot`` 1 there, else 0.  In float32
-        branch-free: both tests are selects on values computed anyway (``d == 0`` exactly
-        when ``v == pivot``; for ``v = -inf`` the TwoSum error is NaN and exp(d) is 0)."""
+        apart: their term is exactly 1), with ``is_pivot`` 1 there, else 0.  float64 branches
+        around the pivot (see ``PIVOT_BRANCH``) and guards ``exp(d) == 0``; float32 is
+        branch-free: ``d == 0`` exactly when ``v == pivot``, and there ``exp(d) (1 + e) = 1``
+        exactly, so subtracting ``is_pivot`` zeroes the term; for ``v = -inf`` the TwoSum
+        error is NaN, which ``min(BIG, e)`` maps to a finite value (``e`` is finite for every
+        finite ``v``) and ``exp(d)`` is 0 -- a term of 0 as wanted."""
         if PIVOT_BRANCH and v == pivot:
             return ZERO, ONE
         d, e = two_sum(v, -pivot)
         t = exp(d)
-        return (ZERO if (d == ZERO or t == ZERO) else t + t * e), (ONE if d == ZERO else ZERO)
+        if PIVOT_BRANCH:
+            return (ZERO if (d == ZERO or t == ZERO) else t + t * e), (ONE if d == ZERO else ZERO)
+        k = ONE if d == ZERO else ZERO
+        return (t + t * min(BIG, e)) - k, k  # BIG first: Python (simulator) and PTX agree on NaN
+
+    @cuda.jit(device=True)
+    def rest_step4(x, p, d, n, c, s, G, pivot):
+        """Four elements of the second pass from cursor ``p`` (loads issued first): the sum
+        of their terms (pairwise), their pivot count, and the cursor's next position.
+        float32 chains the addresses with ``steps4`` (one cursor and one step live under
+        the 64-register bound); float64 (80 registers) spills with the chain and keeps the
+        offsets ``p + k d``."""
+        if CHAIN_CURSORS:
+            p1, p2, p3, p4 = steps4(p, d)
+        else:
+            p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p
+        v0 = load_at(x, p, n, c, s)
+        v1 = load_at(x, p1, n, c + G, s)
+        v2 = load_at(x, p2, n, c + 2 * G, s)
+        v3 = load_at(x, p3, n, c + 3 * G, s)
+        r0, k0 = rest_term(cap_value(v0), pivot)
+        r1, k1 = rest_term(cap_value(v1), pivot)
+        r2, k2 = rest_term(cap_value(v2), pivot)
+        r3, k3 = rest_term(cap_value(v3), pivot)
+        return ((r0 + r1) + (r2 + r3), (k0 + k1) + (k2 + k3),
+                p4 if CHAIN_CURSORS else p + 4 * d)
 
     @cuda.jit(device=True)
     def thread_rest(x, n, s, C, lane, G, pivot):
         """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
         ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
-        equal to the pivot (four terms a step summed pairwise, the step sums compensated
-        with TwoSum), ``cnt`` the count of those equal.  Four loads a step, issued first;
-        ``C = 0`` reads nothing."""
+        equal to the pivot (terms summed pairwise a step, the step sums compensated with
+        TwoSum), ``cnt`` the count of those equal.  float32 steps eight elements (two
+        :func:`rest_step4`, one TwoSum), float64 four, and so do the soft-capped builds:
+        there the eight-wide pass costs the weighted gradient loop (``index_row``) its
+        loads in flight under the 64-register bound (docs/gpu.md).  ``C = 0`` reads
+        nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
@@ -406,20 +444,28 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         p = addr3(x, n, c, s)
         d = G * x.strides[1]
         end = C - 3 * G
-        while c < end:
-            v0 = load_at(x, p, n, c, s)
-            v1 = load_at(x, p + d, n, c + G, s)
-            v2 = load_at(x, p + 2 * d, n, c + 2 * G, s)
-            v3 = load_at(x, p + 3 * d, n, c + 3 * G, s)
-            r0, k0 = rest_term(cap_value(v0), pivot)
-            r1, k1 = rest_term(cap_value(v1), pivot)
-            r2, k2 = rest_term(cap_value(v2), pivot)
-            r3, k3 = rest_term(cap_value(v3), pivot)
-            hi, e = two_sum(hi, (r0 + r1) + (r2 + r3))
-            lo += e
-            cnt += (k0 + k1) + (k2 + k3)
-            c += 4 * G
-            p += 4 * d
+        if REST_STEP8:
+            end8 = C - 7 * G
+            while c < end8:
+                a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
+                b, kb, p = rest_step4(x, p, d, n, c + 4 * G, s, G, pivot)
+                hi, e = two_sum(hi, a + b)
+                lo += e
+                cnt += ka + kb
+                c += 8 * G
+            if c < end:  # four more (not a loop)
+                a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
+                hi, e = two_sum(hi, a)
+                lo += e
+                cnt += ka
+                c += 4 * G
+        else:
+            while c < end:
+                a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
+                hi, e = two_sum(hi, a)
+                lo += e
+                cnt += ka
+                c += 4 * G
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             if c + j * G < C:
                 rj, kj = rest_term(xload(x, p + j * d, n, c + j * G, s), pivot)
