@@ -10,7 +10,6 @@ scalar kernel of ``fastce._cpu.tiny``); CUDA arrays go to ``fastce.cuda``.
 import numpy as np
 
 from . import _config
-from ._quickload import load_cached, _tried as _quick_tried
 from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
 from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
@@ -76,10 +75,7 @@ def _ce_small(logits, target, ignore_index, reduction, want_grad, grad_input=Non
     else:
         # Forward only: a 0 x 0 gradient, so that both calls share one compiled specialization.
         grad = _EMPTY_2D[dt]
-    mean = reduction == "mean"
-    if (entry, dt) not in _quick_tried:   # the first call in the process: skip numba's start-up
-        load_cached(entry, (logits, target, ignore_index, mean, grad), (entry, dt))
-    loss, bad = entry(logits, target, ignore_index, mean, grad)
+    loss, bad = entry(logits, target, ignore_index, reduction == "mean", grad)
     if bad >= 0:
         return None
     loss = _SCALAR[dt](loss)
