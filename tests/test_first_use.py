@@ -142,6 +142,14 @@ def test_no_placeholders_in_docs():
 # precompile
 
 
+def _run_python(code, env):
+    """``code`` run by a fresh interpreter in ``env``; its standard output (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_precompile_fills_the_cache(tmp_path):
     """``python -m fastce precompile`` writes numba cache entries that a fresh process then
     loads instead of compiling (numba's own cache statistics say which)."""
@@ -158,12 +166,9 @@ def test_precompile_fills_the_cache(tmp_path):
              "k = r._import_kernels()\n"
              "for f in (k.tiny.ce_index_tiny, k.cross_entropy.ce_index_small):\n"
              "    print(sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))\n")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    for line in out.stdout.splitlines():
+    for line in _run_python(probe, env).splitlines():
         hits, misses = map(int, line.split())
-        assert hits == 1 and misses == 0, out.stdout
+        assert hits == 1 and misses == 0, line
 
 
 def test_first_tiny_call_loads_without_numba_start_up(tmp_path):
@@ -174,9 +179,7 @@ def test_first_tiny_call_loads_without_numba_start_up(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     fill = ("import numpy as np, fastce\n"
             "fastce.cross_entropy(np.zeros((4, 10), np.float32), np.arange(4))\n")
-    out = subprocess.run([sys.executable, "-c", fill], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
+    _run_python(fill, env)
     probe = ("import sys, numpy as np, fastce, fastce._runtime as r\n"
              "x = np.random.default_rng(1).standard_normal((4, 10)) * 5\n"
              "t = np.array([3, 0, 9, 5])\n"
@@ -185,11 +188,9 @@ def test_first_tiny_call_loads_without_numba_start_up(tmp_path):
              "print(sum(r._import_kernels().tiny.ce_index_tiny.stats.cache_hits.values()))\n"
              "print(repr(float(loss)), repr(float(fastce.cross_entropy(x, t))))\n"
              "print(' '.join(repr(float(v)) for v in g.ravel()))\n")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    imported, hits, losses, grad = out.stdout.splitlines()
-    assert imported == "False False", out.stdout
+    out = _run_python(probe, env)
+    imported, hits, losses, grad = out.splitlines()
+    assert imported == "False False", out
     assert int(hits) == 1
     x = np.random.default_rng(1).standard_normal((4, 10)) * 5
     t = np.array([3, 0, 9, 5])
