@@ -205,6 +205,16 @@ def test_first_tiny_call_loads_without_numba_start_up(tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_first_call_script_measures_a_quick_load(tmp_path):
+    """benchmarks/first_call.py (the README's "First use" figures) runs, and with a filled
+    cache the first call it times did not import SciPy's linalg (numba's start-up)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_call.py"), "--runs",
+                          "1", "--cache", "filled"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.splitlines()[-1]
+    assert "first call" in line and line.endswith("scipy.linalg imported: False"), out.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # messages for common mistakes
 
