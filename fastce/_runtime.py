@@ -98,7 +98,21 @@ def _import_kernels():
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
                                      nll=nll, partials=partials, softmax=softmax, stats=stats,
                                      tiles=tiles, tiny=tiny)
+    _quick_cache_loads(vars(_KERNELS).values())
     return _KERNELS
+
+
+def _quick_cache_loads(modules):
+    """Every cached kernel dispatcher of ``modules`` loads its cached machine code on a
+    signature's first call without numba's target start-up (``fastce._quickload``)."""
+    from numba.core.dispatcher import Dispatcher
+
+    from ._quickload import install
+    for mod in modules:
+        for obj in vars(mod).values():
+            if (isinstance(obj, Dispatcher) and obj.__module__ == mod.__name__
+                    and hasattr(obj._cache, "_load_overload")):
+                install(obj)
 
 
 def _cuda():

@@ -142,6 +142,14 @@ def test_no_placeholders_in_docs():
 # precompile
 
 
+def _run_python(code, env):
+    """``code`` run by a fresh interpreter in ``env``; its standard output (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_precompile_fills_the_cache(tmp_path):
     """``python -m fastce precompile`` writes numba cache entries that a fresh process then
     loads instead of compiling (numba's own cache statistics say which)."""
@@ -158,12 +166,53 @@ def test_precompile_fills_the_cache(tmp_path):
              "k = r._import_kernels()\n"
              "for f in (k.tiny.ce_index_tiny, k.cross_entropy.ce_index_small):\n"
              "    print(sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))\n")
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    for line in out.stdout.splitlines():
+    for line in _run_python(probe, env).splitlines():
         hits, misses = map(int, line.split())
-        assert hits == 1 and misses == 0, out.stdout
+        assert hits == 1 and misses == 0, line
+
+
+def test_first_tiny_call_loads_without_numba_start_up(tmp_path):
+    """With the tiny kernel cached, the first call in a fresh process loads it without numba's
+    compiler start-up (``fastce._quickload``): numba's array-function registry (which imports
+    SciPy's linalg when installed) is not imported.  The result is the float64 reference's, and
+    a later call that needs compiling (float64 logits) still compiles and answers right."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    fill = ("import numpy as np, fastce\n"
+            "fastce.cross_entropy(np.zeros((4, 10), np.float32), np.arange(4))\n")
+    _run_python(fill, env)
+    probe = ("import sys, numpy as np, fastce, fastce._runtime as r\n"
+             "x = np.random.default_rng(1).standard_normal((4, 10)) * 5\n"
+             "t = np.array([3, 0, 9, 5])\n"
+             "loss, g = fastce.cross_entropy_with_grad(x.astype(np.float32), t)\n"
+             "print('numba.np.arraymath' in sys.modules, 'scipy.linalg' in sys.modules)\n"
+             "print(sum(r._import_kernels().tiny.ce_index_tiny.stats.cache_hits.values()))\n"
+             "print(repr(float(loss)), repr(float(fastce.cross_entropy(x, t))))\n"
+             "print(' '.join(repr(float(v)) for v in g.ravel()))\n")
+    out = _run_python(probe, env)
+    imported, hits, losses, grad = out.splitlines()
+    assert imported == "False False", out
+    assert int(hits) == 1
+    x = np.random.default_rng(1).standard_normal((4, 10)) * 5
+    t = np.array([3, 0, 9, 5])
+    x32 = x.astype(np.float32).astype(np.float64)
+    for xs, got in zip((x32, x), map(float, losses.split())):
+        lse = np.log(np.exp(xs - xs.max(1, keepdims=True)).sum(1)) + xs.max(1)
+        assert got == pytest.approx(np.mean(lse - xs[np.arange(4), t]), rel=1e-6)
+    p = np.exp(x32 - x32.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(4), t] -= 1
+    np.testing.assert_allclose(np.array(grad.split(), float).reshape(4, 10), p / 4,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_first_call_script_measures_a_quick_load(tmp_path):
+    """benchmarks/first_call.py (the README's "First use" figures) runs, and with a filled
+    cache the first call it times did not import SciPy's linalg (numba's start-up)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_call.py"), "--runs",
+                          "1", "--cache", "filled"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.splitlines()[-1]
+    assert "first call" in line and line.endswith("scipy.linalg imported: False"), out.stdout
 
 
 # ---------------------------------------------------------------------------------------------
