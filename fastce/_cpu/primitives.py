@@ -27,7 +27,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
            "rest_sum", "rest_total", "row_rest", "rest_term", "REST_TERM_BIAS", "lse_confident",
-           "spatial_rest_sum",
+           "spatial_rest_sum", "pair_lse_parts",
            "tanh", "softcap", "softcap_grad"]
 
 
@@ -938,6 +938,16 @@ def lse_confident(row):
     carried apart: full relative precision unless ``max < 0`` cancels ``log1p(rest)``."""
     M, k = row_argmax(row)
     return np.float64(M) + log1p(rest_sum(row, k, M))
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def pair_lse_parts(a, b):
+    """The logsumexp of two finite logits in parts, float64: ``(M, L)`` with ``M`` the larger
+    and ``L = log1p(exp(min - M))`` from the exact difference (:func:`exp_diff`), so that
+    ``lse = M + L`` and ``lse - x = (M - x) + L`` -- the latter to full relative precision
+    when ``x`` is the max (a confident two-class row; no second pass).  Vectorizes."""
+    M = np.float64(a if a >= b else b)
+    return M, log1p(exp_diff(b if a >= b else a, M))
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

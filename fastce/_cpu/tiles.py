@@ -30,13 +30,16 @@ from .._config import FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, rest_sum, rest_term, rest_total,
+                         lse_minus, lse_needs_rest, nan_max, pair_lse_parts, rest_sum, rest_term, rest_total,
                          safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
 # every lane.
 _FEW_CONFIDENT = TILE_ROWS // 8
+
+# Rows per unit of the two-class loops' parallel loop.
+_PAIR_BLOCK = 2048
 
 
 def _transpose_codegen(masked):
@@ -291,11 +294,68 @@ def _tasks(N):
     return (n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK, n_tiles
 
 
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _pair_blocks(N):
+    return (N + _PAIR_BLOCK - 1) // _PAIR_BLOCK
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _finite_pair(a, b):
+    return abs(a) < np.inf and abs(b) < np.inf
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def lse_pairs(x, out, r0, r1):
+    """logsumexp of the two-class rows ``r0:r1`` of the C-contiguous (N, 2) ``x`` into
+    ``out[:, 0]`` in closed form (:func:`pair_lse_parts`): no transpose, no second pass,
+    vectorized across rows.  Returns the number of rows with a non-finite logit (their
+    results are not valid: the caller runs the tiles on the call)."""
+    wide_vectors()
+    xf = x.reshape(x.size)      # constant stride 2: interleaved vector loads
+    bad = 0
+    for i in range(r0, r1):
+        a, b = xf[2 * i], xf[2 * i + 1]
+        M, L = pair_lse_parts(a, b)
+        out[i, 0] = M + L
+        bad += not _finite_pair(a, b)
+    return bad
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
+    """Class-index cross-entropy of the two-class rows ``r0:r1`` (no smoothing, forward) in
+    closed form: ``w_t ((M - x_t) + log1p(exp(min - M)))`` (:func:`pair_lse_parts`), the
+    softplus of the logit difference; full relative precision on confident rows without the
+    tiles' second pass.  Targets already checked.  Returns the number of rows with a
+    non-finite logit (the caller then runs the tiles on the call)."""
+    wide_vectors()
+    xf = x.reshape(x.size)
+    has_w = weight.shape[0] > 0
+    bad = 0
+    for i in range(r0, r1):
+        t = target[i]
+        a, b = xf[2 * i], xf[2 * i + 1]
+        M, L = pair_lse_parts(a, b)
+        xt = np.float64(b if t == 1 else a)
+        kept = t != ignore_index
+        w_t = weight[t if kept else 0] if has_w else x.dtype.type(1)
+        nll = w_t * x.dtype.type((M - xt) + L)
+        loss[i] = nll if kept else x.dtype.type(0)
+        bad += not _finite_pair(a, b)
+    return bad
+
+
 def _softmax_tiles(x, out, mode):
     """The rows layout of ``softmax._softmax_rows`` (whole rows, no split), tile by tile.
     ``out`` is (N, 1) for logsumexp, (N, C) otherwise."""
     wide_vectors()
     N, C = x.shape
+    if C == 2 and mode == MODE_LOGSUMEXP:
+        bad = 0
+        for blk in prange(_pair_blocks(N)):
+            bad += lse_pairs(x, out, blk * _PAIR_BLOCK, min(N, (blk + 1) * _PAIR_BLOCK))
+        if bad == 0:
+            return
     n_tasks, n_tiles = _tasks(N)
     for task in prange(n_tasks):
         buf, m, s, sh, L = _tile_scratch(x)
@@ -347,6 +407,13 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
     """``cross_entropy._ce_index_rows`` (whole rows) tile by tile: ``loss[i]`` receives row
     i's loss; ``grad`` with 0 rows means forward only."""
     N, C = x.shape
+    if C == 2 and eps == 0 and grad.shape[0] == 0:
+        bad = 0
+        for blk in prange(_pair_blocks(N)):
+            bad += ce_index_pairs(x, target, ignore_index, weight, loss, blk * _PAIR_BLOCK,
+                                  min(N, (blk + 1) * _PAIR_BLOCK))
+        if bad == 0:
+            return
     n_tasks, n_tiles = _tasks(N)
     for task in prange(n_tasks):
         buf, m, s, sh, L = _tile_scratch(x)
