@@ -27,7 +27,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
            "rest_sum", "rest_total", "row_rest", "rest_term", "REST_TERM_BIAS", "lse_confident",
-           "spatial_rest_sum", "pair_lse_parts",
+           "spatial_rest_sum", "pair_lse_parts", "pair_lse_minus",
            "tanh", "softcap", "softcap_grad"]
 
 
@@ -948,6 +948,15 @@ def pair_lse_parts(a, b):
     when ``x`` is the max (a confident two-class row; no second pass).  Vectorizes."""
     M = np.float64(a if a >= b else b)
     return M, log1p(exp_diff(b if a >= b else a, M))
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def pair_lse_minus(a, b, x):
+    """``logsumexp(a, b) - x`` in float64 for ``x`` one of the two finite logits (the
+    two-class loss): ``(M - x) + L`` of :func:`pair_lse_parts`, kept in this order (its own
+    fast-math flags: a reassociation would cancel ``M - x`` against ``L``)."""
+    M, L = pair_lse_parts(a, b)
+    return (M - np.float64(x)) + L
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -30,7 +30,8 @@ from .._config import FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, pair_lse_parts, rest_sum, rest_term, rest_total,
+                         lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
+                         rest_sum, rest_term, rest_total,
                          safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
@@ -324,7 +325,7 @@ def lse_pairs(x, out, r0, r1):
 @njit(fastmath=FASTMATH, error_model="numpy")
 def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
     """Class-index cross-entropy of the two-class rows ``r0:r1`` (no smoothing, forward) in
-    closed form: ``w_t ((M - x_t) + log1p(exp(min - M)))`` (:func:`pair_lse_parts`), the
+    closed form: ``w_t ((M - x_t) + log1p(exp(min - M)))`` (:func:`pair_lse_minus`), the
     softplus of the logit difference; full relative precision on confident rows without the
     tiles' second pass.  Targets already checked.  Returns the number of rows with a
     non-finite logit (the caller then runs the tiles on the call)."""
@@ -335,11 +336,9 @@ def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
     for i in range(r0, r1):
         t = target[i]
         a, b = xf[2 * i], xf[2 * i + 1]
-        M, L = pair_lse_parts(a, b)
-        xt = np.float64(b if t == 1 else a)
         kept = t != ignore_index
         w_t = weight[t if kept else 0] if has_w else x.dtype.type(1)
-        nll = w_t * x.dtype.type((M - xt) + L)
+        nll = w_t * x.dtype.type(pair_lse_minus(a, b, b if t == 1 else a))
         loss[i] = nll if kept else x.dtype.type(0)
         bad += not _finite_pair(a, b)
     return bad
