@@ -940,7 +940,10 @@ def lse_confident(row):
     return np.float64(M) + log1p(rest_sum(row, k, M))
 
 
-@njit(fastmath={"contract"}, error_model="numpy")
+# Inlined into the caller's numba IR (a called function of this size is not inlined by LLVM, and
+# the loop over rows then stays scalar): the caller's fast-math flags apply, and a caller with
+# ``reassoc`` would cancel ``M - x`` against ``L`` -- the callers compile with "contract" only.
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
 def pair_lse_parts(a, b):
     """The logsumexp of two finite logits in parts, float64: ``(M, L)`` with ``M`` the larger
     and ``L = log1p(exp(min - M))`` from the exact difference (:func:`exp_diff`), so that
@@ -950,11 +953,11 @@ def pair_lse_parts(a, b):
     return M, log1p(exp_diff(b if a >= b else a, M))
 
 
-@njit(fastmath={"contract"}, error_model="numpy")
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
 def pair_lse_minus(a, b, x):
     """``logsumexp(a, b) - x`` in float64 for ``x`` one of the two finite logits (the
-    two-class loss): ``(M - x) + L`` of :func:`pair_lse_parts`, kept in this order (its own
-    fast-math flags: a reassociation would cancel ``M - x`` against ``L``)."""
+    two-class loss): ``(M - x) + L`` of :func:`pair_lse_parts`, in this order (callers
+    without ``reassoc``, see above)."""
     M, L = pair_lse_parts(a, b)
     return (M - np.float64(x)) + L
 
