@@ -861,6 +861,15 @@ def rest_sum(row, skip, pivot, cap=None):
     soft-capped first (``pivot`` is then a capped value)."""
     p = np.float64(pivot)
     n = row.shape[0]
+    if n <= SHORT_ROW:
+        # One loop, the skipped entry's term selected away: two slices' loop set-up and
+        # scalar remainders cost more than a short row's arithmetic.
+        wide_vectors()
+        acc = np.float64(0)
+        for j in range(n):
+            term = exp_diff(softcap(row[j], cap), p)
+            acc += term if j != skip else np.float64(0)
+        return acc
     hi = np.float64(0)
     lo = np.float64(0)
     for b in range(0, n, _REST_BLOCK):
