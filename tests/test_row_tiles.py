@@ -213,7 +213,7 @@ def test_confident_targets_on_tiles(dtype, rng):
             ref_l, ref_g = float(mpmath.log1p(rest)), float(-rest / (1 + rest))
         if ref_l < float(np.finfo(dtype).tiny):
             continue
-        assert abs(float(loss[i]) - ref_l) <= 8 * eps * ref_l, (i, loss[i], ref_l)
+        assert abs(float(loss[i]) - ref_l) <= 8 * eps * ref_l, (i, loss[i], ref_l, x[i], t[i])
         assert abs(float(g[i, t[i]]) - ref_g) <= 8 * eps * abs(ref_g), (i, g[i, t[i]], ref_g)
 
 
@@ -325,3 +325,78 @@ def test_bce_small_path(shape, reduction, dtype, rng, monkeypatch):
     bad_y.flat[0] = np.nan
     with pytest.raises(ValueError, match="target"):
         fastce.binary_cross_entropy_with_logits_with_grad(x2, bad_y, reduction=reduction)
+
+
+def _two_class_rows(rng, N, dtype):
+    """(N, 2) logits, a third of the rows confident (the target far above the other class,
+    losses down to ~1e-26 / 1e-260), the rest random; targets with a few ignored."""
+    x = rng.standard_normal((N, 2)) * 3
+    t = rng.integers(0, 2, N)
+    conf = np.arange(N) % 3 == 0
+    gaps = np.geomspace(0.05, 60.0 if dtype == np.float32 else 600.0, N)
+    x[conf, t[conf]] = x[conf, 1 - t[conf]] + gaps[conf]
+    t[5] = t[77] = -100
+    return x.astype(dtype), t
+
+
+# the parallel twin in float32 only (one more compile)
+@pytest.mark.parametrize("dtype, parallel", [(np.float32, False), (np.float64, False),
+                                             (np.float32, True)])
+def test_two_classes_closed_form(dtype, parallel, rng, monkeypatch):
+    """C = 2 (logsumexp, forward cross-entropy) in closed form, softplus of the exact
+    difference: every loss and logsumexp within 8 eps of mpmath, confident rows included;
+    weights and ignored rows as torch; the serial and the parallel twin."""
+    if parallel:
+        for mod in (_runtime, fastce._softmax, fastce._cross_entropy):
+            monkeypatch.setattr(mod, "_parallel", lambda *args: True)
+    N = 4500 if parallel else 150          # parallel: several row blocks and a partial one
+    x, t = _two_class_rows(rng, N, dtype)
+    before = x.copy()
+    loss = fastce.cross_entropy(x, t, reduction="none")
+    lse = fastce.logsumexp(x)
+    assert np.array_equal(x, before)
+    eps = float(np.finfo(dtype).eps)
+    for i in range(0, N, 1 if N < 1000 else 37):
+        a, b = (mpmath.mpf(float(v)) for v in x[i])
+        with mpmath.workdps(50):
+            ref_lse = float(mpmath.log(mpmath.exp(a) + mpmath.exp(b)))
+            ref_l = ref_lse if t[i] < 0 else float(
+                mpmath.log1p(mpmath.exp((b, a)[t[i]] - (a, b)[t[i]])))
+        assert abs(float(lse[i]) - ref_lse) <= 8 * eps * abs(ref_lse) + 2 * eps * float(
+            np.max(np.abs(x[i]))), (i, lse[i], ref_lse)
+        if t[i] < 0:
+            assert loss[i] == 0
+        elif ref_l >= float(np.finfo(dtype).tiny):
+            assert abs(float(loss[i]) - ref_l) <= 8 * eps * ref_l, (i, loss[i], ref_l, x[i], t[i])
+    w = np.array([0.3, 1.7], dtype)
+    for red in ("mean", "sum"):
+        rl, _ = torch_ce(x, t, reduction=red, weight=w)
+        assert_close(fastce.cross_entropy(x, t, weight=w, reduction=red), rl, dtype, scale=2)
+    rl, _ = torch_ce(x, t, reduction="mean")
+    assert_close(fastce.cross_entropy(x, t), rl, dtype, scale=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_classes_special_values_same_as_rows_kernels(dtype, rng, monkeypatch):
+    """NaN, +-inf in two-class rows: the closed form hands the call to the tiles, whose
+    values are the rows kernels'."""
+    x = _logits(rng, (70, 2), dtype)
+    x[0] = np.nan
+    x[1, 1] = np.nan
+    x[2] = -np.inf
+    x[3, 0] = -np.inf
+    x[4, 1] = np.inf
+    x[5] = np.inf
+    x[66, 1] = -np.inf
+    t = rng.integers(0, 2, 70)
+    t[3] = 0                            # a -inf target logit: loss +inf
+    tiled = [fastce.logsumexp(x), fastce.cross_entropy(x, t, reduction="none")]
+    with monkeypatch.context() as m:
+        _rows_path(m)
+        rows = [fastce.logsumexp(x), fastce.cross_entropy(x, t, reduction="none")]
+    for a, b in zip(tiled, rows):
+        assert np.array_equal(a, b, equal_nan=True) or (
+            np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(
+                a[np.isinf(a)], b[np.isinf(a)]))
+        assert_close(a, b, dtype)
+    assert tiled[1][3] == np.inf

@@ -27,7 +27,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
            "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
            "rest_sum", "rest_total", "row_rest", "rest_term", "REST_TERM_BIAS", "lse_confident",
-           "spatial_rest_sum",
+           "spatial_rest_sum", "pair_lse_parts", "pair_lse_minus",
            "tanh", "softcap", "softcap_grad"]
 
 
@@ -861,6 +861,15 @@ def rest_sum(row, skip, pivot, cap=None):
     soft-capped first (``pivot`` is then a capped value)."""
     p = np.float64(pivot)
     n = row.shape[0]
+    if n <= SHORT_ROW:
+        # One loop, the skipped entry's term selected away: two slices' loop set-up and
+        # scalar remainders cost more than a short row's arithmetic.
+        wide_vectors()
+        acc = np.float64(0)
+        for j in range(n):
+            term = exp_diff(softcap(row[j], cap), p)
+            acc += term if j != skip else np.float64(0)
+        return acc
     hi = np.float64(0)
     lo = np.float64(0)
     for b in range(0, n, _REST_BLOCK):
@@ -938,6 +947,28 @@ def lse_confident(row):
     carried apart: full relative precision unless ``max < 0`` cancels ``log1p(rest)``."""
     M, k = row_argmax(row)
     return np.float64(M) + log1p(rest_sum(row, k, M))
+
+
+# Inlined into the caller's numba IR (a called function of this size is not inlined by LLVM, and
+# the loop over rows then stays scalar): the caller's fast-math flags apply, and a caller with
+# ``reassoc`` would cancel ``M - x`` against ``L`` -- the callers compile with "contract" only.
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def pair_lse_parts(a, b):
+    """The logsumexp of two finite logits in parts, float64: ``(M, L)`` with ``M`` the larger
+    and ``L = log1p(exp(min - M))`` from the exact difference (:func:`exp_diff`), so that
+    ``lse = M + L`` and ``lse - x = (M - x) + L`` -- the latter to full relative precision
+    when ``x`` is the max (a confident two-class row; no second pass).  Vectorizes."""
+    M = np.float64(a if a >= b else b)
+    return M, log1p(exp_diff(b if a >= b else a, M))
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def pair_lse_minus(a, b, x):
+    """``logsumexp(a, b) - x`` in float64 for ``x`` one of the two finite logits (the
+    two-class loss): ``(M - x) + L`` of :func:`pair_lse_parts`, in this order (callers
+    without ``reassoc``, see above)."""
+    M, L = pair_lse_parts(a, b)
+    return (M - np.float64(x)) + L
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -30,13 +30,17 @@ from .._config import FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, rest_sum, rest_term, rest_total,
+                         lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
+                         rest_sum, rest_term, rest_total,
                          safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
 # every lane.
 _FEW_CONFIDENT = TILE_ROWS // 8
+
+# Rows per unit of the two-class loops' parallel loop.
+_PAIR_BLOCK = 2048
 
 
 def _transpose_codegen(masked):
@@ -291,11 +295,80 @@ def _tasks(N):
     return (n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK, n_tiles
 
 
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _pair_blocks(N):
+    return (N + _PAIR_BLOCK - 1) // _PAIR_BLOCK
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _finite_pair(a, b):
+    return abs(a) < np.inf and abs(b) < np.inf
+
+
+# "contract" only: the pair primitives are inlined and must not be reassociated.  Each loop
+# first copies the block's two columns into contiguous scratch: a loop reading the (N, 2)
+# rows in place stays scalar (strided loads), about 4x slower.
+@njit(fastmath={"contract"}, error_model="numpy")
+def lse_pairs(x, out, r0, r1):
+    """logsumexp of the two-class rows ``r0:r1`` of the (N, 2) ``x`` into ``out[:, 0]`` in
+    closed form (:func:`pair_lse_parts`): no transpose, no second pass, vectorized across
+    rows.  Returns the number of rows with a non-finite logit (their results are not valid:
+    the caller then runs the tiles on the call)."""
+    wide_vectors()
+    n = r1 - r0
+    a, b = np.empty(n, x.dtype), np.empty(n, x.dtype)
+    for i in range(n):
+        a[i] = x[r0 + i, 0]
+        b[i] = x[r0 + i, 1]
+    bad = 0
+    for i in range(n):
+        av, bv = a[i], b[i]
+        M, L = pair_lse_parts(av, bv)
+        a[i] = M + L
+        bad += not _finite_pair(av, bv)
+    for i in range(n):
+        out[r0 + i, 0] = a[i]
+    return bad
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
+    """Class-index cross-entropy of the two-class rows ``r0:r1`` (no smoothing, forward) in
+    closed form: ``w_t ((M - x_t) + log1p(exp(min - M)))`` (:func:`pair_lse_minus`), the
+    softplus of the logit difference; full relative precision on confident rows without the
+    tiles' second pass.  Targets already checked.  Returns the number of rows with a
+    non-finite logit (the caller then runs the tiles on the call)."""
+    wide_vectors()
+    n = r1 - r0
+    has_w = weight.shape[0] > 0
+    xt, xo, w = np.empty(n, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
+    for i in range(n):
+        t = target[r0 + i]
+        xt[i] = x[r0 + i, 1] if t == 1 else x[r0 + i, 0]
+        xo[i] = x[r0 + i, 0] if t == 1 else x[r0 + i, 1]
+        # 0 for an ignored row: its loss is 0 (a finite one; a non-finite row goes back)
+        w[i] = (weight[t] if has_w else x.dtype.type(1)) if t != ignore_index else 0
+    bad = 0
+    for i in range(n):
+        a, b = xt[i], xo[i]
+        xt[i] = w[i] * x.dtype.type(pair_lse_minus(a, b, a))
+        bad += not _finite_pair(a, b)
+    for i in range(n):
+        loss[r0 + i] = xt[i]
+    return bad
+
+
 def _softmax_tiles(x, out, mode):
     """The rows layout of ``softmax._softmax_rows`` (whole rows, no split), tile by tile.
     ``out`` is (N, 1) for logsumexp, (N, C) otherwise."""
     wide_vectors()
     N, C = x.shape
+    if C == 2 and mode == MODE_LOGSUMEXP:
+        bad = 0
+        for blk in prange(_pair_blocks(N)):
+            bad += lse_pairs(x, out, blk * _PAIR_BLOCK, min(N, (blk + 1) * _PAIR_BLOCK))
+        if bad == 0:
+            return
     n_tasks, n_tiles = _tasks(N)
     for task in prange(n_tasks):
         buf, m, s, sh, L = _tile_scratch(x)
@@ -347,6 +420,13 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
     """``cross_entropy._ce_index_rows`` (whole rows) tile by tile: ``loss[i]`` receives row
     i's loss; ``grad`` with 0 rows means forward only."""
     N, C = x.shape
+    if C == 2 and eps == 0 and grad.shape[0] == 0:
+        bad = 0
+        for blk in prange(_pair_blocks(N)):
+            bad += ce_index_pairs(x, target, ignore_index, weight, loss, blk * _PAIR_BLOCK,
+                                  min(N, (blk + 1) * _PAIR_BLOCK))
+        if bad == 0:
+            return
     n_tasks, n_tiles = _tasks(N)
     for task in prange(n_tasks):
         buf, m, s, sh, L = _tile_scratch(x)
