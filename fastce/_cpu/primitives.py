@@ -919,62 +919,6 @@ def row_rest(row, m):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _block_rest_terms(blk, m, terms):
-    """``terms[j]`` = :func:`rest_term` of ``blk[j]`` against the max ``m``.  No float64 and
-    no count in the loop: float32 data runs 16 lanes a vector (a float64 accumulator in the
-    loop holds it to 8, and counting the ties there cost a quarter of the pass)."""
-    wide_vectors()
-    for j in range(blk.shape[0]):
-        terms[j] = rest_term(blk[j], m)
-
-
-@njit(fastmath={"contract"}, error_model="numpy")
-def _minus_tie(t, big, tie):
-    """``t - big * tie`` (``tie`` 0 or 1): exactly 0 for a tie, ``t`` otherwise; compiled
-    without "reassoc", so that the caller's sum cannot take ``big`` in before subtracting it."""
-    return t - big * tie
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def _block_rest_split(terms, one):
-    """(float64 sum of the ``terms`` other than ``one``, count of those equal to ``one``)."""
-    wide_vectors()
-    acc = np.float64(0)
-    ties = np.float64(0)
-    big = np.float64(one)
-    for j in range(terms.shape[0]):
-        t = np.float64(terms[j])
-        tie = np.float64(t == big)
-        acc += _minus_tie(t, big, tie)
-        ties += tie
-    return acc, ties
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def row_rest_scratch(row, m, scratch):
-    """:func:`row_rest` with its terms first written to ``scratch`` (contiguous, ``row``'s
-    length and dtype, e.g. the output row about to be overwritten) block by block, then summed
-    from there in float64 while in L1.  An entry whose term is exactly the max's own term
-    (``rest_term(m, m)``, ``2**REST_TERM_BIAS`` in float32) counts as a tie: the max itself,
-    or an entry so close below it that its term rounded to that value, which then adds
-    exactly its computed term, as in :func:`row_rest`, but outside the float64 sum, which
-    could not hold 1 + a small rest."""
-    n = row.shape[0]
-    one = rest_term(m, m)
-    hi = np.float64(0)
-    lo = np.float64(0)
-    ties = np.float64(0)
-    for b in range(0, n, _REST_BLOCK):
-        e = min(b + _REST_BLOCK, n)
-        _block_rest_terms(row[b:e], m, scratch[b:e])
-        acc, t = _block_rest_split(scratch[b:e], one)
-        hi, err = two_sum(hi, acc)
-        lo += err
-        ties += t
-    return rest_total(hi, lo, row.itemsize, ties)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
 def row_argmax(row):
     """(max, index of its first occurrence) of a row with no NaN (-1 if every value is NaN
     or the row is empty)."""

@@ -11,9 +11,9 @@ from numba import njit, prange
 
 from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
-from .primitives import (_block_max, confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
+from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum, row_argmax,
-                         row_exact_max_sumexp, row_max_sumexp, row_rest_scratch, safe_shift,
+                         row_exact_max_sumexp, row_max_sumexp, row_rest, safe_shift,
                          shift_log_sum, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
@@ -31,22 +31,6 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         hi = min(lo + chunk, C)
         if mode == MODE_SOFTMAX and n_chunks == 1 and C <= CLASS_BLOCK:
             softmax_one_block(x[i], out[i])
-            continue
-        if n_chunks == 1 and mode == MODE_LOG_SOFTMAX and C <= CLASS_BLOCK:
-            # A row of one block: every row as max + log1p(rest), its precise rest computed
-            # into the output row (row_rest_scratch) -- cheaper on rows of random logits than
-            # the one-pass sum followed, on the confident rows, by the precise pass
-            # (docs/performance.md "Session 4b").  A row whose max is not finite takes the
-            # one-pass statistics (-inf or NaN entries).
-            row = x[i]
-            orow = out[i]
-            a = _block_max(row, None)
-            if a > -np.inf and a < np.inf:
-                L = x.dtype.type(log1p(row_rest_scratch(row, a, orow)))
-            else:
-                a, L = shift_log_sum(*row_exact_max_sumexp(row))
-            for c in range(C):
-                orow[c] = -lse_minus(a, L, row[c])
             continue
         if n_chunks == 1 and mode == MODE_LOG_SOFTMAX:
             # The shift at the exact max: whether the row is confident is then known before
@@ -71,7 +55,7 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
                 # The shift is the row's max: a confident row's log1p(rest) comes from the
                 # precise pass before the output is written.
                 if confident(_zero_if_finite(a), L):
-                    L = x.dtype.type(log1p(row_rest_scratch(row, a, orow)))
+                    L = x.dtype.type(log1p(row_rest(row, a)))
                 for c in range(row.shape[0]):
                     orow[c] = -lse_minus(a, L, row[c])
                 continue
