@@ -284,3 +284,34 @@ def test_target_above_a_stale_shift(dtype):
         assert _rel_err(-lsm[i, t[i]], _ref(x[i], t[i])[0], dtype) <= BOUND
         li, gi = fastce.cross_entropy_with_grad(x[i:i + 1], t[i:i + 1], reduction="none")
         _check_rows(x[i:i + 1], t[i:i + 1], li, gi, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [3, 100, 1000, 1500])
+def test_log_softmax_near_ties(C, dtype):
+    """log_softmax at the max entry when other entries equal the max or lie an ulp or a few
+    below it (their terms round to the max's own term, which the one-block rows count as
+    ties), beside a small rest from the others: 8 eps against mpmath."""
+    rng = np.random.default_rng(C + 7)
+    rows = []
+    for k in range(6):
+        x = (rng.standard_normal(C) * 2 - 30).astype(dtype)
+        m = dtype(rng.uniform(-3, 3))
+        p = int(rng.integers(0, C))
+        x[p] = m
+        q = (p + 1 + k) % C
+        if k == 0:
+            x[q] = m                                      # an exact tie
+        elif k < 4:
+            x[q] = m
+            for _ in range(k):
+                x[q] = np.nextafter(x[q], dtype(-np.inf))   # k ulp below
+        elif k == 4:
+            x[q] = m - dtype(2.0) ** -20 * max(abs(m), dtype(1))   # just below
+        rows.append(x)
+    x = np.stack(rows)
+    lsm = fastce.log_softmax(x, axis=-1)
+    for i in range(x.shape[0]):
+        t = int(np.argmax(x[i]))
+        ref = float(_rest(x[i], t)[1])
+        assert _rel_err(-lsm[i, t], ref, dtype) <= BOUND, (i, float(lsm[i, t]), ref)

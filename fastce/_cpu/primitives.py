@@ -897,16 +897,20 @@ def rest_total(hi, lo, itemsize, ties):
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _block_rest_below(blk, m):
     """(sum of the :func:`rest_term` terms of the entries below ``m``, count of the entries
-    equal to ``m``), both float64; vectorized reductions."""
+    equal to ``m``), both float64; vectorized reductions.  The count runs in its own loop, in
+    the data's dtype (exact for a block of ``_REST_BLOCK``): in the term loop it cost more
+    (docs/performance.md "Session 4b")."""
     wide_vectors()
     zero = blk.dtype.type(0)
+    one = blk.dtype.type(1)
     acc = np.float64(0)
-    ties = np.float64(0)
     for j in range(blk.shape[0]):
         v = blk[j]
         acc += np.float64(rest_term(v, m) if v < m else zero)
-        ties += np.float64(v == m)
-    return acc, ties
+    ties = zero
+    for j in range(blk.shape[0]):
+        ties += one if blk[j] == m else zero
+    return acc, np.float64(ties)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
