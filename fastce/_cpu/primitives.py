@@ -631,10 +631,19 @@ def _block_sumexp(blk, sh, cap):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def _short_row_max_sumexp(row, cap):
-    """:func:`row_max_sumexp` for a short row: its max, then its exp-sum."""
+def row_exact_max_sumexp(row, cap=None):
+    """:func:`row_max_sumexp` with the shift at the row's exact max: one max pass, then the
+    exp-sum block by block against it (the second read comes from cache for a row that fits
+    in L2).  :func:`row_max_sumexp` takes it for short rows; log_softmax wants it for every
+    row: with a shift below the max, the second-pass test (:func:`confident`) widens by the
+    gap, and wide random rows would take the precise pass for nothing."""
+    wide_vectors()
+    n = row.shape[0]
     m = _block_max(row, cap)
-    s = _block_sumexp(row, m, cap) if (m > -np.inf and m < np.inf) else row.dtype.type(0)
+    s = row.dtype.type(0)
+    if m > -np.inf and m < np.inf:
+        for b in range(0, n, CLASS_BLOCK):
+            s += _block_sumexp(row[b:min(b + CLASS_BLOCK, n)], m, cap)
     return m, s
 
 
@@ -659,7 +668,7 @@ def row_max_sumexp(row, cap=None):
     wide_vectors()
     n = row.shape[0]
     if n <= SHORT_ROW:
-        return _short_row_max_sumexp(row, cap)
+        return row_exact_max_sumexp(row, cap)
     limit = _BLOCK_SUM_LIMIT_F32 if row.dtype.type is np.float32 else _BLOCK_SUM_LIMIT_F64
     sh = row.dtype.type(-np.inf)
     s = row.dtype.type(0)
@@ -682,23 +691,6 @@ def row_max_sumexp(row, cap=None):
             s += _block_sumexp(blk, nsh, cap)
         sh = nsh
     return sh, s
-
-
-@njit(fastmath=FASTMATH, error_model="numpy")
-def row_exact_max_sumexp(row, cap=None):
-    """:func:`row_max_sumexp` with the shift at the row's exact max: one max pass, then the
-    exp-sum block by block against it (the second read comes from cache for a row that fits
-    in L2).  log_softmax wants this: with a shift below the max, the second-pass test
-    (:func:`confident`) widens by the gap, and wide random rows would take the precise pass
-    for nothing."""
-    wide_vectors()
-    n = row.shape[0]
-    m = _block_max(row, cap)
-    s = row.dtype.type(0)
-    if m > -np.inf and m < np.inf:
-        for b in range(0, n, CLASS_BLOCK):
-            s += _block_sumexp(row[b:min(b + CLASS_BLOCK, n)], m, cap)
-    return m, s
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
