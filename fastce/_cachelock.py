@@ -9,7 +9,7 @@ process fills with signature B's machine code (numba#4807, #10128).  numba does 
 what it loads: every later process then runs B's code on A's arguments (float32 data read as
 float64, say) until the cache is purged.
 
-:func:`guard` makes each cached fastce kernel hold an exclusive lock (``fcntl.flock`` on a
+:func:`guard` makes a cached fastce kernel hold an exclusive lock (``fcntl.flock`` on a
 ``.lock`` file next to its index) while it saves or loads, so the index update and the data
 write are one step for every other process, and makes a load that finds another signature's
 code in the data file a miss (the kernel is compiled and the entry rewritten).  Without
@@ -60,11 +60,8 @@ class LockedIndexDataCacheFile(IndexDataCacheFile):
         return data
 
 
-def guard(modules):
-    """Give every cached numba dispatcher defined in ``modules`` the locked cache files."""
-    for mod in modules:
-        for obj in vars(mod).values():
-            cache = getattr(obj, "_cache", None)
-            cache_file = getattr(cache, "_cache_file", None)
-            if type(cache_file) is IndexDataCacheFile:
-                cache_file.__class__ = LockedIndexDataCacheFile
+def guard(dispatcher):
+    """Give the cached numba ``dispatcher`` the locked cache files."""
+    cache_file = getattr(dispatcher._cache, "_cache_file", None)
+    if type(cache_file) is IndexDataCacheFile:
+        cache_file.__class__ = LockedIndexDataCacheFile

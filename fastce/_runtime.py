@@ -92,27 +92,28 @@ def _import_kernels():
         numba.config.CACHE_DIR = cache_dir
         from ._cpu import (bce, checks, cross_entropy, nll, partials, softmax, stats,
                            tiles, tiny)
-    # Several processes may fill the cache at once (xdist, precompile's workers): lock it.
-    from ._cachelock import guard
-    guard((bce, checks, cross_entropy, nll, partials, softmax, stats, tiles, tiny))
     _KERNELS = types.SimpleNamespace(bce=bce, checks=checks, cross_entropy=cross_entropy,
                                      nll=nll, partials=partials, softmax=softmax, stats=stats,
                                      tiles=tiles, tiny=tiny)
-    _quick_cache_loads(vars(_KERNELS).values())
+    from ._cachelock import guard
+    from ._quickload import install
+    for kernel in _cached_kernels(vars(_KERNELS).values()):
+        guard(kernel)    # several processes may fill the cache at once (xdist, precompile)
+        install(kernel)  # a cached signature's first call skips numba's target start-up
     return _KERNELS
 
 
-def _quick_cache_loads(modules):
-    """Every cached kernel dispatcher of ``modules`` loads its cached machine code on a
-    signature's first call without numba's target start-up (``fastce._quickload``)."""
+def _cached_kernels(modules):
+    """Every ``cache=True`` CPU dispatcher that ``modules`` hold, once each (some are bound
+    in a module other than the one defining their Python function)."""
     from numba.core.dispatcher import Dispatcher
-
-    from ._quickload import install
+    seen = set()
     for mod in modules:
         for obj in vars(mod).values():
-            if (isinstance(obj, Dispatcher) and obj.__module__ == mod.__name__
-                    and hasattr(obj._cache, "_load_overload")):
-                install(obj)
+            if (isinstance(obj, Dispatcher) and hasattr(obj._cache, "_load_overload")
+                    and id(obj) not in seen):
+                seen.add(id(obj))
+                yield obj
 
 
 def _cuda():
