@@ -303,7 +303,9 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     -------
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
-        ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
+        ``NAN``, and device functions ``exp``, ``exp_shifted`` (the hot loops' exp of
+        ``x - shift``, see :func:`_exp_shifted_f32`), ``exp_shifted_err``, ``log``, ``log1p``,
+        ``nan_max``,
         ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
         ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
@@ -722,7 +724,8 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     return SimpleNamespace(
         dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
-        exp=exp, exp_shifted=exp_shifted, log=log, log1p=log1p, nan_max=nan_max,
+        exp=exp, exp_shifted=exp_shifted, exp_shifted_err=exp_shifted_err, log=log,
+        log1p=log1p, nan_max=nan_max,
         safe_shift=safe_shift,
         shift_log_sum=shift_log_sum, lse_minus=lse_minus,
         lse_from_max_sumexp=lse_from_max_sumexp, inv_sum=inv_sum,
