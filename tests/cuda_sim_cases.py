@@ -1056,3 +1056,43 @@ def test_strided_copy_address_walk():
             assert tuple(ix) == np.unravel_index(i, shape)
             assert p == int(np.dot(ix, st))
             ix, p = R._advance6(ix, p, sx, dp, dims, back)
+
+
+def test_exp_shifted_float32():
+    """The float32 hot loops' exp (``primitives.exp_shifted``: ``ex2`` of the rounded log2
+    argument, the rounding put back by FMAs; ``exp_shifted_err(d, e)`` = exp(d + e) for a
+    TwoSum remainder ``e``) against float64 exp over [-87, 0]: within 1.5 ulp where ``ex2`` is
+    correctly rounded (the simulator), 3.5 ulp on a GPU (its ``ex2.approx``: <= 2 ulp);
+    exp(0) = 1 exactly; exp(-inf) = 0, also with the NaN remainder TwoSum gives there; results
+    below 2^-126 flushed to 0 or within 2^-126."""
+    from fastce.cuda.kernels.primitives import build_primitives
+    P = build_primitives(np.float32)
+    exp_shifted, exp_shifted_err = P.exp_shifted, P.exp_shifted_err
+
+    @cuda.jit
+    def kern(d, e, out, out_err):
+        i = cuda.grid(1)
+        if i < d.shape[0]:
+            out[i] = exp_shifted(d[i])
+            out_err[i] = exp_shifted_err(d[i], e[i])
+
+    rng = np.random.default_rng(16)
+    d = np.concatenate([-rng.uniform(0, 87, 40), -rng.uniform(0, 1, 12),
+                        -np.exp(rng.uniform(-30, 0, 8)),
+                        [0.0, -1e-30, -87.3, -88.0, -100.0, -np.inf]]).astype(np.float32)
+    e = (rng.uniform(-0.5, 0.5, d.size) * np.spacing(np.abs(d))).astype(np.float32)
+    e[d == -np.inf] = np.nan
+    e[d == 0] = 0
+    out, out_err = np.zeros_like(d), np.zeros_like(d)
+    dd, de, do, doe = (cuda.to_device(a) for a in (d, e, out, out_err))
+    kern[-(-d.size // 32), 32](dd, de, do, doe)
+    bound = 1.5 if SIM else 3.5
+    tiny = float(np.finfo(np.float32).tiny)
+    for got, ref in ((do.copy_to_host(), np.exp(d.astype(np.float64))),
+                     (doe.copy_to_host(), np.exp(d.astype(np.float64) +
+                                                 np.nan_to_num(e.astype(np.float64))))):
+        normal = ref >= tiny
+        ulp = np.spacing(ref[normal].astype(np.float32)).astype(np.float64)
+        assert (np.abs(got[normal] - ref[normal]) / ulp).max() <= bound
+        assert np.all(np.abs(got[~normal]) <= tiny)
+        assert got[d == 0][0] == 1.0 and got[d == -np.inf][0] == 0.0

@@ -50,7 +50,7 @@ def build_cross_entropy(P, soft):
     """
     ZERO, ONE, INF, NEG_INF = P.ZERO, P.ONE, P.INF, P.NEG_INF
     unit, shift_log_sum, lse_minus = P.unit, P.shift_log_sum, P.lse_minus
-    safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
+    safe_shift, exp_shifted, inv_sum, log1p = P.safe_shift, P.exp_shifted, P.inv_sum, P.log1p
     confident, rest_sum, block_any = P.confident, P.rest_sum, P.block_any
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
@@ -62,6 +62,11 @@ def build_cross_entropy(P, soft):
     # chained cursors (memory.steps4) keep them issued together.  Elsewhere the plain
     # offsets measure fewer instructions (docs/gpu.md).
     CAPPED = P.softcap is not None
+    # The probability rows' steps chain their cursors (memory.steps4) in float32 (64-register
+    # bound) and in the soft-capped float64 builds; the uncapped float64 kernels (unbounded
+    # registers) measure fewer instructions with plain offsets for the inputs (the weighted
+    # one still chains the gradient's cursor) (docs/gpu.md).
+    CHAIN_F32 = P.dtype == np.float32
     # float64: unbounded (at 80 registers these two kernels spill)
     bounded_jit = P.row_kernel_jit(None)
 
@@ -85,7 +90,7 @@ def build_cross_entropy(P, soft):
         """Class c's smoothing term ``w_c (lse - x_c)`` and gradient, less the target's
         ``-(1 - eps) w_t g`` (the kernel fixes the target's element up after); ``xc``
         is the (capped) logit."""
-        return wc * lse_minus(m, L, xc), cap_grad(ga * (exp(xc - sh) * inv) - ge * wc, xc)
+        return wc * lse_minus(m, L, xc), cap_grad(ga * (exp_shifted(xc - sh) * inv) - ge * wc, xc)
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth,
@@ -102,7 +107,7 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         dw = G * weight.strides[0]
         end = hi - 3 * G
-        chain = has_w and CAPPED  # compile-time: see CAPPED
+        chain = CAPPED  # compile-time: see CAPPED
         while c < end:
             if chain:
                 p1, p2, p3, p4 = steps4(p, d)
@@ -125,7 +130,7 @@ def build_cross_entropy(P, soft):
             if smooth:
                 sm += (s0 + s1) + (s2 + s3)
             if want_grad:
-                if chain:
+                if chain or has_w:
                     q1, q2, q3, q4 = steps4(q, e)
                 else:
                     q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q
@@ -333,13 +338,20 @@ def build_cross_entropy(P, soft):
         return wt * load1_at(weight, pw, c) if has_w else wt
 
     @cuda.jit(device=True)
-    def load_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c):
+    def load_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
+                   chain):
         """One step of a probability-target row's loops: four raw logits (loads issued
-        first) and the four smoothed, weighted targets at the cursors (addresses chained
-        with ``steps4``), and the cursors' next positions."""
-        p1, p2, p3, p4 = steps4(p, d)
-        t1, t2, t3, t4 = steps4(pt, dt)
-        w1, w2, w3, w4 = steps4(pw, dw) if has_w else (pw, pw, pw, pw)
+        first) and the four smoothed, weighted targets at the cursors (addresses chained with
+        ``steps4`` when ``chain``, see ``CHAIN_F32``), and the cursors' next positions."""
+        if chain:
+            p1, p2, p3, p4 = steps4(p, d)
+            t1, t2, t3, t4 = steps4(pt, dt)
+            w1, w2, w3, w4 = steps4(pw, dw) if has_w else (pw, pw, pw, pw)
+        else:
+            p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p + 4 * d
+            t1, t2, t3, t4 = pt + dt, pt + 2 * dt, pt + 3 * dt, pt + 4 * dt
+            w1, w2, w3, w4 = ((pw + dw, pw + 2 * dw, pw + 3 * dw, pw + 4 * dw) if has_w
+                              else (pw, pw, pw, pw))
         x0 = load_at(x, p, n, c, s)
         x1 = load_at(x, p1, n, c + G, s)
         x2 = load_at(x, p2, n, c + 2 * G, s)
@@ -355,11 +367,11 @@ def build_cross_entropy(P, soft):
         """Class c's loss term (0 where ``wt_c == 0``, even for ``x_c = -inf``) and
         gradient."""
         return (wt * lse_minus(m, L, xc) if wt != ZERO else ZERO,
-                cap_grad(ga * (exp(xc - sh) * inv) - g * wt, xc))
+                cap_grad(ga * (exp_shifted(xc - sh) * inv) - g * wt, xc))
 
     @cuda.jit(device=True)
     def prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, keep,
-                 eps_c, m, L, sh, inv, ga, g):
+                 eps_c, m, L, sh, inv, ga, g, chain):
         """Pass 2 of a probability-target row over the thread's share: the loss terms'
         sum and the gradient; four independent loads of x and of the targets per step."""
         lsum = ZERO
@@ -370,14 +382,17 @@ def build_cross_entropy(P, soft):
         end = hi - 3 * G
         while c < end:
             x0, x1, x2, x3, t0, t1, t2, t3, pn, ptn, pwn = load_step4(
-                x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
+                x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c, chain)
             l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
             l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
             l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
             l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, inv, ga, g)
             lsum += (l0 + l1) + (l2 + l3)
             if want_grad:
-                q1, q2, q3, q4 = steps4(q, e)
+                if chain or has_w:
+                    q1, q2, q3, q4 = steps4(q, e)
+                else:
+                    q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
                 store_at(grad, q, n, c, s, v0)
                 store_at(grad, q1, n, c + G, s, v1)
                 store_at(grad, q2, n, c + 2 * G, s, v2)
@@ -409,6 +424,7 @@ def build_cross_entropy(P, soft):
             ``wt_c == 0`` adds 0 to the loss even where ``x_c = -inf``."""
             N, C, S = x.shape
             has_w = weighted  # compile-time: the other specialization holds no weight code
+            chain = CHAIN_F32 or CAPPED  # compile-time, see CHAIN_F32
             want_grad = grad.shape[0] > 0
             valid, lane, r, k, n, s, lo, hi = unit(N * S, G, 1, S, C)
             # Pass 1: the row's (max, sum-exp) and the total target weight sum_c wt_c.
@@ -421,7 +437,8 @@ def build_cross_entropy(P, soft):
             end = hi - 3 * G
             while c < end:
                 x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
-                    x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c)
+                    x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
+                    chain)
                 m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
                                          cap_value(x3))
                 tw += (t0 + t1) + (t2 + t3)
@@ -451,11 +468,11 @@ def build_cross_entropy(P, soft):
             if want_grad:
                 lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, True,
                                 keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
-                                g)
+                                g, chain)
             else:
                 lsum = prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, False,
                                 keep, eps_c, m, L, safe_shift(m), inv_sum(m, acc), g * (tw + zz),
-                                g)
+                                g, chain)
             if lane == 0 and z_loss != ZERO:
                 lsum += z_loss * (m + L) * (m + L)
             lsum, _ = allreduce_sum2(lsum, ZERO, G)

@@ -78,6 +78,86 @@ def _math_functions(ftype):
     return exp, log, log1p, tanh
 
 
+def _exp_shifted_f32():
+    """``(exp_shifted, exp_shifted_err)`` for float32: ``exp(d)`` and ``exp(d + e)`` (``e`` a
+    tiny exact remainder of ``d``) for the hot loops' shifted arguments ``d = x - shift <= 0``,
+    in six (seven) instructions where libdevice's ``expf`` takes eight.
+
+    ``h = fl(d log2 e)`` goes to the hardware's ``ex2.approx.ftz`` (``t = 2^h``, within 2 ulp,
+    CUDA's ``exp2f``); the rounding of ``h`` is put back by ``r = d - h ln 2`` (two FMAs with
+    ln 2 split in hi/lo, exact to far below an ulp of ``r``) and one more FMA,
+    ``exp(d) = t (1 + r)`` (``|r| < 2^-17`` for ``|d| < 104``, so ``r^2/2`` is below the
+    rounding; ``e`` joins ``r``).  Worst case about 2.5 ulp, libdevice's class (2 ulp).
+    A ``max(., 0)`` last maps the NaN that ``d = -inf`` gives (``inf - inf`` in ``r``; and a
+    NaN ``e`` from TwoSum) to 0 = exp(-inf); it maps a NaN ``d`` to 0 too: in the kernels a NaN
+    logit is the row's max (NaN-propagating), so the shift, ``1/sum`` or the statistics carry
+    the NaN, not the term.  Results below 2^-126 are flushed to 0 (``.ftz``; libdevice gives
+    subnormals there): every such term sits beside the row max's term 1, and a probability that
+    small is 0 to 1e-38.  ``d > 88`` overflows (the kernels only reach it when the row max is
+    +inf, where the sum is ignored and the probabilities are NaN).
+
+    The simulator (no PTX) runs the same steps in NumPy, the FMAs exact in float64 and
+    ``ex2`` correctly rounded, so the simulator suite checks the algorithm's error budget."""
+    L2E = np.float32(1.4426950408889634)
+    NLN2_HI = np.float32(-0.6931471805599453)
+    NLN2_LO = np.float32(-(0.6931471805599453 - float(np.float32(0.6931471805599453))))
+    if config.ENABLE_CUDASIM:
+        f32, f64, tiny = np.float32, np.float64, np.float32(2.0 ** -126)
+
+        def _exp_err(d, e):
+            with np.errstate(all="ignore"):
+                d = f32(d)
+                h = f32(d * L2E)
+                r = f32(f64(h) * f64(NLN2_HI) + f64(d))  # an FMA: one rounding
+                r = f32(f64(h) * f64(NLN2_LO) + f64(f32(r + f32(e))))
+                t = f32(np.exp2(f64(h)))
+                if abs(t) < tiny:
+                    t = f32(0)
+                res = f32(f64(t) * f64(r) + f64(t))
+                return res if res > 0 else f32(0)  # max.f32: NaN -> 0
+
+        @cuda.jit(device=True)
+        def exp_shifted(d):
+            return _exp_err(d, 0)
+
+        @cuda.jit(device=True)
+        def exp_shifted_err(d, e):
+            return _exp_err(d, e)
+
+        return exp_shifted, exp_shifted_err
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    def _hex(v):
+        return "0f%08X" % int(np.float32(v).view(np.uint32))
+
+    head = (f"{{ .reg .f32 h, r, t; mul.rn.f32 h, $1, {_hex(L2E)}; "
+            f"fma.rn.f32 r, h, {_hex(NLN2_HI)}, $1; ")
+    tail = "ex2.approx.ftz.f32 t, h; fma.rn.f32 t, t, r, t; max.f32 $0, t, 0f00000000; }"
+    f32t = ir.FloatType()
+
+    @intrinsic
+    def exp_shifted(typingctx, d):
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(f32t, [f32t]),
+                               head + f"fma.rn.f32 r, h, {_hex(NLN2_LO)}, r; " + tail, "=f,f")
+            return builder.call(asm, list(args))
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def exp_shifted_err(typingctx, d, e):
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(f32t, [f32t, f32t]),
+                               head + "add.rn.f32 r, r, $2; "
+                               f"fma.rn.f32 r, h, {_hex(NLN2_LO)}, r; " + tail, "=f,f,f")
+            return builder.call(asm, list(args))
+        return types.float32(types.float32, types.float32), codegen
+
+    return exp_shifted, exp_shifted_err
+
+
 def _softcap_functions(softcap, ftype, load_at):
     """``(xload, cap_value, cap_grad)``: the logits' load, a loaded logit, and a gradient
     element, with logit soft-capping ``y = softcap * tanh(x / softcap)`` built in, the cap a
@@ -223,7 +303,9 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     -------
     types.SimpleNamespace
         ``ftype`` (the NumPy scalar type), constants ``ZERO``, ``ONE``, ``INF``, ``NEG_INF``,
-        ``NAN``, and device functions ``exp``, ``log``, ``log1p``, ``nan_max``,
+        ``NAN``, and device functions ``exp``, ``exp_shifted`` (the hot loops' exp of
+        ``x - shift``, see :func:`_exp_shifted_f32`), ``exp_shifted_err``, ``log``, ``log1p``,
+        ``nan_max``,
         ``safe_shift``, ``shift_log_sum``, ``lse_minus``, ``lse_from_max_sumexp``,
         ``inv_sum``, ``merge_max_sumexp``, ``rescaled``, ``push_block4``, ``push_block8``,
         ``allreduce_max_sumexp(m, s, G)``, ``allreduce_sum2(a, b, G)``, ``unit``,
@@ -241,6 +323,15 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     ZERO, ONE = ftype(0), ftype(1)
     INF, NEG_INF, NAN = ftype(np.inf), ftype(-np.inf), ftype(np.nan)
     exp, log, log1p, _ = _math_functions(ftype)
+    if dtype == np.float32:
+        exp_shifted, exp_shifted_err = _exp_shifted_f32()
+    else:  # float64: libdevice's exp (the float64 rest pass branches, see rest_term)
+        exp_shifted = exp
+
+        @cuda.jit(device=True)
+        def exp_shifted_err(d, e):
+            t = exp(d)
+            return t + t * e
     xload, cap_value, cap_grad = _softcap_functions(softcap, ftype, load_at)
 
     if dtype == np.float32:
@@ -290,11 +381,17 @@ def build_primitives(dtype, shuffle=None, softcap=None):
             return ONE / s
         return NAN
 
+    RESCALE_BRANCHLESS = dtype == np.float32
+
     @cuda.jit(device=True)
     def rescaled(s, mj, m):
         """A partial's sum ``s`` (relative to its max ``mj``) made relative to a merged max
         ``m >= mj``: the rule of :func:`merge_max_sumexp` for one partial of a many-way
-        merge."""
+        merge.  float32 without a branch: ``exp_shifted`` maps the ``-inf - (-inf)`` (and
+        ``inf - inf``) NaN to 0, which scales an empty partial's 0 to 0, and for a +inf max
+        the sums matter only for a NaN, which the max itself then carries."""
+        if RESCALE_BRANCHLESS:
+            return s * exp_shifted(mj - m)
         if mj != NEG_INF and mj != m:
             return s * exp(mj - m)
         return s
@@ -335,7 +432,8 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         bm = nan_max(nan_max(v0, v1), nan_max(v2, v3))
         if not (bm <= m):
             m, sh, acc = rescale(m, sh, acc, bm)
-        return m, sh, acc + ((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh)))
+        return m, sh, acc + ((exp_shifted(v0 - sh) + exp_shifted(v1 - sh)) +
+                             (exp_shifted(v2 - sh) + exp_shifted(v3 - sh)))
 
     @cuda.jit(device=True)
     def push_block8(m, sh, acc, v0, v1, v2, v3, v4, v5, v6, v7):
@@ -344,8 +442,10 @@ def build_primitives(dtype, shuffle=None, softcap=None):
                      nan_max(nan_max(v4, v5), nan_max(v6, v7)))
         if not (bm <= m):
             m, sh, acc = rescale(m, sh, acc, bm)
-        return m, sh, acc + (((exp(v0 - sh) + exp(v1 - sh)) + (exp(v2 - sh) + exp(v3 - sh))) +
-                             ((exp(v4 - sh) + exp(v5 - sh)) + (exp(v6 - sh) + exp(v7 - sh))))
+        return m, sh, acc + (((exp_shifted(v0 - sh) + exp_shifted(v1 - sh)) +
+                              (exp_shifted(v2 - sh) + exp_shifted(v3 - sh))) +
+                             ((exp_shifted(v4 - sh) + exp_shifted(v5 - sh)) +
+                              (exp_shifted(v6 - sh) + exp_shifted(v7 - sh))))
 
     @cuda.jit(device=True)
     def add2(a1, b1, a2, b2):
@@ -383,8 +483,6 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     # keeps the offsets p + k d (at 80 registers the chain spills).
     CHAIN_CURSORS = dtype == np.float32
     REST_STEP8 = dtype == np.float32 and softcap is None  # see thread_rest
-    # The largest finite value: a bound on a TwoSum error that replaces its NaN (see below).
-    BIG = ftype(np.finfo(dtype).max)
 
     @cuda.jit(device=True)
     def rest_term(v, pivot):
@@ -392,18 +490,17 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         ``exp(d) (1 + e)``, or 0 where ``v`` equals the pivot (those entries are counted
         apart: their term is exactly 1), with ``is_pivot`` 1 there, else 0.  float64 branches
         around the pivot (see ``PIVOT_BRANCH``) and guards ``exp(d) == 0``; float32 is
-        branch-free: ``d == 0`` exactly when ``v == pivot``, and there ``exp(d) (1 + e) = 1``
-        exactly, so subtracting ``is_pivot`` zeroes the term; for ``v = -inf`` the TwoSum
-        error is NaN, which ``min(BIG, e)`` maps to a finite value (``e`` is finite for every
-        finite ``v``) and ``exp(d)`` is 0 -- a term of 0 as wanted."""
+        branch-free: ``d == 0`` exactly when ``v == pivot``, and there ``exp(d + e) = 1``
+        exactly, so subtracting ``is_pivot`` zeroes the term; ``exp_shifted_err`` folds
+        ``e`` into its own correction and maps ``v = -inf`` (a NaN TwoSum error) to 0."""
         if PIVOT_BRANCH and v == pivot:
             return ZERO, ONE
         d, e = two_sum(v, -pivot)
-        t = exp(d)
         if PIVOT_BRANCH:
+            t = exp(d)
             return (ZERO if (d == ZERO or t == ZERO) else t + t * e), (ONE if d == ZERO else ZERO)
         k = ONE if d == ZERO else ZERO
-        return (t + t * min(BIG, e)) - k, k  # BIG first: Python (simulator) and PTX agree on NaN
+        return exp_shifted_err(d, e) - k, k
 
     @cuda.jit(device=True)
     def rest_step4(x, p, d, n, c, s, G, pivot):
@@ -627,7 +724,9 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     return SimpleNamespace(
         dtype=dtype, ftype=ftype, nbtype=nbtype, shuffle=shuffle,
         ZERO=ZERO, ONE=ONE, INF=INF, NEG_INF=NEG_INF, NAN=NAN,
-        exp=exp, log=log, log1p=log1p, nan_max=nan_max, safe_shift=safe_shift,
+        exp=exp, exp_shifted=exp_shifted, exp_shifted_err=exp_shifted_err, log=log,
+        log1p=log1p, nan_max=nan_max,
+        safe_shift=safe_shift,
         shift_log_sum=shift_log_sum, lse_minus=lse_minus,
         lse_from_max_sumexp=lse_from_max_sumexp, inv_sum=inv_sum,
         merge_max_sumexp=merge_max_sumexp, rescaled=rescaled, push_block4=push_block4,

@@ -31,7 +31,7 @@ def build_softmax(P):
     unit, row_max_sumexp = P.unit, P.row_max_sumexp
     thread_max_sumexp, rescaled, nan_max = P.thread_max_sumexp, P.rescaled, P.nan_max
     shift_log_sum, lse_minus = P.shift_log_sum, P.lse_minus
-    safe_shift, exp, inv_sum, log1p = P.safe_shift, P.exp, P.inv_sum, P.log1p
+    safe_shift, exp_shifted, inv_sum, log1p = P.safe_shift, P.exp_shifted, P.inv_sum, P.log1p
     confident, lse_needs_rest, rest_sum, block_any = (P.confident, P.lse_needs_rest,
                                                          P.rest_sum, P.block_any)
     NEG_INF, ZERO = P.NEG_INF, P.ZERO
@@ -83,7 +83,7 @@ def build_softmax(P):
         else ``softmax(x) = exp(x - a) * b`` with ``(a, b) = (safe shift, 1 / sum)``."""
         if log_softmax:
             return -lse_minus(a, b, v)
-        return exp(v - a) * b
+        return exp_shifted(v - a) * b
 
     @cuda.jit(device=True)
     def write_row(x, out, n, s, lo, hi, lane, G, log_softmax, a, b):
