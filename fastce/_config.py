@@ -67,6 +67,12 @@ ROW_TILE_MIN_CLASSES = 1
 ROW_TILE_MAX_CLASSES = (256, 192)
 ROW_TILE_MIN_ROWS = 32
 
+# The forward class-index loss (no smoothing, no gradient) of tile rows of at most this many
+# classes (float32, float64) computes every row's precise rest in its one statistics pass
+# (``tiles._ce_index_rest_tile``) instead of an exp-sum plus the confident rows' second pass:
+# faster at few classes, slower beyond (docs/performance.md, "Session 5: few-class cells").
+CE_REST_TILE_MAX_CLASSES = (16, 10)
+
 # Rows of at most this many classes skip the block machinery of ``row_max_sumexp`` (prefetch,
 # stale-shift bookkeeping): a max, then an exp-sum.
 SHORT_ROW = 64
