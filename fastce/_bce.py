@@ -41,8 +41,8 @@ def _bce_small(input, target, weight, pos_weight, reduction, grad_output, want_g
     if not (target.dtype is input.dtype and target.shape == input.shape
             and target.flags.c_contiguous and (reduction == "mean" or reduction == "sum")):
         return None
-    if (input.size >= _config.PARALLEL_MIN_BCE_ELEMENTS
-            and _parallel(input.size, _config.PARALLEL_MIN_BCE_ELEMENTS)):
+    min_par = _config.PARALLEL_MIN_BCE_ELEMENTS[input.dtype.itemsize == 8]
+    if input.size >= min_par and _parallel(input.size, min_par):
         return None     # threaded: the general path
     grad = np.empty(input.shape, input.dtype) if want_grad else None
     entry = _bce.bce_with_logits_small if logits else _bce.bce_small
@@ -108,7 +108,7 @@ def _bce_run(input, target, weight, pos_weight, reduction, grad_output, want_gra
             R, C = 1, n
         w = None if w is None else w.reshape(-1, C)
         pw = None if pw is None else pw.reshape(-1, C)
-        par = _parallel(n, _config.PARALLEL_MIN_BCE_ELEMENTS)
+        par = _parallel(n, _config.PARALLEL_MIN_BCE_ELEMENTS[dt.itemsize == 8])
         n_chunks = -(-C // _config.BCE_CHUNK)
         if par and R == 1:
             # the same number of chunks for every thread: the scheduler hands each thread a

@@ -24,10 +24,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 # (docs/performance.md, "Session 4: medium and large softmax-family cells").
 PARALLEL_MIN_WRITE_ELEMENTS = 1 << 15
 
-# The BCE family runs threaded from this many elements: its elementwise log/exp work costs
-# several times a logsumexp's per element, so the pool's round trip pays off earlier
-# (docs/performance.md, "Session 5: few-class cells").
-PARALLEL_MIN_BCE_ELEMENTS = 1 << 15
+# The BCE family runs threaded from this many elements (float32, float64): a float64
+# element's log/exp work costs about three float32 ones, so the pool's round trip pays off
+# earlier (docs/performance.md, "Session 5: few-class cells").
+PARALLEL_MIN_BCE_ELEMENTS = (1 << 16, 1 << 15)
 
 # The elementwise BCE kernels cut their input into chunks of this many elements (the units the
 # threads share; a flat input is one long row).

@@ -93,12 +93,12 @@ def test_parallel_path(dtype, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_threaded_from_bce_threshold(dtype, rng, monkeypatch):
-    """A plain call of PARALLEL_MIN_BCE_ELEMENTS or more (below the other ops' threshold)
-    skips the small entry and runs the threaded kernel over a number of chunks that every
-    thread gets equally many of; below the threshold, the serial small entry."""
+    """A plain call of PARALLEL_MIN_BCE_ELEMENTS or more (float64: below the other ops'
+    threshold) skips the small entry and runs the threaded kernel over a number of chunks
+    that every thread gets equally many of; below the threshold, the serial small entry."""
     from fastce import _bce as front, _config
     from fastce._cpu import bce as kernels
-    assert _config.PARALLEL_MIN_BCE_ELEMENTS < _config.PARALLEL_MIN_ELEMENTS
+    min_par = _config.PARALLEL_MIN_BCE_ELEMENTS[dtype == np.float64]
     monkeypatch.setattr(front, "_parallel", lambda n, m=None: n >= m)
     monkeypatch.setattr(front, "_thread_count", lambda: 2)
     calls = []
@@ -109,15 +109,16 @@ def test_threaded_from_bce_threshold(dtype, rng, monkeypatch):
             calls.append((_name, args[7].shape if len(args) > 7 else None))
             return _real(*args)
         monkeypatch.setattr(kernels, name, spy)
-    shape = (512, 100)          # 51,200 elements: 7 chunks of BCE_CHUNK, rounded up to 8
-    assert _config.PARALLEL_MIN_BCE_ELEMENTS <= 51200 < _config.PARALLEL_MIN_ELEMENTS
+    # 7 (float64: 51,200 elements) or 9 (float32: 70,000) chunks of BCE_CHUNK, rounded up
+    shape, chunks = ((512, 100), 8) if dtype == np.float64 else ((700, 100), 10)
+    assert min_par <= shape[0] * shape[1] < 2 * min_par
     p = rng.uniform(0.001, 0.999, shape).astype(dtype)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     y = (rng.random(shape) < 0.5).astype(dtype)
     assert_close(fastce.binary_cross_entropy(p, y), torch_bce(p, y, None, "mean"), dtype)
     assert_close(fastce.binary_cross_entropy_with_logits(x, y),
                  torch_bce_logits(x, y, None, None, "mean"), dtype)
-    assert calls == [("bce", (1, 8)), ("bce_with_logits", (1, 8))]
+    assert calls == [("bce", (1, chunks)), ("bce_with_logits", (1, chunks))]
     calls.clear()
     assert_close(fastce.binary_cross_entropy(p[:8], y[:8], reduction="sum"),
                  torch_bce(p[:8], y[:8], None, "sum"), dtype, scale=100)

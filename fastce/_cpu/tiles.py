@@ -455,6 +455,16 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
+def _row_target(x, target, ignore_index, weight, i):
+    """(whether row i is ignored, its target's weight, its target logit); the logit is
+    not read for an ignored row (its index may lie outside the row)."""
+    t = target[i]
+    if t == ignore_index:
+        return True, x.dtype.type(0), x.dtype.type(0)
+    return False, weight[t] if weight.shape[0] > 0 else x.dtype.type(1), x[i, t]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def _ce_index_rest_tile(x, target, ignore_index, weight, loss, r0, buf, m, rest, work):
     """One tile of the forward loss (no smoothing, no gradient) of few-class rows, every row
     as ``w_t ((max - x_t) + log1p(rest))`` from :func:`tile_max_rest`: the precise rest in
@@ -464,27 +474,17 @@ def _ce_index_rest_tile(x, target, ignore_index, weight, loss, r0, buf, m, rest,
     +-inf or NaN gives ``rest = 0`` and ``max - x_t`` its inf/NaN; a target logit of -inf
     costs +inf."""
     wide_vectors()
-    N, C = x.shape
-    has_w = weight.shape[0] > 0
-    n = min(TILE_ROWS, N - r0)
+    n = min(TILE_ROWS, x.shape[0] - r0)
     load_tile(x, r0, buf)
     tile_max_rest(buf, m, rest, work)
     for j in range(TILE_ROWS):
         rest[j] = log1p(rest[j])
     for j in range(n):
-        i = r0 + j
-        t = target[i]
-        if t == ignore_index:
-            loss[i] = 0
-            continue
-        w_t = weight[t] if has_w else x.dtype.type(1)
-        xt = x[i, t]
-        if xt != -np.inf:
-            # float64: exact for float32 logits, and no "reassoc" regrouping (lse_minus)
-            v = lse_minus(np.float64(m[j]), rest[j], np.float64(xt))
-            loss[i] = w_t * x.dtype.type(v)
-        else:
-            loss[i] = np.inf
+        ignored, w_t, xt = _row_target(x, target, ignore_index, weight, r0 + j)
+        # float64: exact for float32 logits, and no "reassoc" regrouping (lse_minus)
+        v = x.dtype.type(lse_minus(np.float64(m[j]), rest[j], np.float64(xt)))
+        v = w_t * v if xt != -np.inf else x.dtype.type(np.inf)
+        loss[r0 + j] = x.dtype.type(0) if ignored else v
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -525,13 +525,12 @@ def _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, 
     n_conf = 0
     for j in range(n):
         i = r0 + j
-        t = target[i]
-        if t == ignore_index:
+        ignored, w_t, xt = _row_target(x, target, ignore_index, weight, i)
+        if ignored:
             loss[i] = 0
             continue
-        w_t = weight[t] if has_w else one
+        t = target[i]
         # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
-        xt = x[i, t]
         if xt != -np.inf:
             nll = lse_minus(m[j], L[j], xt)
             if confident(xt - m[j], nll):
