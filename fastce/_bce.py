@@ -14,7 +14,7 @@ import numpy as np
 from . import _config
 from ._arrays import (_as_array, _broadcast_rows, _reduce_loss, _result, is_device_array,
                       upstream_gradient)
-from ._runtime import _cuda, _import_kernels, _parallel, _small_call
+from ._runtime import _cuda, _import_kernels, _parallel, _small_call, _thread_count
 from ._validate import (BCE_LOGITS_TARGET_VALUES, BCE_TARGET_VALUES, bce_problem, position,
                         raise_bad_probability, raise_bad_value)
 
@@ -41,6 +41,9 @@ def _bce_small(input, target, weight, pos_weight, reduction, grad_output, want_g
     if not (target.dtype is input.dtype and target.shape == input.shape
             and target.flags.c_contiguous and (reduction == "mean" or reduction == "sum")):
         return None
+    min_par = _config.PARALLEL_MIN_BCE_ELEMENTS[input.dtype.itemsize == 8]
+    if input.size >= min_par and _parallel(input.size, min_par):
+        return None     # threaded: the general path
     grad = np.empty(input.shape, input.dtype) if want_grad else None
     entry = _bce.bce_with_logits_small if logits else _bce.bce_small
     loss, bad = entry(input, target, reduction == "mean", grad)
@@ -105,7 +108,14 @@ def _bce_run(input, target, weight, pos_weight, reduction, grad_output, want_gra
             R, C = 1, n
         w = None if w is None else w.reshape(-1, C)
         pw = None if pw is None else pw.reshape(-1, C)
-        part = np.empty((R, -(-C // _config.BCE_CHUNK)), dt)
+        par = _parallel(n, _config.PARALLEL_MIN_BCE_ELEMENTS[dt.itemsize == 8])
+        n_chunks = -(-C // _config.BCE_CHUNK)
+        if par and R == 1:
+            # the same number of chunks for every thread: the scheduler hands each thread a
+            # run of whole chunks, and 7 chunks on 2 threads run 4 against 3
+            threads = _thread_count()
+            n_chunks = -(-n_chunks // threads) * threads
+        part = np.empty((R, n_chunks), dt)
         out = np.empty((R, C), dt) if reduction == "none" else None
         grad = np.empty((R, C), dt) if want_grad else None
         g, go = dt.type(1), None
@@ -115,9 +125,9 @@ def _bce_run(input, target, weight, pos_weight, reduction, grad_output, want_gra
             else:
                 go = gscale.reshape(R, C)
         if logits:
-            kernel = _bce.bce_with_logits if _parallel(n) else _bce.bce_with_logits_serial
+            kernel = _bce.bce_with_logits if par else _bce.bce_with_logits_serial
         else:
-            kernel = _bce.bce if _parallel(n) else _bce.bce_serial
+            kernel = _bce.bce if par else _bce.bce_serial
         if kernel(x.reshape(R, C), y.reshape(R, C), w, pw, go, g, out, part, grad) > 0:
             _raise_first_bad(input, target, x.reshape(-1), y.reshape(-1), logits)
         loss = part if out is None else out

@@ -24,6 +24,11 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 # (docs/performance.md, "Session 4: medium and large softmax-family cells").
 PARALLEL_MIN_WRITE_ELEMENTS = 1 << 15
 
+# The BCE family runs threaded from this many elements (float32, float64): a float64
+# element's log/exp work costs about three float32 ones, so the pool's round trip pays off
+# earlier (docs/performance.md, "Session 5: few-class cells").
+PARALLEL_MIN_BCE_ELEMENTS = (1 << 16, 1 << 15)
+
 # The elementwise BCE kernels cut their input into chunks of this many elements (the units the
 # threads share; a flat input is one long row).
 BCE_CHUNK = 8192
@@ -66,6 +71,12 @@ TILES_PER_TASK = 4
 ROW_TILE_MIN_CLASSES = 1
 ROW_TILE_MAX_CLASSES = (256, 192)
 ROW_TILE_MIN_ROWS = 32
+
+# The forward class-index loss (no smoothing, no gradient) of tile rows of at most this many
+# classes (float32, float64) computes every row's precise rest in its one statistics pass
+# (``tiles._ce_index_rest_tile``) instead of an exp-sum plus the confident rows' second pass:
+# faster at few classes, slower beyond (docs/performance.md, "Session 5: few-class cells").
+CE_REST_TILE_MAX_CLASSES = (16, 10)
 
 # Rows of at most this many classes skip the block machinery of ``row_max_sumexp`` (prefetch,
 # stale-shift bookkeeping): a max, then an exp-sum.

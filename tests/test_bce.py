@@ -91,6 +91,40 @@ def test_parallel_path(dtype, rng):
                  torch_bce_logits(p, y, w, w), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threaded_from_bce_threshold(dtype, rng, monkeypatch):
+    """A plain call of PARALLEL_MIN_BCE_ELEMENTS or more (float64: below the other ops'
+    threshold) skips the small entry and runs the threaded kernel over a number of chunks
+    that every thread gets equally many of; below the threshold, the serial small entry."""
+    from fastce import _bce as front, _config
+    from fastce._cpu import bce as kernels
+    min_par = _config.PARALLEL_MIN_BCE_ELEMENTS[dtype == np.float64]
+    monkeypatch.setattr(front, "_parallel", lambda n, m=None: n >= m)
+    monkeypatch.setattr(front, "_thread_count", lambda: 2)
+    calls = []
+    for name in ("bce", "bce_with_logits", "bce_small", "bce_with_logits_small"):
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append((_name, args[7].shape if len(args) > 7 else None))
+            return _real(*args)
+        monkeypatch.setattr(kernels, name, spy)
+    # 7 (float64: 51,200 elements) or 9 (float32: 70,000) chunks of BCE_CHUNK, rounded up
+    shape, chunks = ((512, 100), 8) if dtype == np.float64 else ((700, 100), 10)
+    assert min_par <= shape[0] * shape[1] < 2 * min_par
+    p = rng.uniform(0.001, 0.999, shape).astype(dtype)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    y = (rng.random(shape) < 0.5).astype(dtype)
+    assert_close(fastce.binary_cross_entropy(p, y), torch_bce(p, y, None, "mean"), dtype)
+    assert_close(fastce.binary_cross_entropy_with_logits(x, y),
+                 torch_bce_logits(x, y, None, None, "mean"), dtype)
+    assert calls == [("bce", (1, chunks)), ("bce_with_logits", (1, chunks))]
+    calls.clear()
+    assert_close(fastce.binary_cross_entropy(p[:8], y[:8], reduction="sum"),
+                 torch_bce(p[:8], y[:8], None, "sum"), dtype, scale=100)
+    assert [c[0] for c in calls] == ["bce_small"]
+
+
 def test_empty_and_scalar():
     e = np.zeros(0, np.float32)
     assert np.isnan(fastce.binary_cross_entropy(e, e))            # torch: nan

@@ -18,7 +18,7 @@ from fastce._cpu.primitives import REST_TERM_BIAS, rest_term
 
 # (N, C): a partial last tile (N % 64), class counts off the 16/8-wide transpose blocks, the
 # serial twin (N * C < 2**16) and the parallel one (float32 only: a compile each).
-SHAPES = [(33, 17), (100, 37), (64, 100)]
+SHAPES = [(33, 17), (100, 37), (64, 100), (100, 7)]
 PARALLEL_SHAPE = (1100, 64)
 
 
@@ -75,6 +75,11 @@ def test_parallel_twins_on_tiles(rng, spy, monkeypatch):
     rl, rg = torch_ce(x, t, reduction="sum", label_smoothing=0.1)
     assert_close(loss, rl, scale=100)
     assert_close(g, rg)
+    # few classes, forward: the rest tiles (_config.CE_REST_TILE_MAX_CLASSES) in parallel
+    x = _logits(rng, (7000, 10), np.float32)      # past the small entry's size
+    t = rng.integers(0, 10, 7000)
+    assert_close(fastce.cross_entropy(x, t, reduction="sum"), torch_ce(x, t, reduction="sum")[0],
+                 scale=100)
     assert set(spy) == {"softmax_tiles", "ce_index_tiles"}
 
 
@@ -130,21 +135,24 @@ def _special_rows(dtype, C, rng):
     return x, t
 
 
+# C = 10: the forward loss takes the few-class rest tiles (_config.CE_REST_TILE_MAX_CLASSES)
+@pytest.mark.parametrize("C", [37, 10])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_special_values_same_as_rows_kernels(dtype, rng, monkeypatch):
-    C = 37
+def test_special_values_same_as_rows_kernels(dtype, C, rng, monkeypatch):
     x, t = _special_rows(dtype, C, rng)
     before = x.copy()
     tiled = [fastce.logsumexp(x), fastce.log_softmax(x), fastce.softmax(x),
              *fastce.cross_entropy_with_grad(x, t, reduction="none"),
-             *fastce.cross_entropy_with_grad(x, t, reduction="none", label_smoothing=0.2)]
+             *fastce.cross_entropy_with_grad(x, t, reduction="none", label_smoothing=0.2),
+             fastce.cross_entropy(x, t, reduction="none")]
     assert np.array_equal(x, before, equal_nan=True)      # inputs untouched
     with monkeypatch.context() as m:
         _rows_path(m)
         assert not _runtime._row_tiles(70, C, np.dtype(dtype))
         rows = [fastce.logsumexp(x), fastce.log_softmax(x), fastce.softmax(x),
                 *fastce.cross_entropy_with_grad(x, t, reduction="none"),
-                *fastce.cross_entropy_with_grad(x, t, reduction="none", label_smoothing=0.2)]
+                *fastce.cross_entropy_with_grad(x, t, reduction="none", label_smoothing=0.2),
+                fastce.cross_entropy(x, t, reduction="none")]
     for a, b in zip(tiled, rows):
         assert np.array_equal(np.isnan(a), np.isnan(b))
         assert np.array_equal(np.isinf(a) & (a > 0), np.isinf(b) & (b > 0))
@@ -157,7 +165,8 @@ def test_special_values_same_as_rows_kernels(dtype, rng, monkeypatch):
     assert_close(tiled[0][ok], torch.logsumexp(x64, -1).numpy(), dtype)
     rl, rg = torch_ce(x[ok], t[ok], reduction="none")
     assert_close(tiled[3][ok], rl, dtype)
-    assert tiled[3][6] == np.inf
+    assert_close(tiled[7][ok], rl, dtype)
+    assert tiled[3][6] == np.inf and tiled[7][6] == np.inf
     assert np.isnan(tiled[1][2]).all() and np.isnan(tiled[2][2]).all()   # torch: NaN
 
 
@@ -190,11 +199,13 @@ def test_log_softmax_max_entry_full_precision(dtype, rng):
         assert abs(-float(lsm[i, k[i]]) - ref) <= 8 * eps * ref, (i, lsm[i, k[i]], ref)
 
 
+@pytest.mark.parametrize("C", [29, 10])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_confident_targets_on_tiles(dtype, rng):
+def test_confident_targets_on_tiles(dtype, C, rng):
     """Targets holding the max with small losses: the loss and p_t - 1 within 8 eps, with
-    few confident rows in a tile (row by row) and with many (vectorized over the tile)."""
-    C, N = 29, 96
+    few confident rows in a tile (row by row) and with many (vectorized over the tile); the
+    forward loss alone too (at C = 10 the few-class rest tiles)."""
+    N = 96
     x = rng.standard_normal((N, C))
     t = rng.integers(0, C, N)
     conf = np.arange(N) < 72          # tile 0 all confident, tile 1 a few
@@ -203,6 +214,7 @@ def test_confident_targets_on_tiles(dtype, rng):
     x[conf, t[conf]] = np.max(x[conf], axis=1) + gaps[conf]
     x = x.astype(dtype)
     loss, g = fastce.cross_entropy_with_grad(x, t, reduction="none")
+    fwd = fastce.cross_entropy(x, t, reduction="none")
     eps = float(np.finfo(dtype).eps)
     for i in np.flatnonzero(conf):
         row = x[i].astype(np.float64)
@@ -214,6 +226,7 @@ def test_confident_targets_on_tiles(dtype, rng):
         if ref_l < float(np.finfo(dtype).tiny):
             continue
         assert abs(float(loss[i]) - ref_l) <= 8 * eps * ref_l, (i, loss[i], ref_l, x[i], t[i])
+        assert abs(float(fwd[i]) - ref_l) <= 8 * eps * ref_l, (i, fwd[i], ref_l, x[i], t[i])
         assert abs(float(g[i, t[i]]) - ref_g) <= 8 * eps * abs(ref_g), (i, g[i, t[i]], ref_g)
 
 

@@ -15,8 +15,9 @@ The statistics are the rows kernels' own (shift = the row's max, ``exp_term`` su
 ``shift_log_sum``, ``lse_minus``), and so are the special values (NaN, +-inf rows).  The
 confident-row precision (docs/semantics.md): cross-entropy runs the rows kernels' test and
 second pass, row by row (``rest_sum``) when a tile holds few confident rows, across the tile
-(``spatial_rest_sum`` on the buffer, the K-dim layout of one sample) when many; log_softmax
-computes every row as max + log1p(rest) in its one pass (:func:`tile_max_rest`).
+(``spatial_rest_sum`` on the buffer, the K-dim layout of one sample) when many; log_softmax,
+and the forward loss of rows of a few classes (``CE_REST_TILE_MAX_CLASSES``), compute every
+row as max + log1p(rest) in one pass (:func:`tile_max_rest`).
 """
 import types as pytypes
 
@@ -26,7 +27,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._config import FASTMATH, TILE_ROWS, TILES_PER_TASK
+from .._config import CE_REST_TILE_MAX_CLASSES, FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
@@ -38,6 +39,8 @@ from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
 # every lane.
 _FEW_CONFIDENT = TILE_ROWS // 8
+
+_REST_TILE_MAX_C32, _REST_TILE_MAX_C64 = CE_REST_TILE_MAX_CLASSES
 
 # Rows per unit of the two-class loops' parallel loop.
 _PAIR_BLOCK = 2048
@@ -428,6 +431,16 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         if bad == 0:
             return
     n_tasks, n_tiles = _tasks(N)
+    rest_max_c = _REST_TILE_MAX_C64 if x.itemsize == 8 else _REST_TILE_MAX_C32
+    if C <= rest_max_c and eps == 0 and grad.shape[0] == 0:
+        for task in prange(n_tasks):
+            buf, m, s, sh, L = _tile_scratch(x)
+            rest = np.empty(TILE_ROWS)
+            work = np.empty((3, TILE_ROWS), dtype=x.dtype)
+            for tile in range(task * TILES_PER_TASK, min(n_tiles, (task + 1) * TILES_PER_TASK)):
+                _ce_index_rest_tile(x, target, ignore_index, weight, loss, tile * TILE_ROWS,
+                                    buf, m, rest, work)
+        return
     for task in prange(n_tasks):
         buf, m, s, sh, L = _tile_scratch(x)
         acc = np.empty(TILE_ROWS, dtype=x.dtype)
@@ -439,6 +452,39 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         for tile in range(task * TILES_PER_TASK, min(n_tiles, (task + 1) * TILES_PER_TASK)):
             _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
                            tile * TILE_ROWS, buf, m, s, sh, L, acc, rest, pivot, skip, xsave)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _row_target(x, target, ignore_index, weight, i):
+    """(whether row i is ignored, its target's weight, its target logit); the logit is
+    not read for an ignored row (its index may lie outside the row)."""
+    t = target[i]
+    if t == ignore_index:
+        return True, x.dtype.type(0), x.dtype.type(0)
+    return False, weight[t] if weight.shape[0] > 0 else x.dtype.type(1), x[i, t]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _ce_index_rest_tile(x, target, ignore_index, weight, loss, r0, buf, m, rest, work):
+    """One tile of the forward loss (no smoothing, no gradient) of few-class rows, every row
+    as ``w_t ((max - x_t) + log1p(rest))`` from :func:`tile_max_rest`: the precise rest in
+    the one statistics pass, so that no row needs the confident rows' second pass (at a few
+    classes, about one row in C has its target at the max).  Both terms are >= 0: full
+    relative precision on every row.  Non-finite rows keep the other path's values: a max of
+    +-inf or NaN gives ``rest = 0`` and ``max - x_t`` its inf/NaN; a target logit of -inf
+    costs +inf."""
+    wide_vectors()
+    n = min(TILE_ROWS, x.shape[0] - r0)
+    load_tile(x, r0, buf)
+    tile_max_rest(buf, m, rest, work)
+    for j in range(TILE_ROWS):
+        rest[j] = log1p(rest[j])
+    for j in range(n):
+        ignored, w_t, xt = _row_target(x, target, ignore_index, weight, r0 + j)
+        # float64: exact for float32 logits, and no "reassoc" regrouping (lse_minus)
+        v = x.dtype.type(lse_minus(np.float64(m[j]), rest[j], np.float64(xt)))
+        v = w_t * v if xt != -np.inf else x.dtype.type(np.inf)
+        loss[r0 + j] = x.dtype.type(0) if ignored else v
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -479,13 +525,12 @@ def _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, 
     n_conf = 0
     for j in range(n):
         i = r0 + j
-        t = target[i]
-        if t == ignore_index:
+        ignored, w_t, xt = _row_target(x, target, ignore_index, weight, i)
+        if ignored:
             loss[i] = 0
             continue
-        w_t = weight[t] if has_w else one
+        t = target[i]
         # A target logit of -inf (masked class) costs +inf, even in an all-masked row.
-        xt = x[i, t]
         if xt != -np.inf:
             nll = lse_minus(m[j], L[j], xt)
             if confident(xt - m[j], nll):
