@@ -32,7 +32,7 @@ from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
                          rest_sum, rest_term, rest_total,
-                         safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
+                         safe_shift, shift_log_sum, spatial_rest_sum, kahan_add, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
@@ -248,7 +248,7 @@ def tile_max_rest(buf, m, rest, work):
     ``rest[j] = sum_c exp(buf[c, j] - m[j])`` over the entries below the max, plus one for
     each further entry equal to it: ``logsumexp = m + log1p(rest)`` to full relative
     precision (each difference exact and each term within 1.5 ulp, :func:`rest_term`; the
-    sum TwoSum-compensated in the data's dtype).  A lane whose max is not finite gets
+    sum Kahan-compensated in the data's dtype, :func:`kahan_add`).  A lane whose max is not finite gets
     ``rest = 0`` (``m - x + log1p(rest)`` then gives the one-pass values there: -inf or
     NaN entries from ``m``).  ``work``: (3, TILE_ROWS) scratch of ``buf``'s dtype."""
     wide_vectors()
@@ -263,16 +263,17 @@ def tile_max_rest(buf, m, rest, work):
     for c in range(C):
         for j in range(TILE_ROWS):
             m[j] = nan_max(m[j], buf[c, j])
+    one = buf.dtype.type(1)
     for c in range(C):
         for j in range(TILE_ROWS):
             v = buf[c, j]
             term = rest_term(v, m[j]) if v < m[j] else zero
-            hi[j], err = two_sum(hi[j], term)
-            lo[j] += err
-            ties[j] += buf.dtype.type(v == m[j])
+            hi[j], lo[j] = kahan_add(hi[j], lo[j], term)
+            # a select: converting the comparison to a number took three more operations
+            ties[j] += one if v == m[j] else zero
     for j in range(TILE_ROWS):
         finite = m[j] > -np.inf and m[j] < np.inf
-        r = rest_total(np.float64(hi[j]), np.float64(lo[j]), buf.itemsize,
+        r = rest_total(np.float64(hi[j]), -np.float64(lo[j]), buf.itemsize,
                        np.float64(ties[j]))
         rest[j] = r if finite else np.float64(0)
 
