@@ -212,6 +212,27 @@ def store_tile(buf, out, r0):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
+def tile_max(buf, m):
+    """``m[j]`` = the NaN-propagating max of lane j of the (C, TILE_ROWS) ``buf``.  Four
+    classes are merged in registers before each update of ``m``: with one update per class
+    LLVM may keep ``m`` in memory and turn the NaN select into a masked store, whose
+    store-to-load round trip made the max a quarter of a softmax tile
+    (docs/performance.md "Session 5")."""
+    wide_vectors()
+    C = buf.shape[0]
+    for j in range(TILE_ROWS):
+        m[j] = -np.inf
+    c4 = C - C % 4
+    for c in range(0, c4, 4):
+        for j in range(TILE_ROWS):
+            m[j] = nan_max(m[j], nan_max(nan_max(buf[c, j], buf[c + 1, j]),
+                                         nan_max(buf[c + 2, j], buf[c + 3, j])))
+    for c in range(c4, C):
+        for j in range(TILE_ROWS):
+            m[j] = nan_max(m[j], buf[c, j])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def tile_max_sumexp(buf, m, s, sh, keep_exp):
     """Per lane j of the (C, TILE_ROWS) ``buf``: the max ``m[j]`` (NaN-propagating), the safe
     shift ``sh[j]`` and ``s[j] = sum_c exp(buf[c, j] - sh[j])`` -- 0 when the max is not
@@ -220,11 +241,8 @@ def tile_max_sumexp(buf, m, s, sh, keep_exp):
     wide_vectors()
     C = buf.shape[0]
     for j in range(TILE_ROWS):
-        m[j] = -np.inf
         s[j] = 0
-    for c in range(C):
-        for j in range(TILE_ROWS):
-            m[j] = nan_max(m[j], buf[c, j])
+    tile_max(buf, m)
     for j in range(TILE_ROWS):
         sh[j] = safe_shift(m[j])
     if keep_exp:
@@ -256,13 +274,10 @@ def tile_max_rest(buf, m, rest, work):
     zero = buf.dtype.type(0)
     hi, lo, ties = work[0], work[1], work[2]
     for j in range(TILE_ROWS):
-        m[j] = -np.inf
         hi[j] = 0
         lo[j] = 0
         ties[j] = 0
-    for c in range(C):
-        for j in range(TILE_ROWS):
-            m[j] = nan_max(m[j], buf[c, j])
+    tile_max(buf, m)
     one = buf.dtype.type(1)
     for c in range(C):
         for j in range(TILE_ROWS):
