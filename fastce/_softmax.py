@@ -23,28 +23,34 @@ _sm, _tiles = _kernels.softmax, _kernels.tiles
 
 def _small_rows(x, axis, mode):
     """The common small call -- 1-D or 2-D ``x`` that ``_runtime._small_call`` accepts,
-    reduced along its last axis -- in one jitted call (``softmax_small_rows``, or the serial
-    row tiles for many short rows) into an output allocated here, or None when the call is
+    reduced along its last axis -- in one jitted call (``softmax_small_rows``, or the row
+    tiles for many short rows, threaded from ``PARALLEL_MIN_WRITE_ELEMENTS``) into an output
+    allocated here, or None when the call is
     not one.  The general path's Python glue (checks, canonical views, the serial/parallel
     choice) costs many times the kernel on inputs like (1, 10) (docs/performance.md)."""
     if not _small_call(x) or type(axis) is not int:
         return None
-    if (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
-            and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS)):
-        return None     # threaded: the general path
+    # log_softmax and softmax from PARALLEL_MIN_WRITE_ELEMENTS run threaded: the parallel
+    # row tiles take the same three arguments; the rows kernel's threaded form goes through
+    # the general path.
+    par = (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
+           and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS))
     shape = x.shape
     lse = mode == MODE_LOGSUMEXP
     if len(shape) == 2:
         if axis != -1 and axis != 1:
             return None
         N, C = shape
+        tiles = _row_tiles(N, C, x.dtype)
+        if par and not tiles:
+            return None
         o = np.empty((N, 1) if lse else shape, x.dtype)
-        if _row_tiles(N, C, x.dtype):
-            _tiles.softmax_tiles_serial(x, o, mode)
+        if tiles:
+            (_tiles.softmax_tiles if par else _tiles.softmax_tiles_serial)(x, o, mode)
         else:
             _sm.softmax_small_rows(x, o, mode)
         return o.reshape(N) if lse else o
-    if len(shape) != 1 or (axis != -1 and axis != 0):
+    if par or len(shape) != 1 or (axis != -1 and axis != 0):
         return None
     C = shape[0]
     o = np.empty((1, 1 if lse else C), x.dtype)

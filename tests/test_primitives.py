@@ -4,9 +4,9 @@ import pytest
 from numba import njit
 
 from fastce._config import FASTMATH
-from fastce._cpu.primitives import (exp, exp_term, log1p, log1p_vec, log_nonneg, log_normal,
-                                    merge_max_sumexp, nan_max, rest_sum, row_max_sumexp,
-                                    shift_log_sum, two_sum)
+from fastce._cpu.primitives import (exp, exp_term, kahan_add, log1p, log1p_vec, log_nonneg,
+                                    log_normal, merge_max_sumexp, nan_max, rest_sum,
+                                    row_max_sumexp, shift_log_sum, two_sum)
 
 DTYPES = [np.float32, np.float64]
 
@@ -155,6 +155,34 @@ def test_two_sum_is_exact_under_the_kernels_fast_math():
     assert s == 1.0 and e == 1e-20
     s, e = _two_sum(np.float32(1), np.float32(1e-10))
     assert s == 1 and e == np.float32(1e-10)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _kahan_sum(a):
+    s = a.dtype.type(0)
+    comp = a.dtype.type(0)
+    for i in range(a.shape[0]):
+        s, comp = kahan_add(s, comp, a[i])
+    return s, comp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kahan_add_compensates_under_the_kernels_fast_math(dtype):
+    """Sums of non-negative terms (the rest sums' case) within 2 eps of the exact sum, in a
+    caller compiled with "reassoc"; a plain sum of the same terms is far off."""
+    rng = np.random.default_rng(3)
+    eps = float(np.finfo(dtype).eps)
+    # one large term, then many that each lose bits against it
+    a = np.concatenate([[1.0], rng.uniform(0, 1, 20000) * eps]).astype(dtype)
+    # terms spread over many binades
+    b = np.exp(rng.uniform(-30, 0, 3000)).astype(dtype)
+    for x in (a, b):
+        s, comp = _kahan_sum(x)
+        total = np.longdouble(s) - np.longdouble(comp)
+        exact = np.sum(x.astype(np.longdouble))
+        assert abs(total - exact) <= 2 * eps * exact, (total, exact)
+    plain = np.float64(np.cumsum(a)[-1])     # sequential, in a's dtype
+    assert abs(plain - float(np.sum(a.astype(np.longdouble)))) > 10 * eps
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")

@@ -33,7 +33,7 @@ from .cross_entropy import _target_grad, _upstream, ce_index_small
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
                          rest_sum, rest_term, rest_total,
-                         safe_shift, shift_log_sum, spatial_rest_sum, two_sum, wide_vectors)
+                         safe_shift, shift_log_sum, spatial_rest_sum, kahan_add, wide_vectors)
 
 # Up to this many confident rows in a tile take the second pass row by row (``rest_sum``);
 # more, and it runs vectorized across the whole tile (``spatial_rest_sum``), float64 exps on
@@ -215,6 +215,27 @@ def store_tile(buf, out, r0):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
+def tile_max(buf, m):
+    """``m[j]`` = the NaN-propagating max of lane j of the (C, TILE_ROWS) ``buf``.  Four
+    classes are merged in registers before each update of ``m``: with one update per class
+    LLVM may keep ``m`` in memory and turn the NaN select into a masked store, whose
+    store-to-load round trip made the max a quarter of a softmax tile
+    (docs/performance.md "Session 5")."""
+    wide_vectors()
+    C = buf.shape[0]
+    for j in range(TILE_ROWS):
+        m[j] = -np.inf
+    c4 = C - C % 4
+    for c in range(0, c4, 4):
+        for j in range(TILE_ROWS):
+            m[j] = nan_max(m[j], nan_max(nan_max(buf[c, j], buf[c + 1, j]),
+                                         nan_max(buf[c + 2, j], buf[c + 3, j])))
+    for c in range(c4, C):
+        for j in range(TILE_ROWS):
+            m[j] = nan_max(m[j], buf[c, j])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def tile_max_sumexp(buf, m, s, sh, keep_exp):
     """Per lane j of the (C, TILE_ROWS) ``buf``: the max ``m[j]`` (NaN-propagating), the safe
     shift ``sh[j]`` and ``s[j] = sum_c exp(buf[c, j] - sh[j])`` -- 0 when the max is not
@@ -223,11 +244,8 @@ def tile_max_sumexp(buf, m, s, sh, keep_exp):
     wide_vectors()
     C = buf.shape[0]
     for j in range(TILE_ROWS):
-        m[j] = -np.inf
         s[j] = 0
-    for c in range(C):
-        for j in range(TILE_ROWS):
-            m[j] = nan_max(m[j], buf[c, j])
+    tile_max(buf, m)
     for j in range(TILE_ROWS):
         sh[j] = safe_shift(m[j])
     if keep_exp:
@@ -251,7 +269,7 @@ def tile_max_rest(buf, m, rest, work):
     ``rest[j] = sum_c exp(buf[c, j] - m[j])`` over the entries below the max, plus one for
     each further entry equal to it: ``logsumexp = m + log1p(rest)`` to full relative
     precision (each difference exact and each term within 1.5 ulp, :func:`rest_term`; the
-    sum TwoSum-compensated in the data's dtype).  A lane whose max is not finite gets
+    sum Kahan-compensated in the data's dtype, :func:`kahan_add`).  A lane whose max is not finite gets
     ``rest = 0`` (``m - x + log1p(rest)`` then gives the one-pass values there: -inf or
     NaN entries from ``m``).  ``work``: (3, TILE_ROWS) scratch of ``buf``'s dtype."""
     wide_vectors()
@@ -259,23 +277,21 @@ def tile_max_rest(buf, m, rest, work):
     zero = buf.dtype.type(0)
     hi, lo, ties = work[0], work[1], work[2]
     for j in range(TILE_ROWS):
-        m[j] = -np.inf
         hi[j] = 0
         lo[j] = 0
         ties[j] = 0
-    for c in range(C):
-        for j in range(TILE_ROWS):
-            m[j] = nan_max(m[j], buf[c, j])
+    tile_max(buf, m)
+    one = buf.dtype.type(1)
     for c in range(C):
         for j in range(TILE_ROWS):
             v = buf[c, j]
             term = rest_term(v, m[j]) if v < m[j] else zero
-            hi[j], err = two_sum(hi[j], term)
-            lo[j] += err
-            ties[j] += buf.dtype.type(v == m[j])
+            hi[j], lo[j] = kahan_add(hi[j], lo[j], term)
+            # a select: converting the comparison to a number took three more operations
+            ties[j] += one if v == m[j] else zero
     for j in range(TILE_ROWS):
         finite = m[j] > -np.inf and m[j] < np.inf
-        r = rest_total(np.float64(hi[j]), np.float64(lo[j]), buf.itemsize,
+        r = rest_total(np.float64(hi[j]), -np.float64(lo[j]), buf.itemsize,
                        np.float64(ties[j]))
         rest[j] = r if finite else np.float64(0)
 
