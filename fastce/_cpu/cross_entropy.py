@@ -30,8 +30,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .._config import (FASTMATH, SPATIAL_BLOCK, SPATIAL_BLOCKS_PER_TASK, SPATIAL_PAIR_BLOCK,
-                       SPATIAL_SELECT_MAX_CLASSES)
+from .._config import (CHECK_BLOCK, FASTMATH, SPATIAL_BLOCK, SPATIAL_BLOCKS_PER_TASK,
+                       SPATIAL_PAIR_BLOCK, SPATIAL_SELECT_MAX_CLASSES)
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
                          lse_from_max_sumexp, lse_minus, pair_parts, rest_sum,
                          row_exact_max_sumexp,
@@ -46,18 +46,38 @@ def check_index_target(target, n_classes, ignore_index, weight):
     denominator of torch's "mean" (sum of the weights of the non-ignored targets).
 
     The denominator is summed in float64 whatever the logits' dtype: it is a count or a sum of
-    up to N weights, and rounding it would bias every row's gradient alike.
+    up to N weights, and rounding it would bias every row's gradient alike.  Blocked as
+    ``checks.first_bad_value`` is: each block's test and count run branch-free (vectorized),
+    the position search only in a block that failed.
     """
     has_w = weight.shape[0] > 0
+    n = target.shape[0]
     denom = 0.0
-    for i in range(target.shape[0]):
-        t = target[i]
-        if t == ignore_index:
-            continue
-        if t < 0 or t >= n_classes:
-            return i, denom
-        denom += weight[t] if has_w else 1.0
-    return -1, denom
+    count = 0
+    for b in range(0, n, CHECK_BLOCK):
+        blk = target[b:min(b + CHECK_BLOCK, n)]
+        bad = 0
+        live = 0
+        for i in range(blk.shape[0]):
+            t = blk[i]
+            keep = t != ignore_index
+            bad += 1 if keep and (t < 0 or t >= n_classes) else 0
+            live += 1 if keep else 0
+        if bad > 0:
+            for i in range(blk.shape[0]):
+                t = blk[i]
+                if t != ignore_index and (t < 0 or t >= n_classes):
+                    return b + i, denom + count
+        if has_w:
+            acc = 0.0
+            for i in range(blk.shape[0]):
+                t = blk[i]
+                w = np.float64(weight[min(max(t, 0), n_classes - 1)])
+                acc += w if t != ignore_index else 0.0
+            denom += acc
+        else:
+            count += live
+    return -1, denom + count
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
