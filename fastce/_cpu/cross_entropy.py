@@ -426,6 +426,17 @@ def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, g
                          _z_grad(z_loss, m[j], L[j])), xt[j], cap)
 
 
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def _pair_position(a, b, t, ignore_index, w0, w1):
+    """A two-class position's parts: :func:`pair_parts` of its logits ``a``, ``b``, whether
+    its target ``t`` is class 1, whether it is not ignored, the target's and the other
+    class's logit and weight."""
+    on1 = t == 1
+    M, e, L = pair_parts(a, b)
+    return (M, e, L, on1, t != ignore_index, b if on1 else a, a if on1 else b,
+            w1 if on1 else w0, w0 if on1 else w1)
+
+
 # "contract" only: the pair primitives are inlined and must not be reassociated.
 @njit(fastmath={"contract"}, error_model="numpy")
 def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
@@ -457,13 +468,8 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
     for j in range(s1 - s0):
         a = x0[j]
         b = x1[j]
-        on1 = tn[j] == 1
-        live = tn[j] != ignore_index
-        M, e, L = pair_parts(a, b)
-        xt = b if on1 else a
-        xo = a if on1 else b
-        w_t = w1 if on1 else w0
-        w_o = w0 if on1 else w1
+        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
+                                                              w0, w1)
         lt = (M - xt) + L
         part = keep * w_t * lt
         if eps > 0:
@@ -482,15 +488,12 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
         for j in range(s1 - s0):
             a = x0[j]
             b = x1[j]
-            on1 = tn[j] == 1
-            live = tn[j] != ignore_index
-            M, e, L = pair_parts(a, b)
+            M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
+                                                                  w0, w1)
             q = one / (one + e)
             t_max = on1 != (a >= b)          # the target holds M (either, on a tie)
             p_t = q if t_max else e * q
             p_o = e * q if t_max else q
-            w_t = w1 if on1 else w0
-            w_o = w0 if on1 else w1
             g = gs[j]
             gt = g * (keep * w_t * -p_o) + (g * eps_c) * (w_total * p_t - w_t)
             go = g * ((keep * w_t + eps_c * w_total) * p_o - eps_c * w_o)

@@ -814,13 +814,19 @@ def _exp_diff_f64(x, pivot):
     return v + v * e if v != 0 else v
 
 
-@overload(rest_term, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
-def _rest_term_impl(x, pivot):
-    if x == types.float32 and pivot == types.float32:
-        return _rest_term_f32.py_func
-    if x == types.float64 and pivot == types.float64:
-        return _rest_term_f64.py_func
-    return None
+def _by_dtype_pair(stub, impl_f32, impl_f64):
+    """:func:`_by_dtype` for a stub of two arguments of one dtype, ``(x, pivot)``."""
+    @overload(stub, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
+    def _impl(x, pivot):
+        if x == types.float32 and pivot == types.float32:
+            return impl_f32.py_func
+        if x == types.float64 and pivot == types.float64:
+            return impl_f64.py_func
+        return None
+    return _impl
+
+
+_by_dtype_pair(rest_term, _rest_term_f32, _rest_term_f64)
 
 
 @overload(exp_diff, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
@@ -961,13 +967,7 @@ def exp_diff_native(x, pivot):
     raise NotImplementedError("fastce._cpu.primitives.exp_diff_native is for jitted code")
 
 
-@overload(exp_diff_native, jit_options={"fastmath": {"contract"}, "error_model": "numpy"})
-def _exp_diff_native_impl(x, pivot):
-    if x == types.float32 and pivot == types.float32:
-        return _exp_diff_native_f32.py_func
-    if x == types.float64 and pivot == types.float64:
-        return _exp_diff_f64.py_func
-    return None
+_by_dtype_pair(exp_diff_native, _exp_diff_native_f32, _exp_diff_f64)
 
 
 # Inlined into the caller's numba IR (a called function of this size is not inlined by LLVM, and
