@@ -9,10 +9,10 @@ semantics); blocks and tasks cut at sizes off their lengths, serial and parallel
 import mpmath
 import numpy as np
 import pytest
-from helpers import DTYPES, NAN, NINF, INF, assert_close, torch_ce
+from helpers import DTYPES, INF, NAN, NINF, assert_close, torch_ce
 
 import fastce
-from fastce import _config, _cross_entropy, _runtime
+from fastce import _config, _cross_entropy
 
 # across the closed form's block (2048) and the general blocks' (256) and tasks (8 blocks)
 S_LONG = _config.SPATIAL_PAIR_BLOCK + 2 * _config.SPATIAL_BLOCK + 37
@@ -169,4 +169,21 @@ def test_inputs_unchanged_and_layout_choice(rng):
     prob = _cross_entropy._validate_call(x, t, None, -100, "mean", 0.0)[3]
     assert _cross_entropy._choose_layout(prob, (None, None, None)) is \
         _cross_entropy._spatial_layout
-    assert _runtime is not None
+
+
+def test_target_check_blocks(rng):
+    """The class-index check runs in blocks of ``CHECK_BLOCK``: an invalid target in a later
+    block is named at its position; the 'mean' denominator (weights of the non-ignored
+    targets) over several blocks, against NumPy."""
+    N, C, S = 3, 4, _config.CHECK_BLOCK + 100
+    x = _kdim(rng, N, C, S, np.float64)
+    t = _targets(rng, N, C, S, -100)
+    w = rng.random(C) + 0.5
+    denom = w[t[t != -100]].sum()
+    for kw, d in ((dict(weight=w), denom), ({}, float(np.count_nonzero(t != -100)))):
+        total = fastce.cross_entropy(x, t, reduction="sum", **kw)
+        assert_close(fastce.cross_entropy(x, t, **kw), total / d)
+    bad = t.copy()
+    bad[2, S - 7] = C
+    with pytest.raises(IndexError, match=rf"class index {C} at position \(2, {S - 7}\)"):
+        fastce.cross_entropy(x, bad)

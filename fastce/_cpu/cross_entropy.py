@@ -34,9 +34,8 @@ from .._config import (CHECK_BLOCK, FASTMATH, SPATIAL_BLOCK, SPATIAL_BLOCKS_PER_
                        SPATIAL_PAIR_BLOCK, SPATIAL_SELECT_MAX_CLASSES)
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
                          lse_from_max_sumexp, lse_minus, pair_parts, rest_sum,
-                         row_exact_max_sumexp,
-                         row_max_sumexp, safe_shift, shift_log_sum, softcap, softcap_grad,
-                         spatial_rest_sum, wide_vectors)
+                         row_exact_max_sumexp, row_max_sumexp, safe_shift, shift_log_sum,
+                         softcap, softcap_grad, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks, spatial_max_sumexp
 
 
