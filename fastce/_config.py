@@ -84,6 +84,14 @@ SHORT_ROW = 64
 
 # K-dim inputs (N, C, S): spatial positions processed together per class (vectorized across S).
 SPATIAL_BLOCK = 256
+# Class-index cross-entropy over K-dim inputs: blocks per unit of the parallel loop (the
+# scratch is allocated once per unit); two classes, in closed form, take blocks of
+# SPATIAL_PAIR_BLOCK positions; up to SPATIAL_SELECT_MAX_CLASSES classes a position's target
+# logit is selected in a vectorized pass over the classes instead of gathered one by one
+# (docs/performance.md, "Session 5: K-dim cross-entropy").
+SPATIAL_BLOCKS_PER_TASK = 8
+SPATIAL_PAIR_BLOCK = 2048
+SPATIAL_SELECT_MAX_CLASSES = 16
 
 # The data checks (``_cpu.checks``) test values in blocks of this many: a branch-free
 # and-reduction per block, the position search only in a block that failed.

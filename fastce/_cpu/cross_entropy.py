@@ -30,12 +30,13 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .._config import FASTMATH
+from .._config import (CHECK_BLOCK, FASTMATH, SPATIAL_BLOCK, SPATIAL_BLOCKS_PER_TASK,
+                       SPATIAL_PAIR_BLOCK, SPATIAL_SELECT_MAX_CLASSES)
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p,
-                         lse_from_max_sumexp, lse_minus, rest_sum, row_exact_max_sumexp,
-                         row_max_sumexp, safe_shift, shift_log_sum, softcap, softcap_grad,
-                         spatial_rest_sum, wide_vectors)
-from .stats import spatial_block_stats, spatial_blocks
+                         lse_from_max_sumexp, lse_minus, pair_parts, rest_sum,
+                         row_exact_max_sumexp, row_max_sumexp, safe_shift, shift_log_sum,
+                         softcap, softcap_grad, spatial_rest_sum, wide_vectors)
+from .stats import spatial_block_stats, spatial_blocks, spatial_max_sumexp
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -44,23 +45,59 @@ def check_index_target(target, n_classes, ignore_index, weight):
     denominator of torch's "mean" (sum of the weights of the non-ignored targets).
 
     The denominator is summed in float64 whatever the logits' dtype: it is a count or a sum of
-    up to N weights, and rounding it would bias every row's gradient alike.
+    up to N weights, and rounding it would bias every row's gradient alike.  Blocked as
+    ``checks.first_bad_value`` is: each block's test and count run branch-free (vectorized),
+    the position search only in a block that failed.
     """
     has_w = weight.shape[0] > 0
+    n = target.shape[0]
     denom = 0.0
-    for i in range(target.shape[0]):
-        t = target[i]
-        if t == ignore_index:
-            continue
-        if t < 0 or t >= n_classes:
-            return i, denom
-        denom += weight[t] if has_w else 1.0
-    return -1, denom
+    count = 0
+    for b in range(0, n, CHECK_BLOCK):
+        blk = target[b:min(b + CHECK_BLOCK, n)]
+        bad = 0
+        live = 0
+        for i in range(blk.shape[0]):
+            t = blk[i]
+            keep = t != ignore_index
+            bad += 1 if keep and (t < 0 or t >= n_classes) else 0
+            live += 1 if keep else 0
+        if bad > 0:
+            for i in range(blk.shape[0]):
+                t = blk[i]
+                if t != ignore_index and (t < 0 or t >= n_classes):
+                    return b + i, denom + count
+        if has_w:
+            acc = 0.0
+            for i in range(blk.shape[0]):
+                t = blk[i]
+                w = np.float64(weight[min(max(t, 0), n_classes - 1)])
+                acc += w if t != ignore_index else 0.0
+            denom += acc
+        else:
+            count += live
+    return -1, denom + count
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _upstream(gscale, i):
     return gscale[i] if gscale.shape[0] > 1 else gscale[0]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def _upstream_block(gscale, i0, out, B):
+    """``out[j]`` for ``j < B``: the upstream factor of flat position ``i0 + j`` (``gscale``
+    holds one per position, or one for all).  Read from ``out``, the factors keep the loops
+    over positions vectorized: ``_upstream``'s branch on the length, in the loop, kept them
+    scalar."""
+    if gscale.shape[0] > 1:
+        src = gscale[i0:i0 + B]
+        for j in range(B):
+            out[j] = src[j]
+    else:
+        g = gscale[0]
+        for j in range(B):
+            out[j] = g
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -195,120 +232,275 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
 def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
                       cap, z_loss, lse_out):
     """(N, C, S) layout; ``target``, ``loss`` and ``lse_out`` (unless None) are (N, S),
-    ``gscale`` (N*S,) or (1,)."""
-    wide_vectors()
+    ``gscale`` (N*S,) or (1,).  Every loop runs along the contiguous S axis, positions as
+    vector lanes: two classes in closed form (:func:`spatial_index_pairs`), other class
+    counts block by block (:func:`spatial_index_block`), the blocks' scratch allocated once
+    per task of ``SPATIAL_BLOCKS_PER_TASK`` blocks."""
     N, C, S = x.shape
+    pairs = C == 2 and cap is None and z_loss is None
+    blk = SPATIAL_PAIR_BLOCK if pairs else SPATIAL_BLOCK
+    per_sample = (S + blk - 1) // blk
+    per_task = 1 if pairs else SPATIAL_BLOCKS_PER_TASK
+    n_units = N * per_sample
+    for task in prange((n_units + per_task - 1) // per_task):
+        # (the closed form needs none: allocated if a block hands back to the general code)
+        sc = spatial_index_scratch(x, 0 if pairs else blk)
+        for u in range(task * per_task, min(n_units, (task + 1) * per_task)):
+            n = u // per_sample
+            s0 = (u - n * per_sample) * blk
+            s1 = min(s0 + blk, S)
+            if pairs:
+                bad = spatial_index_pairs(x, target, ignore_index, weight, w_total, eps,
+                                          gscale, grad, loss, lse_out, n, s0, s1)
+                if bad == 0:
+                    continue
+                if sc[0].shape[1] < blk:
+                    sc = spatial_index_scratch(x, blk)
+            spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, grad,
+                                loss, cap, z_loss, lse_out, n, s0, s1, sc)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def spatial_index_scratch(x, blk):
+    """Scratch of :func:`spatial_index_block` for blocks of up to ``blk`` positions: per
+    position rows of the logits' dtype, float64 and int64, and the (1, C, blk // 4) buffer
+    that the few confident positions' columns are gathered into."""
+    C = x.shape[1]
+    return (np.empty((10, blk), dtype=x.dtype), np.empty((2, blk)),
+            np.empty((3, blk), dtype=np.int64),
+            np.empty((1, C, blk // _FEW_CONFIDENT_SHARE), dtype=x.dtype))
+
+
+# A block with fewer confident positions than 1/_FEW_CONFIDENT_SHARE of its length gathers
+# their columns and runs the second pass on them alone; more, and the pass runs across the
+# whole block (float64 exps on every lane).
+_FEW_CONFIDENT_SHARE = 4
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
+                        cap, z_loss, lse_out, n, s0, s1, sc):
+    """Positions ``s0:s1`` of sample ``n`` of :func:`_ce_index_spatial`, any class count:
+    every loop vectorized across the positions.  A position's target class (``tc``, -1 where
+    ignored), its logit and weight are selected in one pass over the classes when there are
+    at most ``SPATIAL_SELECT_MAX_CLASSES``, gathered position by position beyond; the
+    confident positions' second pass (``spatial_rest_sum``) runs on their gathered columns
+    when they are few; the gradient's target share is selected in the class loop."""
+    wide_vectors()
+    C = x.shape[1]
+    S = x.shape[2]
+    B = s1 - s0
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     one = x.dtype.type(1)
     zero = x.dtype.type(0)
     eps_c = x.dtype.type(eps / C)
     keep = x.dtype.type(1 - eps)
-    for u in prange(spatial_blocks(x)):
-        n, s0, s1, m, s, sh = spatial_block_stats(x, u, cap)
-        B = s1 - s0
-        lse = np.empty(B, dtype=x.dtype)
-        acc = np.zeros(B, dtype=x.dtype)
-        tn = target[n, s0:s1]
+    f, f64, i64, cols = sc
+    m, s, sh, L, acc, xt, wt, ga, gb, gt = (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+                                           f[8], f[9])
+    pivot, rest = f64[0], f64[1]
+    tc, skip, idx = i64[0], i64[1], i64[2]
+    tn = target[n, s0:s1]
+    ln = loss[n, s0:s1]
+    spatial_max_sumexp(x, n, s0, s1, m, s, sh, cap)
+    for j in range(B):
+        m[j], L[j] = shift_log_sum(m[j], s[j])  # m keeps the shift: lse = m + L
+    if lse_out is not None:
         for j in range(B):
-            m[j], lse[j] = shift_log_sum(m[j], s[j])  # lse[j] holds L: lse = m + L
-        if lse_out is not None:
+            lse_out[n, s0 + j] = m[j] + L[j]
+    for j in range(B):
+        t = tn[j]
+        tc[j] = -1 if t == ignore_index else t
+    if C <= SPATIAL_SELECT_MAX_CLASSES:
+        for j in range(B):
+            xt[j] = zero
+            wt[j] = one
+        for c in range(C):
+            xc = x[n, c, s0:s1]
+            wc = weight[c] if has_w else one
             for j in range(B):
-                lse_out[n, s0 + j] = m[j] + lse[j]
+                hit = tc[j] == c
+                a = xc[j]
+                b = xt[j]
+                xt[j] = a if hit else b
+                if has_w:
+                    b = wt[j]
+                    wt[j] = wc if hit else b
+    else:
+        for j in range(B):
+            t = max(tc[j], 0)
+            xt[j] = x[n, t, s0 + j]
+            wt[j] = weight[t] if has_w else one
+    for j in range(B):
+        xt[j] = softcap(xt[j], cap)
+    if eps > 0:
+        for j in range(B):
+            acc[j] = zero
+        for c in range(C):
+            wc = weight[c] if has_w else one
+            xc = x[n, c, s0:s1]
+            for j in range(B):
+                acc[j] += wc * lse_minus(m[j], L[j], softcap(xc[j], cap))
+    # The loss; a confident position (the target holds the max, the loss is small) is
+    # marked in skip (its target class, else -1) and redone below.  A target logit of -inf
+    # (masked class) costs +inf.
+    n_conf = 0
+    for j in range(B):
+        y = xt[j]
+        v = lse_minus(m[j], L[j], y)
+        conf = tc[j] >= 0 and confident(y - m[j], v)
+        part = keep * wt[j] * v if y != -np.inf else x.dtype.type(np.inf)
         if eps > 0:
-            for c in range(C):
-                wc = weight[c] if has_w else one
-                xc = x[n, c, s0:s1]
-                for j in range(B):
-                    acc[j] += wc * lse_minus(m[j], lse[j], softcap(xc[j], cap))
-        n_conf = 0
-        for j in range(B):
-            t = tn[j]
-            if t == ignore_index:
-                loss[n, s0 + j] = 0
-                continue
-            w_t = weight[t] if has_w else one
-            xt = softcap(x[n, t, s0 + j], cap)
-            if xt != -np.inf:
-                v = lse_minus(m[j], lse[j], xt)
-                n_conf += confident(xt - m[j], v)
-                nll = keep * w_t * v
-            else:
-                nll = x.dtype.type(np.inf)
-            loss[n, s0 + j] = nll + eps_c * acc[j]
-        # Confident positions (the target holds the max, the loss is small): their rest sums
-        # in one pass vectorized across the block's positions; rest < 0 marks the others.
-        rest = np.empty(B if n_conf > 0 else 0, dtype=np.float64)
-        if n_conf > 0:
-            pivot = np.zeros(B, dtype=np.float64)
-            skip = np.full(B, -1, dtype=np.int64)
+            part += eps_c * acc[j]
+        ln[j] = part if tc[j] >= 0 else zero
+        skip[j] = tc[j] if conf else -1
+        n_conf += conf
+    # rest[k]: the rest sum of the k-th confident position, idx[k] its position
+    if n_conf > 0:
+        if n_conf * _FEW_CONFIDENT_SHARE < B:
+            k = 0
             for j in range(B):
-                t = tn[j]
-                if t != ignore_index:
-                    xt = softcap(x[n, t, s0 + j], cap)
-                    if xt != -np.inf and confident(xt - m[j], lse_minus(m[j], lse[j], xt)):
-                        pivot[j] = xt
-                        skip[j] = t
+                if skip[j] >= 0:
+                    idx[k] = j
+                    k += 1
+            for c in range(C):
+                xc = x[n, c, s0:s1]
+                cc = cols[0, c]
+                for k in range(n_conf):
+                    cc[k] = xc[idx[k]]
+            for k in range(n_conf):
+                j = idx[k]
+                pivot[k] = xt[j]
+                skip[k] = tc[j]
+            spatial_rest_sum(cols, 0, 0, n_conf, pivot, skip, rest, cap)
+        else:
+            for j in range(B):
+                pivot[j] = xt[j]
             spatial_rest_sum(x, n, s0, s1, pivot, skip, rest, cap)
+            k = 0
             for j in range(B):
-                if skip[j] < 0:
-                    rest[j] = -1
-                else:
-                    t = tn[j]
-                    w_t = weight[t] if has_w else one
-                    loss[n, s0 + j] = keep * w_t * x.dtype.type(log1p(rest[j])) + eps_c * acc[j]
-        if z_loss is not None:
-            for j in range(B):
-                if tn[j] != ignore_index:
-                    loss[n, s0 + j] += z_loss * (m[j] + lse[j]) * (m[j] + lse[j])
-        if want_grad:
-            # Per position: zz <- 2 z_loss lse, acc <- g*A and lse <- g*eps/C (both 0 where
-            # ignored), s <- 1/s.
-            if z_loss is not None:
-                zz = np.zeros(B, dtype=x.dtype)
-            for j in range(B):
-                t = tn[j]
-                g = _upstream(gscale, n * S + s0 + j)
-                if t == ignore_index:
-                    acc[j] = 0
-                    lse[j] = 0
-                else:
-                    w_t = weight[t] if has_w else one
-                    zj = zero
-                    if z_loss is not None:
-                        zj = _z_grad(z_loss, m[j], lse[j])
-                        zz[j] = zj
-                    acc[j] = g * (keep * w_t + eps_c * w_total + zj)
-                    lse[j] = g * eps_c
-                s[j] = inv_sum(m[j], s[j])  # m still holds the shift
-            for c in range(C):
-                wc = weight[c] if has_w else one
-                xc = x[n, c, s0:s1]
-                gc = grad[n, c, s0:s1]
-                for j in range(B):
-                    y = softcap(xc[j], cap)
-                    gc[j] = softcap_grad(acc[j] * (exp_term(y - sh[j]) * s[j]) - lse[j] * wc,
-                                         y, cap)
-            for j in range(B):
-                t = tn[j]
-                if t == ignore_index:
-                    # Exactly 0, also where the logits hold NaN or -inf (acc = 0 alone would
-                    # leave 0 * NaN).
-                    for c in range(C):
-                        grad[n, c, s0 + j] = 0
-                else:
-                    w_t = weight[t] if has_w else one
-                    g = _upstream(gscale, n * S + s0 + j)
-                    yt = softcap(x[n, t, s0 + j], cap)
-                    if n_conf > 0 and rest[j] >= 0:
-                        zj = zero
-                        if z_loss is not None:
-                            zj = zz[j]
-                        grad[n, t, s0 + j] = softcap_grad(
-                            _target_grad(rest[j], g, keep * w_t, eps_c, w_total, w_t, zj),
-                            yt, cap)
-                    else:
-                        grad[n, t, s0 + j] -= softcap_grad(g * keep * w_t, yt, cap)
+                if skip[j] >= 0:
+                    idx[k] = j
+                    rest[k] = rest[j]
+                    k += 1
+        for k in range(n_conf):
+            j = idx[k]
+            part = keep * wt[j] * x.dtype.type(log1p(rest[k]))
+            ln[j] = part + eps_c * acc[j] if eps > 0 else part
+    if z_loss is not None:
+        for j in range(B):
+            lse = m[j] + L[j]
+            ln[j] += z_loss * lse * lse if tc[j] >= 0 else zero
+    if not want_grad:
+        return
+    # Per position: ga <- g A, gb <- g eps/C, gt <- g (1 - eps) w_t (all 0 where ignored),
+    # s <- 1/s.
+    _upstream_block(gscale, n * S + s0, gt, B)
+    for j in range(B):
+        g = gt[j]
+        live = tc[j] >= 0
+        ga[j] = g * (keep * wt[j] + eps_c * w_total + _z_grad(z_loss, m[j], L[j])) if live \
+            else zero
+        gb[j] = g * eps_c if live else zero
+        gt[j] = g * keep * wt[j] if live else zero
+        s[j] = inv_sum(m[j], s[j])  # m still holds the shift
+    for c in range(C):
+        wc = weight[c] if has_w else one
+        xc = x[n, c, s0:s1]
+        gc = grad[n, c, s0:s1]
+        for j in range(B):
+            y = softcap(xc[j], cap)
+            v = ga[j] * (exp_term(y - sh[j]) * s[j]) - gb[j] * wc
+            v = v - gt[j] if tc[j] == c else v
+            # Exactly 0 where ignored, also for NaN or -inf logits (ga = 0 alone would
+            # leave 0 * NaN).
+            gc[j] = softcap_grad(v, y, cap) if tc[j] >= 0 else zero
+    for k in range(n_conf):
+        j = idx[k]
+        t = tc[j]
+        g = _upstream(gscale, n * S + s0 + j)
+        grad[n, t, s0 + j] = softcap_grad(
+            _target_grad(rest[k], g, keep * wt[j], eps_c, w_total, wt[j],
+                         _z_grad(z_loss, m[j], L[j])), xt[j], cap)
+
+
+@njit(inline="always", fastmath={"contract"}, error_model="numpy")
+def _pair_position(a, b, t, ignore_index, w0, w1):
+    """A two-class position's parts: :func:`pair_parts` of its logits ``a``, ``b``, whether
+    its target ``t`` is class 1, whether it is not ignored, the target's and the other
+    class's logit and weight."""
+    on1 = t == 1
+    M, e, L = pair_parts(a, b)
+    return (M, e, L, on1, t != ignore_index, b if on1 else a, a if on1 else b,
+            w1 if on1 else w0, w0 if on1 else w1)
+
+
+# "contract" only: the pair primitives are inlined and must not be reassociated.
+@njit(fastmath={"contract"}, error_model="numpy")
+def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
+                        lse_out, n, s0, s1):
+    """Positions ``s0:s1`` of sample ``n`` of the two-class (N, 2, S) layout in closed form
+    (:func:`pair_parts`), loss and gradient, no softcap or z-loss: per position one pass
+    over its two logits and its target, vectorized across positions, no second pass for
+    the confident ones.  With ``M`` the larger logit, ``e = exp(min - M)`` and ``L =
+    log1p(e)``: ``lse - x_c = (M - x_c) + L``; the probabilities ``1 / (1 + e)`` and ``e / (1
+    + e)``; the target's gradient ``g ((1 - eps) w_t (p_t - 1) + eps/2 (w_total p_t - w_t))``
+    with ``p_t - 1 = -p_o``.  Returns the number of positions with a non-finite logit
+    (their results are not valid: the caller then runs :func:`spatial_index_block` on the
+    block)."""
+    wide_vectors()
+    S = x.shape[2]
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    one = x.dtype.type(1)
+    zero = x.dtype.type(0)
+    w0 = weight[0] if has_w else one
+    w1 = weight[1] if has_w else one
+    eps_c = x.dtype.type(eps / 2)
+    keep = x.dtype.type(1 - eps)
+    x0 = x[n, 0, s0:s1]
+    x1 = x[n, 1, s0:s1]
+    tn = target[n, s0:s1]
+    ln = loss[n, s0:s1]
+    bad = 0
+    for j in range(s1 - s0):
+        a = x0[j]
+        b = x1[j]
+        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
+                                                              w0, w1)
+        lt = (M - xt) + L
+        part = keep * w_t * lt
+        if eps > 0:
+            part += eps_c * (w_t * lt + w_o * ((M - xo) + L))
+        ln[j] = part if live else zero
+        bad += not (abs(a) < np.inf and abs(b) < np.inf)
+    if lse_out is not None:
+        for j in range(s1 - s0):
+            M, e, L = pair_parts(x0[j], x1[j])
+            lse_out[n, s0 + j] = M + L
+    if want_grad:
+        g0 = grad[n, 0, s0:s1]
+        g1 = grad[n, 1, s0:s1]
+        gs = np.empty(s1 - s0, dtype=x.dtype)
+        _upstream_block(gscale, n * S + s0, gs, s1 - s0)
+        for j in range(s1 - s0):
+            a = x0[j]
+            b = x1[j]
+            M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
+                                                                  w0, w1)
+            q = one / (one + e)
+            t_max = on1 != (a >= b)          # the target holds M (either, on a tie)
+            p_t = q if t_max else e * q
+            p_o = e * q if t_max else q
+            g = gs[j]
+            gt = g * (keep * w_t * -p_o) + (g * eps_c) * (w_total * p_t - w_t)
+            go = g * ((keep * w_t + eps_c * w_total) * p_o - eps_c * w_o)
+            gt = gt if live else zero
+            go = go if live else zero
+            g0[j] = gt if not on1 else go
+            g1[j] = gt if on1 else go
+    return bad
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
