@@ -71,6 +71,10 @@ TILES_PER_TASK = 4
 ROW_TILE_MIN_CLASSES = 1
 ROW_TILE_MAX_CLASSES = (256, 192)
 ROW_TILE_MIN_ROWS = 32
+# A partial tile (fewer than TILE_ROWS rows) costs a whole tile: it is taken only while the work of
+# its empty lanes, (TILE_ROWS - N) * C, stays at most this; 32 x 100 ran faster as rows
+# (docs/performance.md, "Session 5: partial tiles").
+ROW_TILE_PARTIAL_MAX_WASTE = 2048
 
 # The forward class-index loss (no smoothing, no gradient) of tile rows of at most this many
 # classes (float32, float64) computes every row's precise rest in its one statistics pass

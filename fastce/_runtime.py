@@ -298,9 +298,12 @@ def _small_call(a):
 
 def _row_tiles(N, C, dtype):
     """Whether C-contiguous (N, C) rows of ``dtype`` (float32/float64) run as row tiles
-    (``_cpu.tiles``): many rows of a few tens to a few hundred classes."""
+    (``_cpu.tiles``): many rows of a few tens to a few hundred classes (a partial tile only
+    while its empty lanes cost little: ``ROW_TILE_PARTIAL_MAX_WASTE``)."""
     return (N >= _config.ROW_TILE_MIN_ROWS and C >= _config.ROW_TILE_MIN_CLASSES
-            and C <= _config.ROW_TILE_MAX_CLASSES[dtype.itemsize == 8])
+            and C <= _config.ROW_TILE_MAX_CLASSES[dtype.itemsize == 8]
+            and (N >= _config.TILE_ROWS
+                 or (_config.TILE_ROWS - N) * C <= _config.ROW_TILE_PARTIAL_MAX_WASTE))
 
 
 def _row_chunks(N, C):
