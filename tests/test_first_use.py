@@ -142,9 +142,10 @@ def test_no_placeholders_in_docs():
 # precompile
 
 
-def _run_python(code, env):
-    """``code`` run by a fresh interpreter in ``env``; its standard output (it must succeed)."""
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+def _run_python(code, env, *args):
+    """``code`` run by a fresh interpreter in ``env`` (``args`` its ``sys.argv[1:]``); its
+    standard output (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -350,3 +351,33 @@ def test_report_says_what_it_read_and_left_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "abcdef12-existing-py.json" in err and "commit abcdef12" in err, err
     assert "1 of the suite's 3 benchmarks" in err, err
+
+
+def test_cached_kernel_gives_the_bits_of_a_fresh_compile(tmp_path):
+    """A kernel loaded from the cache computes what the same kernel compiled in the process
+    computes, to the bit.  numba compiles a callee (``tiles._ce_index_tile``) twice: in its
+    own library and, re-optimized, inside each caller's module; a caller compiled in the
+    process runs the former, one loaded from the cache the latter.  With "reassoc", code that
+    leaves LLVM a regrouping (``acc * (buf * s)`` with ``acc * s`` loop-invariant) made the
+    two copies 1 ulp apart in a quarter of the gradient: the small-call entry, compiled in a
+    pytest-xdist worker, then disagreed with the general path loaded from the other worker's
+    cache.  Here process 1 compiles the general path (row tiles, (32, 10) float32); process 2
+    compiles the small-call entry, then loads the general path from the cache."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    probe = ("import sys, numpy as np, fastce, fastce._runtime as r, fastce._cross_entropy as c\n"
+             "rng = np.random.default_rng(5)\n"
+             "x = (rng.standard_normal((32, 10)) * 3).astype(np.float32)\n"
+             "t = rng.integers(0, 10, size=32)\n"
+             "t[-1] = -100\n"                # 'mean' over 31 rows: a g that rounds
+             "if sys.argv[1] == 'both':\n"
+             "    assert c._ce_small(x, t, -100, 'mean', True) is not None\n"
+             "    print(fastce.cross_entropy_with_grad(x, t)[1].tobytes().hex())\n"
+             "c._ce_small = lambda *a: None\n"
+             "print(fastce.cross_entropy_with_grad(x, t)[1].tobytes().hex())\n"
+             "print(sum(r._import_kernels().tiles.ce_index_tiles_serial.stats.cache_hits.values()))\n")
+    general, hits = _run_python(probe, env, "general").split()
+    assert hits == "0"                  # compiled
+    small, general_loaded, hits = _run_python(probe, env, "both").split()
+    assert hits == "1"                  # loaded from the cache
+    assert general_loaded == general
+    assert small == general

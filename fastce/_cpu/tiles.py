@@ -578,7 +578,12 @@ def _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, 
                 part = keep * w_t * x.dtype.type(log1p(rest[j]))
                 loss[r0 + j] = part + eps_c * acc[j] if eps > 0 else part
     if want_grad:
-        # Per lane: acc <- g A, L <- g eps/C (0 for ignored rows and padding), s <- 1/s.
+        # Per lane: acc <- g A, L <- g eps/C (0 for ignored rows and padding), then
+        # acc <- g A / s: one factor per row, formed here once.  Written as
+        # acc * (buf * s), "reassoc" lets LLVM hoist acc * s out of the class loop in one
+        # compilation of this function and not in another (its own library's vs the copy
+        # re-optimized inside a caller's module; which one a caller runs depends on whether
+        # the cache or this process compiled it): results 1 ulp apart.
         for j in range(TILE_ROWS):
             acc[j] = zero
             L[j] = zero
@@ -590,11 +595,11 @@ def _ce_index_tile(x, target, ignore_index, weight, w_total, eps, gscale, grad, 
                 acc[j] = g * (keep * w_t + eps_c * w_total)
                 L[j] = g * eps_c
         for j in range(TILE_ROWS):
-            s[j] = inv_sum(m[j], s[j])
+            acc[j] = acc[j] * inv_sum(m[j], s[j])
         for c in range(C):
             wc = weight[c] if has_w else one
             for j in range(TILE_ROWS):
-                buf[c, j] = acc[j] * (buf[c, j] * s[j]) - L[j] * wc
+                buf[c, j] = acc[j] * buf[c, j] - L[j] * wc
         store_tile(buf, grad, r0)
         for j in range(n):
             i = r0 + j
