@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import time
 
 OPS = {"forward": ("CrossEntropyKDim", "cross_entropy"),
        "forward+grad": ("CrossEntropyKDimGrad", "cross_entropy_with_grad")}
@@ -65,11 +64,10 @@ def main():
     os.environ["OMP_NUM_THREADS"] = t
     os.environ["PJRT_NPROC"] = t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import numpy as np
 
     C = importlib.import_module("benchmarks.common")
     bench_mod = importlib.import_module("benchmarks.bench_cross_entropy")
-    from benchmarks.rows_compare import _time_block
+    from benchmarks.rows_compare import interleaved_medians
     import torch._dynamo
     for knob in ("cache_size_limit", "recompile_limit"):    # one compile per shape
         if hasattr(torch._dynamo.config, knob):
@@ -103,18 +101,7 @@ def main():
                         fns[p] = C.make_call(p, func, *arrays, **kwargs)
                     except NotImplementedError:
                         pass
-                number = {}
-                for k, f in fns.items():
-                    f()            # the compiled peers compile here
-                    t0 = time.perf_counter()
-                    f()
-                    one = time.perf_counter() - t0
-                    number[k] = max(3, min(200, int(0.1 / max(one, 1e-7))))
-                rounds = {k: [] for k in fns}
-                for _ in range(args.rounds):
-                    for k, f in fns.items():
-                        rounds[k].append(_time_block(f, number[k]))
-                med = {k: float(np.median(v)) for k, v in rounds.items()}
+                med = interleaved_medians(fns, args.rounds, 0.1, 200)
                 ref = med["fastce"]
                 best = min((k for k in med if k != "baseline"), key=med.get)
                 cells = [f"{ref * 1e3:.2f}"]

@@ -122,6 +122,26 @@ def _time_block(f, number, pause=0.01):
     return float(np.median(ts))
 
 
+def interleaved_medians(fns, rounds, block_seconds, max_number):
+    """Median seconds per call of each of ``fns`` (name -> callable): each is called once
+    (compiled peers compile there) and timed once to size its blocks (about
+    ``block_seconds`` of single calls, 3 to ``max_number``), then ``rounds`` rounds time every
+    callable's block in turn; the median over rounds of each block's median."""
+    import numpy as np
+    number = {}
+    for k, f in fns.items():
+        f()
+        t0 = time.perf_counter()
+        f()
+        one = time.perf_counter() - t0
+        number[k] = max(3, min(max_number, int(block_seconds / max(one, 1e-7))))
+    per_round = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            per_round[k].append(_time_block(f, number[k]))
+    return {k: float(np.median(v)) for k, v in per_round.items()}
+
+
 def grid(args):
     """Every report op over the report grid: fastce against each peer, interleaved rounds."""
     import importlib
@@ -165,19 +185,8 @@ def grid(args):
                             fns[impl] = C.make_call(impl, bench.op, *arrays, **kwargs)
                         except NotImplementedError:
                             continue
-                    number = {}
-                    for impl, f in fns.items():
-                        f()    # compiled peers: the first call compiles
-                        t0 = time.perf_counter()
-                        f()
-                        one = time.perf_counter() - t0
-                        # about 20 ms of single calls per block, 3 to 1000 of them
-                        number[impl] = max(3, min(1000, int(0.02 / max(one, 1e-7))))
-                    rounds = {impl: [] for impl in fns}
-                    for _ in range(args.rounds):
-                        for impl, f in fns.items():
-                            rounds[impl].append(_time_block(f, number[impl]))
-                    med = {impl: float(np.median(v)) for impl, v in rounds.items()}
+                    # about 20 ms of single calls per block, 3 to 1000 of them
+                    med = interleaved_medians(fns, args.rounds, 0.02, 1000)
                     base = med["fastce"]
                     best = min(med, key=med.get)
                     cells = [f"{base * 1e6:.1f}"]
