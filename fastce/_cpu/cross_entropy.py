@@ -394,8 +394,8 @@ def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, g
             ln[j] += z_loss * lse * lse if tc[j] >= 0 else zero
     if not want_grad:
         return
-    # Per position: ga <- g A, gb <- g eps/C, gt <- g (1 - eps) w_t (all 0 where ignored),
-    # s <- 1/s.
+    # Per position: ga <- g A / s, gb <- g eps/C, gt <- g (1 - eps) w_t (all 0 where
+    # ignored).
     _upstream_block(gscale, n * S + s0, gt, B)
     for j in range(B):
         g = gt[j]
@@ -404,14 +404,16 @@ def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, g
             else zero
         gb[j] = g * eps_c if live else zero
         gt[j] = g * keep * wt[j] if live else zero
-        s[j] = inv_sum(m[j], s[j])  # m still holds the shift
+        # one factor per position, formed once (ga / s): written as ga * (exp * s), "reassoc"
+        # may regroup it differently in a cached and a fresh compile (1 ulp apart)
+        ga[j] = ga[j] * inv_sum(m[j], s[j])  # m still holds the shift
     for c in range(C):
         wc = weight[c] if has_w else one
         xc = x[n, c, s0:s1]
         gc = grad[n, c, s0:s1]
         for j in range(B):
             y = softcap(xc[j], cap)
-            v = ga[j] * (exp_term(y - sh[j]) * s[j]) - gb[j] * wc
+            v = ga[j] * exp_term(y - sh[j]) - gb[j] * wc
             v = v - gt[j] if tc[j] == c else v
             # Exactly 0 where ignored, also for NaN or -inf logits (ga = 0 alone would
             # leave 0 * NaN).
@@ -581,9 +583,10 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, ls
         if want_grad:
             for j in range(B):
                 g = _upstream(gscale, n * S + s0 + j)
-                acc_wt[j] = g * (acc_wt[j] + _z_grad(z_loss, m[j], L[j]))
+                # the exp's factor formed once (see spatial_index_block)
+                acc_wt[j] = (g * (acc_wt[j] + _z_grad(z_loss, m[j], L[j]))
+                             * inv_sum(m[j], s[j]))
                 acc[j] = g
-                s[j] = inv_sum(m[j], s[j])
             for c in range(C):
                 wc = weight[c] if has_w else one
                 xc = x[n, c, s0:s1]
@@ -592,7 +595,7 @@ def _ce_prob_spatial(x, target, weight, eps, gscale, grad, loss, cap, z_loss, ls
                 for j in range(B):
                     wt = (keep * tc[j] + eps_c) * wc
                     y = softcap(xc[j], cap)
-                    gc[j] = softcap_grad(acc_wt[j] * (exp_term(y - sh[j]) * s[j]) - acc[j] * wt,
+                    gc[j] = softcap_grad(acc_wt[j] * exp_term(y - sh[j]) - acc[j] * wt,
                                          y, cap)
 
 

@@ -269,9 +269,9 @@ def tile_max_rest(buf, m, rest, work):
     ``rest[j] = sum_c exp(buf[c, j] - m[j])`` over the entries below the max, plus one for
     each further entry equal to it: ``logsumexp = m + log1p(rest)`` to full relative
     precision (each difference exact and each term within 1.5 ulp, :func:`rest_term`; the
-    sum Kahan-compensated in the data's dtype, :func:`kahan_add`).  A lane whose max is not finite gets
-    ``rest = 0`` (``m - x + log1p(rest)`` then gives the one-pass values there: -inf or
-    NaN entries from ``m``).  ``work``: (3, TILE_ROWS) scratch of ``buf``'s dtype."""
+    sum Kahan-compensated in the data's dtype, :func:`kahan_add`).  A lane whose max is not
+    finite gets ``rest = 0`` (``m - x + log1p(rest)`` then gives the one-pass values there:
+    -inf or NaN entries from ``m``).  ``work``: (3, TILE_ROWS) scratch of ``buf``'s dtype."""
     wide_vectors()
     C = buf.shape[0]
     zero = buf.dtype.type(0)
