@@ -107,10 +107,21 @@ def build_softmax(P):
             c += 4 * G
             p += 4 * d
             q += 4 * e
-        for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
-            if c + j * G < hi:
-                store_at(out, q + j * e, n, c + j * G, s,
-                         elementwise(load_at(x, p + j * d, n, c + j * G, s), log_softmax, a, b))
+        # The last 0-3 elements of this thread: loaded together before the first store (a
+        # store may alias x, so a load after it could not be hoisted: in short rows, where
+        # this tail is the whole row, each element would cost its own memory round trip).
+        h0 = c < hi
+        h1 = c + G < hi
+        h2 = c + 2 * G < hi
+        v0 = load_at(x, p, n, c, s) if h0 else ZERO
+        v1 = load_at(x, p + d, n, c + G, s) if h1 else ZERO
+        v2 = load_at(x, p + 2 * d, n, c + 2 * G, s) if h2 else ZERO
+        if h0:
+            store_at(out, q, n, c, s, elementwise(v0, log_softmax, a, b))
+        if h1:
+            store_at(out, q + e, n, c + G, s, elementwise(v1, log_softmax, a, b))
+        if h2:
+            store_at(out, q + 2 * e, n, c + 2 * G, s, elementwise(v2, log_softmax, a, b))
 
     @cuda.jit
     def stats_kernel(x, G, n_split, part_m, part_s):
