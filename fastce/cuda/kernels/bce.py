@@ -1,6 +1,12 @@
 """CUDA kernels for binary cross-entropy on probabilities and on logits: elementwise over
 flat, contiguous arrays of the compute dtype, one grid-stride loop (one template) for all.
 
+Each call reads ``x`` and ``y`` once: the target's value check (the CPU path's data check:
+NaN, infinite, or outside [0, 1] for probabilities) is done by the loss kernel on the values
+it loads, and for reduction 'mean'/'sum' no per-element loss is written: every block sums
+its elements (each thread in grid-stride order, then the block's fixed-order tree, so the
+result is the same bits on every run) into one partial, which ``sum_kernel`` adds up.
+
 ``weight`` is empty or already broadcast to the input's size; ``pos_weight`` is empty or
 indexed ``i % len(pos_weight)`` (its length is 1, the last axis' length, or the input's size).
 """
@@ -10,7 +16,11 @@ from numba import cuda, int64
 
 from .memory import load1, store1
 
-__all__ = ["build_bce"]
+__all__ = ["build_bce", "BAD_INPUT", "BAD_TARGET"]
+
+# The two entries of the kernels' error flag: the first position (C order) of an input that
+# is not a probability, and of a target that fails its check.
+BAD_INPUT, BAD_TARGET = 0, 1
 
 
 def build_bce(P):
@@ -20,27 +30,38 @@ def build_bce(P):
     -------
     types.SimpleNamespace
         ``bce_kernel``, ``bce_logits_kernel`` (the loss) and their fused loss + gradient twins
-        ``bce_grad_kernel``, ``bce_logits_grad_kernel``, all four made by one template with
-        the arguments ``(x, y, weight, pos_weight, gout, g0, scale, out, grad, flag)``:
-        ``pos_weight`` is empty for the probabilities form, ``gout``/``grad`` empty and
-        ``flag`` unused where a kernel does not read or write them.
+        ``bce_grad_kernel``, ``bce_logits_grad_kernel`` write the per-element loss
+        (reduction='none'); the ``*_sum_kernel`` twins of the four write one partial sum of
+        the loss per block instead (``out`` has ``gridDim.x`` elements).  All eight are made
+        by one template with the arguments ``(x, y, weight, pos_weight, gout, g0, scale,
+        out, grad, flag)``: ``pos_weight`` is empty for the probabilities form,
+        ``gout``/``grad`` empty where a kernel does not read or write them; ``flag`` (two
+        int64, both starting at the element count) is lowered (atomic min) to the first bad
+        position: ``flag[BAD_INPUT]`` for a probability outside [0, 1] or NaN,
+        ``flag[BAD_TARGET]`` for a target outside [0, 1] (probabilities form) or not finite
+        (logits form).
     """
-    ZERO, ONE, NAN = P.ZERO, P.ONE, P.NAN
+    ZERO, ONE, NAN, INF = P.ZERO, P.ONE, P.NAN, P.INF
     FLOOR = P.ftype(-100)
     EPS = P.ftype(1e-12)  # torch's floor of p (1 - p) in the gradient
     exp, log, log1p = P.exp, P.log, P.log1p
+    allreduce_sum2 = P.allreduce_sum2
 
     @cuda.jit(device=True)
     def bce_loss(pi, yi, pwi, n_pw, flag, i):
         """-(y max(log p, -100) + (1 - y) max(log(1 - p), -100)), torch's clamp.  A p outside
-        [0, 1] (or NaN) lowers ``flag[0]`` to its position (atomic min) for the host to raise,
+        [0, 1] (or NaN) lowers ``flag[BAD_INPUT]`` to its position for the host to raise,
         and is not passed to log."""
         if pi >= ZERO and pi <= ONE:
             lp = max(log(pi), FLOOR)
             lq = max(log(ONE - pi), FLOOR)
             return -(yi * lp + (ONE - yi) * lq)
-        cuda.atomic.min(flag, 0, i)
+        cuda.atomic.min(flag, BAD_INPUT, i)
         return NAN
+
+    @cuda.jit(device=True)
+    def prob_target_ok(yi):
+        return yi >= ZERO and yi <= ONE  # False for NaN
 
     @cuda.jit(device=True)
     def bce_grad(pi, yi, pwi, n_pw):
@@ -55,6 +76,10 @@ def build_bce(P):
         softplus_neg = log1p(exp(-abs(xi))) + max(-xi, ZERO)
         lw = ONE + (pwi - ONE) * yi if n_pw > 0 else ONE
         return (ONE - yi) * xi + lw * softplus_neg
+
+    @cuda.jit(device=True)
+    def finite_target_ok(yi):
+        return abs(yi) < INF  # False for NaN and +-inf
 
     @cuda.jit(device=True)
     def logits_grad(xi, yi, pwi, n_pw):
@@ -79,19 +104,28 @@ def build_bce(P):
             g = g0
         return g * scale
 
-    def elementwise(loss_at, grad_at, want_grad):
-        """The grid-stride loop shared by the four kernels: two positions a step, their loads
-        issued together; ``out`` gets ``w * loss_at(...)`` and, when ``want_grad`` (a
-        compile-time constant), ``grad`` gets ``g * w * grad_at(...)``.  ``pos_weight[k]``
-        with ``k = i % len(pos_weight)`` advancing by ``stride % len`` with a carry: no
-        division per element."""
+    def elementwise(loss_at, target_ok, grad_at, want_grad, reduced):
+        """The grid-stride loop shared by the eight kernels: two positions a step, their
+        loads issued together; ``w * loss_at(...)`` goes to ``out[i]`` or, when ``reduced``
+        (a compile-time constant), into the thread's running sum; when ``want_grad`` (also
+        compile-time), ``grad`` gets ``g * w * grad_at(...)``.  A target that fails
+        ``target_ok`` lowers ``flag[BAD_TARGET]``.  ``pos_weight[k]`` with
+        ``k = i % len(pos_weight)`` advancing by ``stride % len`` with a carry: no division
+        per element."""
 
         @cuda.jit(device=True)
-        def one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i):
+        def one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i, acc):
+            if not target_ok(y0):
+                cuda.atomic.min(flag, BAD_TARGET, i)
             v = loss_at(x0, y0, pw0, n_pw, flag, i)
-            store1(out, i, v * w0 if has_w else v)
+            v = v * w0 if has_w else v
+            if reduced:
+                acc += v
+            else:
+                store1(out, i, v)
             if want_grad:
                 store1(grad, i, upstream(gout, g0, i, scale) * w0 * grad_at(x0, y0, pw0, n_pw))
+            return acc
 
         @cuda.jit
         def kernel(x, y, weight, pos_weight, gout, g0, scale, out, grad, flag):
@@ -102,6 +136,7 @@ def build_bce(P):
             n = x.shape[0]
             k = i % n_pw if n_pw > 0 else i
             sk = stride % n_pw if n_pw > 0 else stride
+            acc = ZERO
             while i < n:
                 j = i + stride
                 more = j < n
@@ -116,17 +151,31 @@ def build_bce(P):
                 w1 = load1(weight, j) if (has_w and more) else ONE
                 pw0 = load1(pos_weight, k) if n_pw > 0 else ONE
                 pw1 = load1(pos_weight, k1) if (n_pw > 0 and more) else ONE
-                one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i)
+                acc = one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i,
+                          acc)
                 if more:
-                    one(x1, y1, w1, pw1, has_w, n_pw, gout, g0, scale, out, grad, flag, j)
+                    acc = one(x1, y1, w1, pw1, has_w, n_pw, gout, g0, scale, out, grad, flag,
+                              j, acc)
                 i += 2 * stride
                 k = k1 + sk
                 if k >= n_pw:
                     k -= n_pw
+            if reduced:
+                # Every thread of the block gets here (no early return): the block's
+                # all-reduce needs them all.
+                acc, _ = allreduce_sum2(acc, ZERO, cuda.blockDim.x)
+                if cuda.threadIdx.x == 0:
+                    out[cuda.blockIdx.x] = acc
 
         return kernel
 
-    return SimpleNamespace(bce_kernel=elementwise(bce_loss, bce_grad, False),
-                           bce_logits_kernel=elementwise(logits_loss, logits_grad, False),
-                           bce_grad_kernel=elementwise(bce_loss, bce_grad, True),
-                           bce_logits_grad_kernel=elementwise(logits_loss, logits_grad, True))
+    forms = {"bce": (bce_loss, prob_target_ok, bce_grad),
+             "bce_logits": (logits_loss, finite_target_ok, logits_grad)}
+    ns = SimpleNamespace()
+    for name, (loss_at, target_ok, grad_at) in forms.items():
+        for want_grad in (False, True):
+            for reduced in (False, True):
+                kname = name + ("_grad" if want_grad else "") + ("_sum" if reduced else "")
+                setattr(ns, kname + "_kernel",
+                        elementwise(loss_at, target_ok, grad_at, want_grad, reduced))
+    return ns
