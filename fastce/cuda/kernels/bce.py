@@ -12,7 +12,7 @@ indexed ``i % len(pos_weight)`` (its length is 1, the last axis' length, or the 
 """
 from types import SimpleNamespace
 
-from numba import cuda, int64
+from numba import cuda, int32, int64
 
 from .memory import load1, store1
 
@@ -41,27 +41,23 @@ def build_bce(P):
         ``flag[BAD_TARGET]`` for a target outside [0, 1] (probabilities form) or not finite
         (logits form).
     """
-    ZERO, ONE, NAN, INF = P.ZERO, P.ONE, P.NAN, P.INF
+    ZERO, ONE, INF = P.ZERO, P.ONE, P.INF
     FLOOR = P.ftype(-100)
     EPS = P.ftype(1e-12)  # torch's floor of p (1 - p) in the gradient
     exp, log, log1p = P.exp, P.log, P.log1p
     allreduce_sum2 = P.allreduce_sum2
 
     @cuda.jit(device=True)
-    def bce_loss(pi, yi, pwi, n_pw, flag, i):
-        """-(y max(log p, -100) + (1 - y) max(log(1 - p), -100)), torch's clamp.  A p outside
-        [0, 1] (or NaN) lowers ``flag[BAD_INPUT]`` to its position for the host to raise,
-        and is not passed to log."""
-        if pi >= ZERO and pi <= ONE:
-            lp = max(log(pi), FLOOR)
-            lq = max(log(ONE - pi), FLOOR)
-            return -(yi * lp + (ONE - yi) * lq)
-        cuda.atomic.min(flag, BAD_INPUT, i)
-        return NAN
+    def bce_loss(pi, yi, pwi, n_pw):
+        """-(y max(log p, -100) + (1 - y) max(log(1 - p), -100)), torch's clamp (a p outside
+        [0, 1] gives a meaningless value: the kernel flags it and the host raises)."""
+        lp = max(log(pi), FLOOR)
+        lq = max(log(ONE - pi), FLOOR)
+        return -(yi * lp + (ONE - yi) * lq)
 
     @cuda.jit(device=True)
-    def prob_target_ok(yi):
-        return yi >= ZERO and yi <= ONE  # False for NaN
+    def in_unit_interval(v):
+        return v >= ZERO and v <= ONE  # False for NaN
 
     @cuda.jit(device=True)
     def bce_grad(pi, yi, pwi, n_pw):
@@ -70,7 +66,7 @@ def build_bce(P):
         return (pi - yi) / max((ONE - pi) * pi, EPS)
 
     @cuda.jit(device=True)
-    def logits_loss(xi, yi, pwi, n_pw, flag, i):
+    def logits_loss(xi, yi, pwi, n_pw):
         """The stable form (1 - y) x + lw (log1p(exp(-|x|)) + max(-x, 0)), with
         lw = 1 + (pos_weight - 1) y."""
         softplus_neg = log1p(exp(-abs(xi))) + max(-xi, ZERO)
@@ -78,8 +74,12 @@ def build_bce(P):
         return (ONE - yi) * xi + lw * softplus_neg
 
     @cuda.jit(device=True)
-    def finite_target_ok(yi):
-        return abs(yi) < INF  # False for NaN and +-inf
+    def finite(v):
+        return abs(v) < INF  # False for NaN and +-inf
+
+    @cuda.jit(device=True)
+    def any_value(v):
+        return True  # every logit is a valid input (a compile-time constant)
 
     @cuda.jit(device=True)
     def logits_grad(xi, yi, pwi, n_pw):
@@ -104,20 +104,28 @@ def build_bce(P):
             g = g0
         return g * scale
 
-    def elementwise(loss_at, target_ok, grad_at, want_grad, reduced):
+    def elementwise(loss_at, input_ok, target_ok, grad_at, want_grad, reduced):
         """The grid-stride loop shared by the eight kernels: two positions a step, their
         loads issued together; ``w * loss_at(...)`` goes to ``out[i]`` or, when ``reduced``
         (a compile-time constant), into the thread's running sum; when ``want_grad`` (also
-        compile-time), ``grad`` gets ``g * w * grad_at(...)``.  A target that fails
-        ``target_ok`` lowers ``flag[BAD_TARGET]``.  ``pos_weight[k]`` with
-        ``k = i % len(pos_weight)`` advancing by ``stride % len`` with a carry: no division
-        per element."""
+        compile-time), ``grad`` gets ``g * w * grad_at(...)``.  The checks cost a compare or
+        two an element and a select a step: a thread notes the first loop step at which it
+        met an input failing ``input_ok`` or a target failing ``target_ok``, and after its
+        loop (a rare, cold path) lowers the flag to that step's first failing position.  ``pos_weight[k]``
+        with ``k = i % len(pos_weight)`` advancing by ``stride % len`` with a carry: no
+        division per element."""
 
         @cuda.jit(device=True)
-        def one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i, acc):
-            if not target_ok(y0):
-                cuda.atomic.min(flag, BAD_TARGET, i)
-            v = loss_at(x0, y0, pw0, n_pw, flag, i)
+        def flag_first(flag, entry, ok, a, step, start, stride):
+            """Lower ``flag[entry]`` to the first failing position of the two that the
+            thread read at loop step ``step`` (``ok`` the check, ``a`` the array): the cold
+            path after the loop, straight-line code."""
+            p = start + 2 * int64(step) * stride
+            cuda.atomic.min(flag, entry, p if not ok(load1(a, p)) else p + stride)
+
+        @cuda.jit(device=True)
+        def one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, i, acc):
+            v = loss_at(x0, y0, pw0, n_pw)
             v = v * w0 if has_w else v
             if reduced:
                 acc += v
@@ -133,10 +141,14 @@ def build_bce(P):
             n_pw = pos_weight.shape[0]
             i = int64(cuda.grid(1))  # 64-bit: inputs may exceed 2**31 elements
             stride = int64(cuda.gridsize(1))
+            start = i
             n = x.shape[0]
             k = i % n_pw if n_pw > 0 else i
             sk = stride % n_pw if n_pw > 0 else stride
             acc = ZERO
+            step = int32(0)
+            bad_x_step = int32(-1)  # the first loop step that met a bad input (-1: none)
+            bad_y_step = int32(-1)  # ... a bad target
             while i < n:
                 j = i + stride
                 more = j < n
@@ -145,21 +157,30 @@ def build_bce(P):
                     k1 -= n_pw
                 x0 = load1(x, i)
                 y0 = load1(y, i)
+                # the second position's padding passes both checks
                 x1 = load1(x, j) if more else ZERO
                 y1 = load1(y, j) if more else ZERO
                 w0 = load1(weight, i) if has_w else ONE
                 w1 = load1(weight, j) if (has_w and more) else ONE
                 pw0 = load1(pos_weight, k) if n_pw > 0 else ONE
                 pw1 = load1(pos_weight, k1) if (n_pw > 0 and more) else ONE
-                acc = one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, flag, i,
-                          acc)
+                if bad_x_step < 0 and not (input_ok(x0) and input_ok(x1)):
+                    bad_x_step = step
+                if bad_y_step < 0 and not (target_ok(y0) and target_ok(y1)):
+                    bad_y_step = step
+                acc = one(x0, y0, w0, pw0, has_w, n_pw, gout, g0, scale, out, grad, i, acc)
                 if more:
-                    acc = one(x1, y1, w1, pw1, has_w, n_pw, gout, g0, scale, out, grad, flag,
-                              j, acc)
+                    acc = one(x1, y1, w1, pw1, has_w, n_pw, gout, g0, scale, out, grad, j,
+                              acc)
                 i += 2 * stride
+                step = int32(step + int32(1))
                 k = k1 + sk
                 if k >= n_pw:
                     k -= n_pw
+            if bad_x_step >= 0:
+                flag_first(flag, BAD_INPUT, input_ok, x, bad_x_step, start, stride)
+            if bad_y_step >= 0:
+                flag_first(flag, BAD_TARGET, target_ok, y, bad_y_step, start, stride)
             if reduced:
                 # Every thread of the block gets here (no early return): the block's
                 # all-reduce needs them all.
@@ -169,13 +190,14 @@ def build_bce(P):
 
         return kernel
 
-    forms = {"bce": (bce_loss, prob_target_ok, bce_grad),
-             "bce_logits": (logits_loss, finite_target_ok, logits_grad)}
+    # (loss, input check, target check, gradient) of the two forms
+    forms = {"bce": (bce_loss, in_unit_interval, in_unit_interval, bce_grad),
+             "bce_logits": (logits_loss, any_value, finite, logits_grad)}
     ns = SimpleNamespace()
-    for name, (loss_at, target_ok, grad_at) in forms.items():
+    for name, (loss_at, input_ok, target_ok, grad_at) in forms.items():
         for want_grad in (False, True):
             for reduced in (False, True):
                 kname = name + ("_grad" if want_grad else "") + ("_sum" if reduced else "")
-                setattr(ns, kname + "_kernel",
-                        elementwise(loss_at, target_ok, grad_at, want_grad, reduced))
+                setattr(ns, kname + "_kernel", elementwise(loss_at, input_ok, target_ok,
+                                                           grad_at, want_grad, reduced))
     return ns
