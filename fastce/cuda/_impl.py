@@ -18,8 +18,8 @@ sum-exp) partials are merged.
 
 Synchronization.  Calls return without waiting for the GPU, except where the host must look
 at data: class-index targets and BCE probabilities are checked on the device, and the 8-byte
-error flag is copied back after all of the call's kernels are queued (one wait per call, the
-same point at which the CPU path would raise).
+error flag (16 bytes for BCE: input and target) is copied back after all of the call's kernels
+are queued (one wait per call, the same point at which the CPU path would raise).
 """
 import contextlib
 import functools

@@ -111,9 +111,9 @@ def build_bce(P):
         compile-time), ``grad`` gets ``g * w * grad_at(...)``.  The checks cost a compare or
         two an element and a select a step: a thread notes the first loop step at which it
         met an input failing ``input_ok`` or a target failing ``target_ok``, and after its
-        loop (a rare, cold path) lowers the flag to that step's first failing position.  ``pos_weight[k]``
-        with ``k = i % len(pos_weight)`` advancing by ``stride % len`` with a carry: no
-        division per element."""
+        loop (a rare, cold path) lowers the flag to that step's first failing position.
+        ``pos_weight[k]`` with ``k = i % len(pos_weight)`` advancing by ``stride % len``
+        with a carry: no division per element."""
 
         @cuda.jit(device=True)
         def flag_first(flag, entry, ok, a, step, start, stride):
