@@ -46,6 +46,7 @@ READ_STREAMS = {"stats_kernel": 1, "softmax_kernel": 1, "softmax_kernel_strided"
                 "prob_kernel_weighted": 3, "prepare_kernel": 1,
                 "prepare_kernel_int32": 1, "sum_kernel": 1, "rowsum_kernel": 1,
                 "bad_value_kernel": 1, "bce_kernel": 2, "bce_logits_kernel": 2,
+                "bce_sum_kernel": 3, "bce_logits_sum_kernel": 4,
                 "copy_f16_to_f32": 1, "copy_f32_to_f16": 1, "copy_f32_to_f32": 1}
 
 # The kernels cross-entropy launches with logit soft-capping (a compile-time constant: its own

@@ -667,6 +667,50 @@ def test_bce_errors_and_edges():
     assert got.dtype == np.float16
 
 
+BCE_FUNCTIONS = ("binary_cross_entropy", "binary_cross_entropy_with_logits",
+                 "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits_with_grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_checks_in_the_loss_kernel(reduction):
+    """The target check runs inside the one BCE kernel of every form and reduction (the
+    per-block partial sums for 'mean'/'sum', the per-element loss for 'none'): the first
+    bad position over several blocks (atomic min), the target's error before the input's,
+    and the input's alone, with the CPU path's messages."""
+    n = 600  # several blocks and grid-stride steps at the tiny launch size
+    rng = np.random.default_rng(11)
+    p = rng.uniform(0.05, 0.95, n).astype(np.float32)
+    y = rng.random(n).astype(np.float32)
+    y_bad = y.copy()
+    y_bad[[517, 437, 590]] = (1.5, np.nan, -np.inf)     # first bad target: 437
+    p_bad = p.copy()
+    p_bad[[301, 12]] = (2.0, np.nan)                    # first bad probability: 12
+    for fn in BCE_FUNCTIONS:
+        for pp, yy in ((p, y_bad), (p_bad, y_bad), (p_bad, y)):
+            if "logits" in fn and pp is p_bad:
+                continue                                # any finite logit is valid
+            exc = same_outcome(
+                lambda: getattr(fastce, fn)(pp, yy, reduction=reduction),
+                lambda: getattr(fc, fn)(dev(pp), dev(yy), reduction=reduction), np.float32)
+            assert isinstance(exc, ValueError), (fn, exc)
+            where = "at position (12,)" if yy is y else "at position (437,)"
+            assert where in str(exc), (fn, str(exc))
+
+
+def test_bce_reduction_is_reproducible():
+    """'mean'/'sum' add the per-block partials in a fixed order (no float atomics): the same
+    bits on every call; and they match the sum of the 'none' losses."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(600) * 4).astype(np.float32)
+    y = rng.random(600).astype(np.float32)
+    first = host(fc.binary_cross_entropy_with_logits(dev(x), dev(y), reduction="sum"))
+    for _ in range(2):
+        again = host(fc.binary_cross_entropy_with_logits(dev(x), dev(y), reduction="sum"))
+        assert again.tobytes() == first.tobytes()
+    each = host(fc.binary_cross_entropy_with_logits(dev(x), dev(y), reduction="none"))
+    close(first, each.astype(np.float64).sum(), np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # the simulator really runs the shared-memory twin; dispatch from fastce.*
 

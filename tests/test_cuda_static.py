@@ -73,7 +73,9 @@ KERNELS = [f"{dt}/{k}" for dt in ("float32", "float64") for k in (
     "stats_kernel", "softmax_kernel", "softmax_kernel_strided", "prepare_kernel",
     "prepare_kernel_int32", "index_kernel", "index_kernel_weighted", "prob_kernel",
     "prob_kernel_weighted", "bce_kernel", "bce_logits_kernel",
-    "bce_grad_kernel", "bce_logits_grad_kernel", "sum_kernel", "rowsum_kernel", "bad_value_kernel")] + [
+    "bce_grad_kernel", "bce_logits_grad_kernel", "sum_kernel", "rowsum_kernel", "bad_value_kernel",
+    "bce_sum_kernel", "bce_logits_sum_kernel", "bce_grad_sum_kernel",
+    "bce_logits_grad_sum_kernel")] + [
     f"{dt}/{k}{cuda_static.SOFTCAP_SUFFIX}" for dt in ("float32", "float64")
     for k in cuda_static.SOFTCAP_KERNELS] + [
     f"copy/copy_{k}" for k in ("f16_to_f32", "f32_to_f16", "f32_to_f32")]

@@ -18,8 +18,8 @@ sum-exp) partials are merged.
 
 Synchronization.  Calls return without waiting for the GPU, except where the host must look
 at data: class-index targets and BCE probabilities are checked on the device, and the 8-byte
-error flag is copied back after all of the call's kernels are queued (one wait per call, the
-same point at which the CPU path would raise).
+error flag (16 bytes for BCE: input and target) is copied back after all of the call's kernels
+are queued (one wait per call, the same point at which the CPU path would raise).
 """
 import contextlib
 import functools
@@ -397,13 +397,14 @@ class Call:
             self.stream.synchronize()
         return h.reshape(-1)[0]
 
-    def flag(self, sentinel):
-        """A device error flag holding ``sentinel`` (kernels atomically lower it)."""
+    def flag(self, sentinel, count=1):
+        """A device error flag of ``count`` entries holding ``sentinel`` (kernels atomically
+        lower them)."""
         if self.torch and not SIM:
             import torch
-            t = torch.full((1,), sentinel, dtype=torch.int64, device=self.like.device)
+            t = torch.full((count,), sentinel, dtype=torch.int64, device=self.like.device)
             return _as_view(t)
-        return self.to_device(np.array([sentinel], np.int64))
+        return self.to_device(np.full(count, sentinel, np.int64))
 
     def check_values(self, K, a3, values):
         """Queue the CPU path's value check of the 3-D ``a3`` against ``values`` = (lo, hi,
@@ -429,14 +430,20 @@ class Call:
             raise_bad_value(name, values[2], value, bad, shape)
 
     def first_error(self, flag, sentinel):
-        """The position recorded in a device error flag, or None (waits for the stream)."""
+        """The position recorded in a one-entry device error flag, or None (waits for the
+        stream)."""
+        return self.first_errors(flag, sentinel)[0]
+
+    def first_errors(self, flag, sentinel):
+        """The positions recorded in a device error flag, one per entry (None: no error),
+        read back in one copy (waits for the stream)."""
         if not SIM and _is_torch(flag.owner):
-            first = int(flag.owner.item())  # torch's current stream is the call's stream
-            return None if first >= sentinel else first
-        h = flag.copy_to_host(stream=self.stream)
-        if self.stream:
-            self.stream.synchronize()
-        return None if int(h[0]) >= sentinel else int(h[0])
+            h = flag.owner.tolist()  # torch's current stream is the call's stream
+        else:
+            h = flag.copy_to_host(stream=self.stream)
+            if self.stream:
+                self.stream.synchronize()
+        return [None if int(v) >= sentinel else int(v) for v in h]
 
 
 _EXTERNAL_STREAMS = {}
@@ -744,53 +751,63 @@ def _bce_inputs(call, target, weight, reduction):
     return dt, shape, xf, yf, wf
 
 
-def _reduce_elementwise(call, K, out, shape, reduction, in_dtype):
-    if reduction == "none":
-        return call.result(out, shape, in_dtype)
-    return call.result(_sum(call, K, out, reduction, None, out.shape[0]), (), in_dtype)
+def _bce_run(call, K, form, x, y, w, pw, shape, reduction, grad_output, want_grad):
+    """Queue the one BCE kernel of a call (``kernels.bce``'s template, ``form`` "bce" or
+    "bce_logits"): for 'none' it writes the per-element loss, for 'mean'/'sum' one partial
+    per block that ``_sum`` adds up; with ``want_grad`` it also writes the gradient.
 
-
-def _bce_grad_args(call, grad_output, reduction, shape, n, dt):
-    """(g0, gout, scale, grad) of the fused gradient kernels (see ``bce.upstream``)."""
-    g0, gout = _grad_output(call, grad_output, reduction, shape, dt)
-    scale = dt.type(1.0 / n if (reduction == "mean" and n) else 1.0)
-    return g0, gout, scale, call.empty((n,), dt)
-
-
-def _bce_launch(call, kernel, x, y, w, pw, out, flag, dt, grad_args=None):
-    """Queue one of the BCE kernels (``kernels.bce``'s template: the forward, or the fused
-    forward + gradient with ``grad_args`` = (g0, gout, scale, grad)); the arguments a kernel
-    does not use are empty."""
+    Returns (loss, grad, flag): the loss as the caller's array, the gradient (flat, compute
+    dtype) or None, and the kernel's two-entry error flag (see ``kernels.bce``)."""
+    dt = K.P.dtype
     n = x.shape[0]
-    if not n:
-        return
-    g0, gout, scale, grad = grad_args or (dt.type(1), _empty(dt), dt.type(1), _empty(dt))
     tpb = _threads()
-    kernel[min(-(-n // tpb), 65535), tpb, call.stream](x, y, w, pw, gout, g0, scale, out, grad,
-                                                       flag)
+    flag = call.flag(n, 2)
+    reduced = reduction != "none"
+    if want_grad:
+        g0, gout = _grad_output(call, grad_output, reduction, shape, dt)
+        scale = dt.type(1.0 / n if (reduction == "mean" and n) else 1.0)
+        grad = call.empty((n,), dt)
+    else:
+        g0, gout, scale, grad = dt.type(1), _empty(dt), dt.type(1), _empty(dt)
+    if reduced:
+        # A grid-stride loop of at least CUDA_REDUCE_ITEMS_PER_THREAD elements a thread:
+        # at most CUDA_REDUCE_MAX_BLOCKS partials for the one-block second stage.
+        blocks = min(-(-n // (tpb * _config.CUDA_REDUCE_ITEMS_PER_THREAD)),
+                     _config.CUDA_REDUCE_MAX_BLOCKS)
+    else:
+        blocks = min(-(-n // tpb), 65535)
+    out = call.empty((blocks if reduced else n,), dt)
+    if n:
+        kernel = getattr(K, form + ("_grad" if want_grad else "") +
+                         ("_sum" if reduced else "") + "_kernel")
+        kernel[blocks, tpb, call.stream](x, y, w, pw, gout, g0, scale, out, grad, flag)
+    if reduced:
+        loss = call.result(_sum(call, K, out, reduction, None, n), (), call.x.dtype)
+    else:
+        loss = call.result(out, shape, call.x.dtype)
+    return loss, (grad if want_grad else None), flag
+
+
+def _bce_raise(call, flag, shape, y, values, p=None):
+    """The CPU path's error for the first bad target (then, for probabilities ``p``, the
+    first bad input) that the BCE kernel recorded in ``flag`` (waits for the stream)."""
+    bad_input, bad_target = call.first_errors(flag, y.shape[0])
+    if bad_target is not None:
+        raise_bad_value("target", values[2], call.read(y, (bad_target,)), bad_target, shape)
+    if p is not None and bad_input is not None:
+        raise_bad_probability(call.x.dtype.type(call.read(p, (bad_input,))), bad_input, shape)
 
 
 def binary_cross_entropy(input, target, weight, reduction, grad_output=None, want_grad=False):
     with Call(input) as call:
         dt, shape, p, y, w = _bce_inputs(call, target, weight, reduction)
         K = kernels(dt)
-        n = p.shape[0]
-        y3 = call.reshape(y, (1, n, 1))
-        y_flag = call.check_values(K, y3, BCE_TARGET_VALUES)
-        out = call.empty((n,), dt)
-        flag = call.flag(n)
-        grad_args = (_bce_grad_args(call, grad_output, reduction, shape, n, dt)
-                     if want_grad else None)
-        _bce_launch(call, K.bce_grad_kernel if want_grad else K.bce_kernel, p, y, w,
-                    _empty(dt), out, flag, dt, grad_args)
-        res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
-        call.raise_bad_value(y_flag, y3, shape, "target", BCE_TARGET_VALUES)
-        bad = call.first_error(flag, n)
-        if bad is not None:
-            raise_bad_probability(call.x.dtype.type(call.read(p, (bad,))), bad, shape)
+        loss, grad, flag = _bce_run(call, K, "bce", p, y, w, _empty(dt), shape, reduction,
+                                    grad_output, want_grad)
+        _bce_raise(call, flag, shape, y, BCE_TARGET_VALUES, p)
         if not want_grad:
-            return res
-        return res, call.result(grad_args[3], shape, call.x.dtype)
+            return loss
+        return loss, call.result(grad, shape, call.x.dtype)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction,
@@ -798,7 +815,6 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     with Call(input) as call:
         dt, shape, x, y, w = _bce_inputs(call, target, weight, reduction)
         K = kernels(dt)
-        n = x.shape[0]
         if pos_weight is None:
             pw = _empty(dt)
         else:
@@ -807,15 +823,9 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
             if not pw_dev:
                 pwa = call.to_device(pwa, dt)
             pw = call.flat(pwa, dt) if compact else call.broadcast(pwa, shape, dt)
-        y3 = call.reshape(y, (1, n, 1))
-        y_flag = call.check_values(K, y3, BCE_LOGITS_TARGET_VALUES)
-        out = call.empty((n,), dt)
-        grad_args = (_bce_grad_args(call, grad_output, reduction, shape, n, dt)
-                     if want_grad else None)
-        _bce_launch(call, K.bce_logits_grad_kernel if want_grad else K.bce_logits_kernel, x, y,
-                    w, pw, out, _empty(np.int64), dt, grad_args)
-        res = _reduce_elementwise(call, K, out, shape, reduction, call.x.dtype)
-        call.raise_bad_value(y_flag, y3, shape, "target", BCE_LOGITS_TARGET_VALUES)
+        loss, grad, flag = _bce_run(call, K, "bce_logits", x, y, w, pw, shape, reduction,
+                                    grad_output, want_grad)
+        _bce_raise(call, flag, shape, y, BCE_LOGITS_TARGET_VALUES)
         if not want_grad:
-            return res
-        return res, call.result(grad_args[3], shape, call.x.dtype)
+            return loss
+        return loss, call.result(grad, shape, call.x.dtype)
