@@ -94,16 +94,25 @@ def build_cross_entropy(P, soft):
         return g
 
     @cuda.jit(device=True)
-    def index_term(xc, wc, m, L, sh, gi, ge):
+    def index_term(xc, wc, m, L, sh, gi, iv, ge):
         """Class c's ``lse - x_c`` (its smoothing term is ``w_c`` times it) and gradient,
         less the target's ``-(1 - eps) w_t g`` (the kernel fixes the target's element up
-        after); ``xc`` is the (capped) logit, ``gi = ga / sum`` the probability's factor
-        (``ga`` times the row's ``inv_sum``)."""
-        return lse_minus(m, L, xc), cap_grad(gi * exp_shifted(xc - sh) - ge * wc, xc)
+        after); ``xc`` is the (capped) logit; the probability's factor is ``gi`` times
+        ``iv`` (see :func:`grad_factors`)."""
+        return lse_minus(m, L, xc), cap_grad(gi * (exp_shifted(xc - sh) * iv) - ge * wc, xc)
+
+    @cuda.jit(device=True)
+    def grad_factors(ga, inv, has_w):
+        """``(gi, iv)`` for :func:`index_term`: ``(ga / sum, 1)``, one multiplication an
+        element; the unweighted capped build keeps ``(ga, 1 / sum)``, two (with one factor
+        ptxas interleaved that loop's loads with its tanh: 2 in flight)."""
+        if CAPPED and not has_w:
+            return ga, inv
+        return ga * inv, ONE
 
     @cuda.jit(device=True)
     def index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G, has_w, want_grad,
-                    smooth, sm, m, L, sh, gi, ge):
+                    smooth, sm, m, L, sh, gi, iv, ge):
         """Four elements of :func:`index_row` from the cursors ``p`` (x), ``pw`` (weights),
         ``q`` (gradient): the smoothing sum ``sm`` with their terms added (with weights,
         one FMA a term) and the cursors' next positions."""
@@ -122,10 +131,10 @@ def build_cross_entropy(P, soft):
         w1 = load1_at(weight, pw1, c + G) if has_w else ONE
         w2 = load1_at(weight, pw2, c + 2 * G) if has_w else ONE
         w3 = load1_at(weight, pw3, c + 3 * G) if has_w else ONE
-        s0, v0 = index_term(cap_value(x0), w0, m, L, sh, gi, ge)
-        s1, v1 = index_term(cap_value(x1), w1, m, L, sh, gi, ge)
-        s2, v2 = index_term(cap_value(x2), w2, m, L, sh, gi, ge)
-        s3, v3 = index_term(cap_value(x3), w3, m, L, sh, gi, ge)
+        s0, v0 = index_term(cap_value(x0), w0, m, L, sh, gi, iv, ge)
+        s1, v1 = index_term(cap_value(x1), w1, m, L, sh, gi, iv, ge)
+        s2, v2 = index_term(cap_value(x2), w2, m, L, sh, gi, iv, ge)
+        s3, v3 = index_term(cap_value(x3), w3, m, L, sh, gi, iv, ge)
         if smooth and has_w:
             sm = cuda.fma(w3, s3, cuda.fma(w2, s2, cuda.fma(w1, s1, cuda.fma(w0, s0, sm))))
         elif smooth:
@@ -158,29 +167,30 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         dw = G * weight.strides[0]
         end = hi - 3 * G
-        gi = ga * inv
+        gi, iv = grad_factors(ga, inv, has_w)
         if INDEX_STEP8:
             end8 = hi - 7 * G
             while c < end8:
                 sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
-                                           has_w, want_grad, smooth, sm, m, L, sh, gi, ge)
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
                 sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c + 4 * G,
-                                           s, G, has_w, want_grad, smooth, sm, m, L, sh, gi, ge)
+                                           s, G, has_w, want_grad, smooth, sm, m, L, sh, gi, iv,
+                                           ge)
                 c += 8 * G
             if c < end:  # four more (not a loop)
                 sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
-                                           has_w, want_grad, smooth, sm, m, L, sh, gi, ge)
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
                 c += 4 * G
         else:
             while c < end:
                 sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
-                                           has_w, want_grad, smooth, sm, m, L, sh, gi, ge)
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
                 c += 4 * G
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
                 wj = load1_at(weight, pw + j * dw, cj) if has_w else ONE
-                sj, vj = index_term(xload(x, p + j * d, n, cj, s), wj, m, L, sh, gi, ge)
+                sj, vj = index_term(xload(x, p + j * d, n, cj, s), wj, m, L, sh, gi, iv, ge)
                 if smooth:
                     sm += wj * sj
                 if want_grad:
@@ -315,7 +325,8 @@ def build_cross_entropy(P, soft):
                     # term (g and w_t read again: not kept live across the loop).
                     if holds_t and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
                         wt = weight[t] if has_w else ONE
-                        _, vt = index_term(xt, wt, m, L, sh, ga * inv, ge)
+                        gi, iv = grad_factors(ga, inv, has_w)
+                        _, vt = index_term(xt, wt, m, L, sh, gi, iv, ge)
                         gt = upstream(gout, g0, r, mean, stats[0]) * keep * wt
                         store3(grad, n, t, s, vt - cap_grad(gt, xt))
                 else:
