@@ -111,6 +111,20 @@ def build_cross_entropy(P, soft):
         return ga * inv, ONE
 
     @cuda.jit(device=True)
+    def store_step4(grad, q, e, n, c, s, G, chain, v0, v1, v2, v3):
+        """Store four gradient elements from cursor ``q`` (step ``e``; chained addresses when
+        ``chain``, see ``memory.steps4``); the cursor's next position."""
+        if chain:
+            q1, q2, q3, q4 = steps4(q, e)
+        else:
+            q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
+        store_at(grad, q, n, c, s, v0)
+        store_at(grad, q1, n, c + G, s, v1)
+        store_at(grad, q2, n, c + 2 * G, s, v2)
+        store_at(grad, q3, n, c + 3 * G, s, v3)
+        return q4
+
+    @cuda.jit(device=True)
     def index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G, has_w, want_grad,
                     smooth, sm, m, L, sh, gi, iv, ge):
         """Four elements of :func:`index_row` from the cursors ``p`` (x), ``pw`` (weights),
@@ -139,17 +153,9 @@ def build_cross_entropy(P, soft):
             sm = cuda.fma(w3, s3, cuda.fma(w2, s2, cuda.fma(w1, s1, cuda.fma(w0, s0, sm))))
         elif smooth:
             sm += (s0 + s1) + (s2 + s3)
-        q4 = q
         if want_grad:
-            if chain or has_w:
-                q1, q2, q3, q4 = steps4(q, e)
-            else:
-                q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
-            store_at(grad, q, n, c, s, v0)
-            store_at(grad, q1, n, c + G, s, v1)
-            store_at(grad, q2, n, c + 2 * G, s, v2)
-            store_at(grad, q3, n, c + 3 * G, s, v3)
-        return sm, p4, pw4, q4
+            q = store_step4(grad, q, e, n, c, s, G, chain or has_w, v0, v1, v2, v3)
+        return sm, p4, pw4, q
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth,
@@ -427,15 +433,7 @@ def build_cross_entropy(P, soft):
         l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, gi, g)
         lsum = cuda.fma(t3, l3, cuda.fma(t2, l2, cuda.fma(t1, l1, cuda.fma(t0, l0, lsum))))
         if want_grad:
-            if chain or has_w:
-                q1, q2, q3, q4 = steps4(q, e)
-            else:
-                q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
-            store_at(grad, q, n, c, s, v0)
-            store_at(grad, q1, n, c + G, s, v1)
-            store_at(grad, q2, n, c + 2 * G, s, v2)
-            store_at(grad, q3, n, c + 3 * G, s, v3)
-            q = q4
+            q = store_step4(grad, q, e, n, c, s, G, chain or has_w, v0, v1, v2, v3)
         return lsum, p, pt, pw, q
 
     @cuda.jit(device=True)
