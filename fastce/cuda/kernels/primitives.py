@@ -504,7 +504,7 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     # float32 chains a step's cursors (64-register bound: see memory.step); float64's pass
     # keeps the offsets p + k d (at 80 registers the chain spills).
     CHAIN_CURSORS = dtype == np.float32
-    REST_STEP8 = dtype == np.float32 and softcap is None  # see thread_rest
+    REST_STEP16 = dtype == np.float32 and softcap is None  # see thread_rest
 
     @cuda.jit(device=True)
     def rest_term(v, pivot):
@@ -552,11 +552,11 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
         ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
         equal to the pivot (terms summed pairwise a step, the step sums compensated with
-        TwoSum), ``cnt`` the count of those equal.  float32 steps eight elements (two
-        :func:`rest_step4`, one TwoSum), float64 four, and so do the soft-capped builds:
-        there the eight-wide pass costs the weighted gradient loop (``index_row``) its
-        loads in flight under the 64-register bound (docs/gpu.md).  ``C = 0`` reads
-        nothing."""
+        TwoSum), ``cnt`` the count of those equal.  float32 steps sixteen elements (four
+        :func:`rest_step4`, one ordered Fast2Sum, :func:`add_nonneg`), then eight and four;
+        float64 four, and so do the soft-capped builds: there the wider pass costs the
+        weighted gradient loop (``index_row``) its loads in flight under the 64-register
+        bound (docs/gpu.md).  ``C = 0`` reads nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
@@ -564,7 +564,7 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         p = addr3(x, n, c, s)
         d = G * x.strides[1]
         end = C - 3 * G
-        if REST_STEP8:
+        if REST_STEP16:
             end16 = C - 15 * G
             while c < end16:
                 a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
