@@ -54,6 +54,7 @@ def build_cross_entropy(P, soft):
     confident, rest_sum, block_any = P.confident, P.rest_sum, P.block_any
     allreduce_sum2, allreduce_max_sumexp, push_block4 = (P.allreduce_sum2,
                                                         P.allreduce_max_sumexp, P.push_block4)
+    push_block8 = P.push_block8
     ftype = P.ftype
     xload, cap_value, cap_grad = P.xload, P.cap_value, P.cap_grad
     unit_stats = soft.unit_stats
@@ -67,6 +68,13 @@ def build_cross_entropy(P, soft):
     # registers) measure fewer instructions with plain offsets for the inputs (the weighted
     # one still chains the gradient's cursor) (docs/gpu.md).
     CHAIN_F32 = P.dtype == np.float32
+    # The uncapped float32 class-index gradient loop steps eight elements (two four-element
+    # steps: the loop's own instructions shared by eight); float64 (unbounded registers) and
+    # the capped builds keep four.
+    INDEX_STEP8 = P.dtype == np.float32 and not CAPPED
+    # The same for the uncapped float32 probability rows' pass 1 (row statistics and total
+    # target weight; the capped values would go through cap_value here).
+    PROB_STEP8 = INDEX_STEP8
     # float64: unbounded (at 80 registers these two kernels spill)
     bounded_jit = P.row_kernel_jit(None)
 
@@ -86,18 +94,76 @@ def build_cross_entropy(P, soft):
         return g
 
     @cuda.jit(device=True)
-    def index_term(xc, wc, m, L, sh, inv, ga, ge):
-        """Class c's smoothing term ``w_c (lse - x_c)`` and gradient, less the target's
-        ``-(1 - eps) w_t g`` (the kernel fixes the target's element up after); ``xc``
-        is the (capped) logit."""
-        return wc * lse_minus(m, L, xc), cap_grad(ga * (exp_shifted(xc - sh) * inv) - ge * wc, xc)
+    def index_term(xc, wc, m, L, sh, gi, iv, ge):
+        """Class c's ``lse - x_c`` (its smoothing term is ``w_c`` times it) and gradient,
+        less the target's ``-(1 - eps) w_t g`` (the kernel fixes the target's element up
+        after); ``xc`` is the (capped) logit; the probability's factor is ``gi`` times
+        ``iv`` (see :func:`grad_factors`)."""
+        return lse_minus(m, L, xc), cap_grad(gi * (exp_shifted(xc - sh) * iv) - ge * wc, xc)
+
+    @cuda.jit(device=True)
+    def grad_factors(ga, inv, has_w):
+        """``(gi, iv)`` for :func:`index_term`: ``(ga / sum, 1)``, one multiplication an
+        element; the unweighted capped build keeps ``(ga, 1 / sum)``, two (with one factor
+        ptxas interleaved that loop's loads with its tanh: 2 in flight)."""
+        if CAPPED and not has_w:
+            return ga, inv
+        return ga * inv, ONE
+
+    @cuda.jit(device=True)
+    def store_step4(grad, q, e, n, c, s, G, chain, v0, v1, v2, v3):
+        """Store four gradient elements from cursor ``q`` (step ``e``; chained addresses when
+        ``chain``, see ``memory.steps4``); the cursor's next position."""
+        if chain:
+            q1, q2, q3, q4 = steps4(q, e)
+        else:
+            q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
+        store_at(grad, q, n, c, s, v0)
+        store_at(grad, q1, n, c + G, s, v1)
+        store_at(grad, q2, n, c + 2 * G, s, v2)
+        store_at(grad, q3, n, c + 3 * G, s, v3)
+        return q4
+
+    @cuda.jit(device=True)
+    def index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G, has_w, want_grad,
+                    smooth, sm, m, L, sh, gi, iv, ge):
+        """Four elements of :func:`index_row` from the cursors ``p`` (x), ``pw`` (weights),
+        ``q`` (gradient): the smoothing sum ``sm`` with their terms added (with weights,
+        one FMA a term) and the cursors' next positions."""
+        chain = CAPPED  # compile-time: see CAPPED
+        if chain:
+            p1, p2, p3, p4 = steps4(p, d)
+            pw1, pw2, pw3, pw4 = steps4(pw, dw)
+        else:
+            p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p + 4 * d
+            pw1, pw2, pw3, pw4 = pw + dw, pw + 2 * dw, pw + 3 * dw, pw + 4 * dw
+        x0 = load_at(x, p, n, c, s)
+        x1 = load_at(x, p1, n, c + G, s)
+        x2 = load_at(x, p2, n, c + 2 * G, s)
+        x3 = load_at(x, p3, n, c + 3 * G, s)
+        w0 = load1_at(weight, pw, c) if has_w else ONE
+        w1 = load1_at(weight, pw1, c + G) if has_w else ONE
+        w2 = load1_at(weight, pw2, c + 2 * G) if has_w else ONE
+        w3 = load1_at(weight, pw3, c + 3 * G) if has_w else ONE
+        s0, v0 = index_term(cap_value(x0), w0, m, L, sh, gi, iv, ge)
+        s1, v1 = index_term(cap_value(x1), w1, m, L, sh, gi, iv, ge)
+        s2, v2 = index_term(cap_value(x2), w2, m, L, sh, gi, iv, ge)
+        s3, v3 = index_term(cap_value(x3), w3, m, L, sh, gi, iv, ge)
+        if smooth and has_w:
+            sm = cuda.fma(w3, s3, cuda.fma(w2, s2, cuda.fma(w1, s1, cuda.fma(w0, s0, sm))))
+        elif smooth:
+            sm += (s0 + s1) + (s2 + s3)
+        if want_grad:
+            q = store_step4(grad, q, e, n, c, s, G, chain or has_w, v0, v1, v2, v3)
+        return sm, p4, pw4, q
 
     @cuda.jit(device=True)
     def index_row(x, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, smooth,
                   m, L, sh, inv, ga, ge):
         """Pass 2 of a class-index row over the thread's share of [lo, hi): the gradient
         (``want_grad``) and the sum of the smoothing terms (``smooth``); four independent
-        loads of x (and of the weights) before the four stores, through byte cursors."""
+        loads of x (and of the weights) before the four stores, through byte cursors;
+        eight elements a step (two :func:`index_step4`) in the uncapped float32 builds."""
         sm = ZERO
         c = lo + lane
         p = addr3(x, n, c, s)
@@ -107,48 +173,32 @@ def build_cross_entropy(P, soft):
         e = G * grad.strides[1]
         dw = G * weight.strides[0]
         end = hi - 3 * G
-        chain = CAPPED  # compile-time: see CAPPED
-        while c < end:
-            if chain:
-                p1, p2, p3, p4 = steps4(p, d)
-                pw1, pw2, pw3, pw4 = steps4(pw, dw)
-            else:
-                p1, p2, p3, p4 = p + d, p + 2 * d, p + 3 * d, p
-                pw1, pw2, pw3, pw4 = pw + dw, pw + 2 * dw, pw + 3 * dw, pw
-            x0 = load_at(x, p, n, c, s)
-            x1 = load_at(x, p1, n, c + G, s)
-            x2 = load_at(x, p2, n, c + 2 * G, s)
-            x3 = load_at(x, p3, n, c + 3 * G, s)
-            w0 = load1_at(weight, pw, c) if has_w else ONE
-            w1 = load1_at(weight, pw1, c + G) if has_w else ONE
-            w2 = load1_at(weight, pw2, c + 2 * G) if has_w else ONE
-            w3 = load1_at(weight, pw3, c + 3 * G) if has_w else ONE
-            s0, v0 = index_term(cap_value(x0), w0, m, L, sh, inv, ga, ge)
-            s1, v1 = index_term(cap_value(x1), w1, m, L, sh, inv, ga, ge)
-            s2, v2 = index_term(cap_value(x2), w2, m, L, sh, inv, ga, ge)
-            s3, v3 = index_term(cap_value(x3), w3, m, L, sh, inv, ga, ge)
-            if smooth:
-                sm += (s0 + s1) + (s2 + s3)
-            if want_grad:
-                if chain or has_w:
-                    q1, q2, q3, q4 = steps4(q, e)
-                else:
-                    q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q
-                store_at(grad, q, n, c, s, v0)
-                store_at(grad, q1, n, c + G, s, v1)
-                store_at(grad, q2, n, c + 2 * G, s, v2)
-                store_at(grad, q3, n, c + 3 * G, s, v3)
-                q = q4 if chain else q + 4 * e
-            c += 4 * G
-            p = p4 if chain else p + 4 * d
-            pw = pw4 if chain else pw + 4 * dw
+        gi, iv = grad_factors(ga, inv, has_w)
+        if INDEX_STEP8:
+            end8 = hi - 7 * G
+            while c < end8:
+                sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
+                sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c + 4 * G,
+                                           s, G, has_w, want_grad, smooth, sm, m, L, sh, gi, iv,
+                                           ge)
+                c += 8 * G
+            if c < end:  # four more (not a loop)
+                sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
+                c += 4 * G
+        else:
+            while c < end:
+                sm, p, pw, q = index_step4(x, weight, grad, p, pw, q, d, dw, e, n, c, s, G,
+                                           has_w, want_grad, smooth, sm, m, L, sh, gi, iv, ge)
+                c += 4 * G
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
                 wj = load1_at(weight, pw + j * dw, cj) if has_w else ONE
-                sj, vj = index_term(xload(x, p + j * d, n, cj, s), wj, m, L, sh, inv, ga, ge)
+                sj, vj = index_term(xload(x, p + j * d, n, cj, s), wj, m, L, sh, gi, iv, ge)
                 if smooth:
-                    sm += sj
+                    sm += wj * sj
                 if want_grad:
                     store_at(grad, q + j * e, n, cj, s, vj)
         return sm
@@ -281,7 +331,8 @@ def build_cross_entropy(P, soft):
                     # term (g and w_t read again: not kept live across the loop).
                     if holds_t and np.uint32(t - lo) % np.uint32(G) == np.uint32(lane):
                         wt = weight[t] if has_w else ONE
-                        _, vt = index_term(xt, wt, m, L, sh, inv, ga, ge)
+                        gi, iv = grad_factors(ga, inv, has_w)
+                        _, vt = index_term(xt, wt, m, L, sh, gi, iv, ge)
                         gt = upstream(gout, g0, r, mean, stats[0]) * keep * wt
                         store3(grad, n, t, s, vt - cap_grad(gt, xt))
                 else:
@@ -363,56 +414,83 @@ def build_cross_entropy(P, soft):
         return x0, x1, x2, x3, y0, y1, y2, y3, p4, t4, w4
 
     @cuda.jit(device=True)
-    def prob_term(xc, wt, m, L, sh, inv, ga, g):
-        """Class c's loss term (0 where ``wt_c == 0``, even for ``x_c = -inf``) and
-        gradient."""
-        return (wt * lse_minus(m, L, xc) if wt != ZERO else ZERO,
-                cap_grad(ga * (exp_shifted(xc - sh) * inv) - g * wt, xc))
+    def prob_term(xc, wt, m, L, sh, gi, g):
+        """Class c's ``lse - x_c`` (0 where ``wt_c == 0``, even for ``x_c = -inf``: the
+        loss term is ``wt_c`` times it) and gradient; ``gi = ga / sum``."""
+        return (lse_minus(m, L, xc) if wt != ZERO else ZERO,
+                cap_grad(gi * exp_shifted(xc - sh) - g * wt, xc))
+
+    @cuda.jit(device=True)
+    def prob_step4(x, target, weight, grad, p, d, pt, dt, pw, dw, q, e, n, c, s, G, has_w,
+                   want_grad, keep, eps_c, chain, lsum, m, L, sh, gi, g):
+        """Four elements of :func:`prob_row`: the loss sum ``lsum`` with their terms added
+        (one FMA a term), their gradients stored, and the cursors' next positions."""
+        x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
+            x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c, chain)
+        l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, gi, g)
+        l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, gi, g)
+        l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, gi, g)
+        l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, gi, g)
+        lsum = cuda.fma(t3, l3, cuda.fma(t2, l2, cuda.fma(t1, l1, cuda.fma(t0, l0, lsum))))
+        if want_grad:
+            q = store_step4(grad, q, e, n, c, s, G, chain or has_w, v0, v1, v2, v3)
+        return lsum, p, pt, pw, q
 
     @cuda.jit(device=True)
     def prob_row(x, target, weight, grad, n, s, lo, hi, lane, G, has_w, want_grad, keep,
                  eps_c, m, L, sh, inv, ga, g, chain):
         """Pass 2 of a probability-target row over the thread's share: the loss terms'
-        sum and the gradient; four independent loads of x and of the targets per step."""
+        sum and the gradient; four independent loads of x and of the targets a
+        :func:`prob_step4`, two a step in the uncapped float32 builds."""
         lsum = ZERO
         c = lo + lane
         p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
         q = addr3(grad, n, c, s) if want_grad else 0
         e = G * grad.strides[1]
         end = hi - 3 * G
-        while c < end:
-            x0, x1, x2, x3, t0, t1, t2, t3, pn, ptn, pwn = load_step4(
-                x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c, chain)
-            l0, v0 = prob_term(cap_value(x0), t0, m, L, sh, inv, ga, g)
-            l1, v1 = prob_term(cap_value(x1), t1, m, L, sh, inv, ga, g)
-            l2, v2 = prob_term(cap_value(x2), t2, m, L, sh, inv, ga, g)
-            l3, v3 = prob_term(cap_value(x3), t3, m, L, sh, inv, ga, g)
-            lsum += (l0 + l1) + (l2 + l3)
-            if want_grad:
-                if chain or has_w:
-                    q1, q2, q3, q4 = steps4(q, e)
-                else:
-                    q1, q2, q3, q4 = q + e, q + 2 * e, q + 3 * e, q + 4 * e
-                store_at(grad, q, n, c, s, v0)
-                store_at(grad, q1, n, c + G, s, v1)
-                store_at(grad, q2, n, c + 2 * G, s, v2)
-                store_at(grad, q3, n, c + 3 * G, s, v3)
-                q = q4
-            c += 4 * G
-            p = pn
-            pt = ptn
-            pw = pwn
+        gi = ga * inv
+        if PROB_STEP8:
+            end8 = hi - 7 * G
+            while c < end8:
+                lsum, p, pt, pw, q = prob_step4(
+                    x, target, weight, grad, p, d, pt, dt, pw, dw, q, e, n, c, s, G, has_w,
+                    want_grad, keep, eps_c, chain, lsum, m, L, sh, gi, g)
+                lsum, p, pt, pw, q = prob_step4(
+                    x, target, weight, grad, p, d, pt, dt, pw, dw, q, e, n, c + 4 * G, s, G,
+                    has_w, want_grad, keep, eps_c, chain, lsum, m, L, sh, gi, g)
+                c += 8 * G
+            if c < end:  # four more (not a loop)
+                lsum, p, pt, pw, q = prob_step4(
+                    x, target, weight, grad, p, d, pt, dt, pw, dw, q, e, n, c, s, G, has_w,
+                    want_grad, keep, eps_c, chain, lsum, m, L, sh, gi, g)
+                c += 4 * G
+        else:
+            while c < end:
+                lsum, p, pt, pw, q = prob_step4(
+                    x, target, weight, grad, p, d, pt, dt, pw, dw, q, e, n, c, s, G, has_w,
+                    want_grad, keep, eps_c, chain, lsum, m, L, sh, gi, g)
+                c += 4 * G
         for j in range(3):  # the last 0-3 elements of this thread (unrolled: not a loop)
             cj = c + j * G
             if cj < hi:
-                lj, vj = prob_term(xload(x, p + j * d, n, cj, s),
-                                   target_weight(target, weight, pt + j * dt, pw + j * dw, n,
-                                                 cj, s, has_w, keep, eps_c),
-                                   m, L, sh, inv, ga, g)
-                lsum += lj
+                tj = target_weight(target, weight, pt + j * dt, pw + j * dw, n, cj, s, has_w,
+                                   keep, eps_c)
+                lj, vj = prob_term(xload(x, p + j * d, n, cj, s), tj, m, L, sh, gi, g)
+                lsum += tj * lj
                 if want_grad:
                     store_at(grad, q + j * e, n, cj, s, vj)
         return lsum
+
+    @cuda.jit(device=True)
+    def prob_stats_step4(x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep,
+                         eps_c, chain, m, sh, acc, tw):
+        """Four elements of a probability row's pass 1: the running (max, shift, sum-exp)
+        and total target weight, and the cursors' next positions."""
+        x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
+            x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c, chain)
+        m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
+                                 cap_value(x3))
+        return m, sh, acc, tw + ((t0 + t1) + (t2 + t3)), p, pt, pw
 
     def make_prob_kernel(weighted):
         """:func:`make_index_kernel` for ``prob_kernel``."""
@@ -435,14 +513,29 @@ def build_cross_entropy(P, soft):
             c = lo + lane
             p, d, pt, dt, pw, dw = cursors(x, target, weight, n, c, s, G, has_w)
             end = hi - 3 * G
-            while c < end:
-                x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
-                    x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
-                    chain)
-                m, sh, acc = push_block4(m, sh, acc, cap_value(x0), cap_value(x1), cap_value(x2),
-                                         cap_value(x3))
-                tw += (t0 + t1) + (t2 + t3)
-                c += 4 * G
+            if PROB_STEP8:
+                end8 = hi - 7 * G
+                while c < end8:
+                    x0, x1, x2, x3, t0, t1, t2, t3, p, pt, pw = load_step4(
+                        x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
+                        chain)
+                    x4, x5, x6, x7, t4, t5, t6, t7, p, pt, pw = load_step4(
+                        x, target, weight, p, d, pt, dt, pw, dw, n, c + 4 * G, s, G, has_w, keep,
+                        eps_c, chain)
+                    m, sh, acc = push_block8(m, sh, acc, x0, x1, x2, x3, x4, x5, x6, x7)
+                    tw += ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7))
+                    c += 8 * G
+                if c < end:  # four more (not a loop)
+                    m, sh, acc, tw, p, pt, pw = prob_stats_step4(
+                        x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
+                        chain, m, sh, acc, tw)
+                    c += 4 * G
+            else:
+                while c < end:
+                    m, sh, acc, tw, p, pt, pw = prob_stats_step4(
+                        x, target, weight, p, d, pt, dt, pw, dw, n, c, s, G, has_w, keep, eps_c,
+                        chain, m, sh, acc, tw)
+                    c += 4 * G
             if c < hi:  # the last 1-3 elements of this thread
                 x1 = NEG_INF
                 x2 = NEG_INF

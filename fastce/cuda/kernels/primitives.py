@@ -475,6 +475,28 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         bb = sm - a
         return sm, (a - (sm - bb)) + (b - bb)
 
+    @cuda.jit(device=True)
+    def fast_two_sum(a, b):
+        """``(fl(a + b), err)`` with ``a + b = s + err`` exactly, for ``|a| >= |b|`` (or
+        ``b = 0``): Fast2Sum, three instructions where TwoSum takes six."""
+        sm = a + b
+        return sm, b - (sm - a)
+
+    @cuda.jit(device=True)
+    def diff_below(v, q):
+        """``two_sum(v, q)`` for ``v <= -q`` (``-q`` the row's max, the pivot), bit for bit,
+        in five instructions: Fast2Sum of the operands ordered by magnitude.  With
+        ``v <= -q``, ``min(v, q)`` has the larger magnitude (``q >= 0``: ``v <= -q`` or
+        ``|v| <= q``; ``q < 0``: ``v <= -q < 0 < q``).  ``v = -inf`` gives a NaN error, as
+        TwoSum does."""
+        return fast_two_sum(min(v, q), max(v, q))
+
+    @cuda.jit(device=True)
+    def add_nonneg(hi, t):
+        """``two_sum(hi, t)`` for ``hi, t >= 0``: Fast2Sum, the larger first (five
+        instructions)."""
+        return fast_two_sum(max(hi, t), min(hi, t))
+
     # float64 branches around the exp of a pivot entry: its exp is long, and four of them
     # at once cost the kernels registers (occupancy); float32 selects.
     PIVOT_BRANCH = dtype == np.float64
@@ -482,7 +504,7 @@ def build_primitives(dtype, shuffle=None, softcap=None):
     # float32 chains a step's cursors (64-register bound: see memory.step); float64's pass
     # keeps the offsets p + k d (at 80 registers the chain spills).
     CHAIN_CURSORS = dtype == np.float32
-    REST_STEP8 = dtype == np.float32 and softcap is None  # see thread_rest
+    REST_STEP16 = dtype == np.float32 and softcap is None  # see thread_rest
 
     @cuda.jit(device=True)
     def rest_term(v, pivot):
@@ -495,10 +517,11 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         ``e`` into its own correction and maps ``v = -inf`` (a NaN TwoSum error) to 0."""
         if PIVOT_BRANCH and v == pivot:
             return ZERO, ONE
-        d, e = two_sum(v, -pivot)
         if PIVOT_BRANCH:
+            d, e = two_sum(v, -pivot)
             t = exp(d)
             return (ZERO if (d == ZERO or t == ZERO) else t + t * e), (ONE if d == ZERO else ZERO)
+        d, e = diff_below(v, -pivot)
         k = ONE if d == ZERO else ZERO
         return exp_shifted_err(d, e) - k, k
 
@@ -529,11 +552,11 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         """This thread's share of the second pass over the whole row ``x[n, :C, s]``:
         ``(hi, lo, cnt)``, ``hi + lo`` the sum of ``exp(x_c - pivot)`` over the entries not
         equal to the pivot (terms summed pairwise a step, the step sums compensated with
-        TwoSum), ``cnt`` the count of those equal.  float32 steps eight elements (two
-        :func:`rest_step4`, one TwoSum), float64 four, and so do the soft-capped builds:
-        there the eight-wide pass costs the weighted gradient loop (``index_row``) its
-        loads in flight under the 64-register bound (docs/gpu.md).  ``C = 0`` reads
-        nothing."""
+        TwoSum), ``cnt`` the count of those equal.  float32 steps sixteen elements (four
+        :func:`rest_step4`, one ordered Fast2Sum, :func:`add_nonneg`), then eight and four;
+        float64 four, and so do the soft-capped builds: there the wider pass costs the
+        weighted gradient loop (``index_row``) its loads in flight under the 64-register
+        bound (docs/gpu.md).  ``C = 0`` reads nothing."""
         hi = ZERO
         lo = ZERO
         cnt = ZERO
@@ -541,9 +564,18 @@ def build_primitives(dtype, shuffle=None, softcap=None):
         p = addr3(x, n, c, s)
         d = G * x.strides[1]
         end = C - 3 * G
-        if REST_STEP8:
-            end8 = C - 7 * G
-            while c < end8:
+        if REST_STEP16:
+            end16 = C - 15 * G
+            while c < end16:
+                a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
+                b, kb, p = rest_step4(x, p, d, n, c + 4 * G, s, G, pivot)
+                a2, ka2, p = rest_step4(x, p, d, n, c + 8 * G, s, G, pivot)
+                b2, kb2, p = rest_step4(x, p, d, n, c + 12 * G, s, G, pivot)
+                hi, e = add_nonneg(hi, (a + b) + (a2 + b2))
+                lo += e
+                cnt += (ka + kb) + (ka2 + kb2)
+                c += 16 * G
+            if c < C - 7 * G:  # eight more (not a loop)
                 a, ka, p = rest_step4(x, p, d, n, c, s, G, pivot)
                 b, kb, p = rest_step4(x, p, d, n, c + 4 * G, s, G, pivot)
                 hi, e = two_sum(hi, a + b)
