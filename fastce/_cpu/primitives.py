@@ -937,8 +937,9 @@ def _block_rest_below(blk, m):
 def row_rest(row, m):
     """``rest = sum exp(row[c] - m)`` over the entries below the row's finite max ``m``,
     plus one for each further entry equal to it, in float64 to full relative precision
-    (``tiles.tile_max_rest``'s terms: each difference exact; block sums compensated), so that
-    ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
+    (``tiles.tile_max_rest``'s terms: each difference exact; each block of ``_REST_BLOCK``
+    summed in the data's dtype, :func:`_block_rest_below`, the block sums compensated), so
+    that ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
     n = row.shape[0]
     hi = np.float64(0)
     lo = np.float64(0)
