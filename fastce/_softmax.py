@@ -33,15 +33,17 @@ def _small_rows(x, axis, mode):
     # log_softmax and softmax from PARALLEL_MIN_WRITE_ELEMENTS run threaded: the parallel
     # row tiles take the same three arguments; the rows kernel's threaded form goes through
     # the general path.
-    par = (mode != MODE_LOGSUMEXP and x.size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
-           and _parallel(x.size, _config.PARALLEL_MIN_WRITE_ELEMENTS))
-    shape = x.shape
     lse = mode == MODE_LOGSUMEXP
+    size = x.size
+    par = (not lse and size >= _config.PARALLEL_MIN_WRITE_ELEMENTS
+           and _parallel(size, _config.PARALLEL_MIN_WRITE_ELEMENTS))
+    shape = x.shape
     if len(shape) == 2:
         if axis != -1 and axis != 1:
             return None
         N, C = shape
-        tiles = _row_tiles(N, C, x.dtype)
+        # (its first test inline: no call for the common few-row case)
+        tiles = N >= _config.ROW_TILE_MIN_ROWS and _row_tiles(N, C, x.dtype)
         if par and not tiles:
             return None
         o = np.empty((N, 1) if lse else shape, x.dtype)

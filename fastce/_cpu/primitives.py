@@ -26,7 +26,7 @@ __all__ = ["kernel_twins", "wide_vectors", "prefetch", "nan_max", "exp", "exp_te
            "kahan_add",
            "two_diff", "exp_diff",
            "safe_shift", "inv_sum", "lse_from_max_sumexp", "shift_log_sum", "lse_minus",
-           "merge_max_sumexp", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
+           "merge_max_sumexp", "row_max", "row_max_sumexp", "row_argmax", "confident", "lse_needs_rest",
            "rest_sum", "rest_total", "row_rest", "rest_term", "REST_TERM_BIAS", "lse_confident",
            "spatial_rest_sum", "exp_diff_native", "pair_parts", "pair_lse_parts",
            "pair_lse_minus",
@@ -645,6 +645,12 @@ def _block_sumexp(blk, sh, cap):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
+def row_max(row):
+    """The NaN-propagating max of the contiguous 1-D ``row`` (vectorized)."""
+    return _block_max(row, None)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
 def row_exact_max_sumexp(row, cap=None):
     """:func:`row_max_sumexp` with the shift at the row's exact max: one max pass, then the
     exp-sum block by block against it (the second read comes from cache for a row that fits
@@ -909,28 +915,31 @@ def rest_total(hi, lo, itemsize, ties):
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _block_rest_below(blk, m):
     """(sum of the :func:`rest_term` terms of the entries below ``m``, count of the entries
-    equal to ``m``), both float64; vectorized reductions.  The count runs in its own loop, in
-    the data's dtype (exact for a block of ``_REST_BLOCK``): in the term loop it cost more
-    (docs/performance.md "Session 4b")."""
+    equal to ``m``), both returned as float64, both accumulated in the data's dtype: one
+    loop at the dtype's full vector width (a float64 accumulator made LLVM run float32 terms
+    at 8 lanes, docs/performance.md "Session 6").  The float32 sum of a block of at most
+    ``_REST_BLOCK`` terms, vectorized (16 lanes x 4 partial sums of ~4 terms, then a
+    6-level tree), has a relative error of at most ~9 u/2 (non-negative terms); the count
+    is exact."""
     wide_vectors()
     zero = blk.dtype.type(0)
     one = blk.dtype.type(1)
-    acc = np.float64(0)
-    for j in range(blk.shape[0]):
-        v = blk[j]
-        acc += np.float64(rest_term(v, m) if v < m else zero)
+    acc = zero
     ties = zero
     for j in range(blk.shape[0]):
-        ties += one if blk[j] == m else zero
-    return acc, np.float64(ties)
+        v = blk[j]
+        acc += rest_term(v, m) if v < m else zero
+        ties += one if v == m else zero
+    return np.float64(acc), np.float64(ties)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
 def row_rest(row, m):
     """``rest = sum exp(row[c] - m)`` over the entries below the row's finite max ``m``,
     plus one for each further entry equal to it, in float64 to full relative precision
-    (``tiles.tile_max_rest``'s terms: each difference exact; block sums compensated), so that
-    ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
+    (``tiles.tile_max_rest``'s terms: each difference exact; each block of ``_REST_BLOCK``
+    summed in the data's dtype, :func:`_block_rest_below`, the block sums compensated), so
+    that ``lse = m + log1p(rest)``: one pass, no search for the max's position."""
     n = row.shape[0]
     hi = np.float64(0)
     lo = np.float64(0)

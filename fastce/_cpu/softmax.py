@@ -13,7 +13,7 @@ from .._config import CLASS_BLOCK, FASTMATH
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP, MODE_SOFTMAX
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, rest_sum, row_argmax,
-                         row_exact_max_sumexp, row_max_sumexp, row_rest, safe_shift,
+                         row_exact_max_sumexp, row_max, row_max_sumexp, row_rest, safe_shift,
                          shift_log_sum, spatial_rest_sum, wide_vectors)
 from .stats import spatial_block_stats, spatial_blocks
 
@@ -33,10 +33,9 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             softmax_one_block(x[i], out[i])
             continue
         if n_chunks == 1 and mode == MODE_LOG_SOFTMAX:
-            # The shift at the exact max: whether the row is confident is then known before
-            # any output is written, and the output is written once.
-            m, s = row_exact_max_sumexp(x[i])
-        elif n_chunks == 1:
+            log_softmax_row(x[i], out[i])
+            continue
+        if n_chunks == 1:
             m, s = row_max_sumexp(x[i])
         else:
             m, s = stat_m[i], stat_s[i]
@@ -51,14 +50,6 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
         orow = out[i, lo:hi]
         if mode == MODE_LOG_SOFTMAX:
             a, L = shift_log_sum(m, s)
-            if n_chunks == 1:
-                # The shift is the row's max: a confident row's log1p(rest) comes from the
-                # precise pass before the output is written.
-                if confident(_zero_if_finite(a), L):
-                    L = x.dtype.type(log1p(row_rest(row, a)))
-                for c in range(row.shape[0]):
-                    orow[c] = -lse_minus(a, L, row[c])
-                continue
             top = x.dtype.type(-np.inf)
             for c in range(row.shape[0]):
                 orow[c] = -lse_minus(a, L, row[c])
@@ -73,6 +64,32 @@ def _softmax_rows(x, out, mode, n_chunks, stat_m, stat_s):
             inv = inv_sum(m, s)
             for c in range(row.shape[0]):
                 orow[c] = exp_term(row[c] - sh) * inv
+
+
+@njit(fastmath=FASTMATH, error_model="numpy")
+def log_softmax_row(row, out):
+    """log_softmax of a whole row, full relative precision at a confident row's max entry.
+    float32: every row as its max, the precise rest (:func:`row_rest`) and the output
+    ``-((m - x) + log1p(rest))``, three passes; the float32 rest costs about 1.6 one-pass
+    sums, less than the one-pass sum plus the rest that a confident row needs otherwise.
+    float64 (whose rest costs about 1.9 sums): the max and the one-pass sum with the shift at
+    the exact max, and the rest only for a confident row; either way the row's confidence
+    is known before any output is written, and the output is written once
+    (docs/performance.md "Session 6")."""
+    wide_vectors()
+    if row.itemsize == 4:
+        m = row_max(row)
+        L = np.float64(0)
+        if m > -np.inf and m < np.inf:
+            L = log1p(row_rest(row, m))
+    else:
+        m, s = row_exact_max_sumexp(row)
+        m, L = shift_log_sum(m, s)
+        if confident(_zero_if_finite(m), L):
+            L = log1p(row_rest(row, m))
+    Lc = row.dtype.type(L)
+    for c in range(row.shape[0]):
+        out[c] = -lse_minus(m, Lc, row[c])
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
