@@ -247,6 +247,8 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
     N, C, S = x.shape
     pairs = C == 2 and cap is None and z_loss is None
     reduce = loss.shape[0] == 0
+    # unweighted, the closed form checks the targets and counts them in its own loop
+    pair_check = pairs and check and weight.shape[0] == 0
     blk = SPATIAL_PAIR_BLOCK if pairs else SPATIAL_BLOCK
     per_sample = (S + blk - 1) // blk
     per_task = 1 if pairs else SPATIAL_BLOCKS_PER_TASK
@@ -264,7 +266,7 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
             n = u // per_sample
             s0 = (u - n * per_sample) * blk
             s1 = min(s0 + blk, S)
-            if check:
+            if check and not pair_check:
                 bad, d = _check_index_target_inlined(target[n, s0:s1], C, ignore_index,
                                                      weight)
                 if bad >= 0:
@@ -274,8 +276,16 @@ def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, gra
             ln = ln_buf[:s1 - s0] if reduce else loss[n, s0:s1]
             done = False
             if pairs:
-                done = spatial_index_pairs(x, target, ignore_index, weight, w_total, eps,
-                                           gscale, grad, ln, lse_out, n, s0, s1) == 0
+                n_nonfinite, n_live, n_out = spatial_index_pairs(
+                    x, target, ignore_index, weight, w_total, eps, gscale, grad, ln, lse_out,
+                    n, s0, s1)
+                done = n_nonfinite == 0
+                if pair_check:
+                    if n_out > 0:
+                        first_bad[task] = n * S + s0 + _check_index_target_inlined(
+                            target[n, s0:s1], C, ignore_index, weight)[0]
+                        break
+                    denom += n_live
                 if not done and sc[0].shape[1] < blk:
                     sc = spatial_index_scratch(x, blk)
             if not done:
@@ -489,7 +499,8 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
     + e)``; the target's gradient ``g ((1 - eps) w_t (p_t - 1) + eps/2 (w_total p_t - w_t))``
     with ``p_t - 1 = -p_o``.  Returns the number of positions with a non-finite logit
     (their results are not valid: the caller then runs :func:`spatial_index_block` on the
-    block)."""
+    block), of those not ignored, and of targets outside [0, 2) that are not ignored (their
+    results are not valid either: unchecked targets are taken as class 0)."""
     wide_vectors()
     S = x.shape[2]
     has_w = weight.shape[0] > 0
@@ -504,11 +515,15 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
     x1 = x[n, 1, s0:s1]
     tn = target[n, s0:s1]
     bad = 0
+    n_live = 0
+    n_out = 0
     for j in range(s1 - s0):
         a = x0[j]
         b = x1[j]
-        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
-                                                              w0, w1)
+        t = tn[j]
+        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, t, ignore_index, w0, w1)
+        n_live += live
+        n_out += live and (t < 0 or t > 1)
         lt = (M - xt) + L
         part = keep * w_t * lt
         if eps > 0:
@@ -540,7 +555,7 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
             go = go if live else zero
             g0[j] = gt if not on1 else go
             g1[j] = gt if on1 else go
-    return bad
+    return bad, n_live, n_out
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
