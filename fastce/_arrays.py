@@ -142,6 +142,13 @@ def _reduce_loss(loss, reduction, denom, shape, dtype):
     dt = loss.dtype
     # One element (the tiny calls): skip NumPy's reduction machinery.
     total = loss[(0,) * loss.ndim] if loss.size == 1 else loss.sum(dtype=dt)
+    return _reduced_total(total, reduction, denom, dt, dtype)
+
+
+def _reduced_total(total, reduction, denom, dt, dtype):
+    """'sum' or 'mean' (``total`` divided by ``denom``, NaN when ``denom`` is 0) of a loss
+    whose sum is ``total``, rounded once to the compute dtype ``dt``, as a scalar of
+    ``dtype``."""
     if reduction == "mean":
-        total = dt.type(total / denom) if denom != 0 else dt.type(np.nan)
-    return dtype.type(total)
+        total = total / denom if denom != 0 else np.nan
+    return dtype.type(dt.type(total))

@@ -10,8 +10,8 @@ scalar kernel of ``fastce._cpu.tiny``); CUDA arrays go to ``fastce.cuda``.
 import numpy as np
 
 from . import _config
-from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _result, is_device_array,
-                      upstream_gradient)
+from ._arrays import (EMPTY, _as_array, _into, _reduce_loss, _reduced_total, _result,
+                      is_device_array, upstream_gradient)
 from ._runtime import (_cuda, _import_kernels, _parallel, _row_chunks, _row_tiles,
                        _small_call, _split_stats)
 from ._validate import (PROB_TARGET_VALUES, check_out, compute_dtype, cross_entropy_problem,
@@ -105,10 +105,11 @@ def _validate_call(logits, target, weight, ignore_index, reduction, label_smooth
     return logits, target, weight, prob
 
 
-def _check_targets(target, prob, ignore_index, w):
+def _check_targets(target, prob, ignore_index, w, check=True):
     """The targets as the kernels take them -- (N, C, S) probabilities in the compute dtype,
     or flat int64 class indices -- after the data check, and the denominator of 'mean' (the
-    number of loss elements, or the summed weights of the non-ignored targets)."""
+    number of loss elements, or the summed weights of the non-ignored targets).  ``check``
+    False (class indices only): neither, the denominator None -- the kernel checks them."""
     N, C, S, dt = prob.N, prob.C, prob.S, prob.dtype
     if prob.probs:
         t3 = np.ascontiguousarray(target, dtype=dt).reshape(N, C, S)
@@ -123,11 +124,17 @@ def _check_targets(target, prob, ignore_index, w):
         if t_flat.dtype.kind == "u" and t_flat.size and t_flat.max() > np.iinfo(np.int64).max:
             t_flat = np.where(t_flat > C, C, t_flat)  # out of range either way; keep it so
         t_flat = t_flat.astype(np.int64)
+    if not check:
+        return t_flat, None
     bad, denom = _ce.check_index_target(t_flat, C, ignore_index, w)
     if bad >= 0:
-        raise_bad_class_index(target[position(bad, target.shape)], bad, target.shape, C,
-                              ignore_index)
+        _raise_bad_target(target, bad, C, ignore_index)
     return t_flat, denom
+
+
+def _raise_bad_target(target, bad, C, ignore_index):
+    raise_bad_class_index(target[position(bad, target.shape)], bad, target.shape, C,
+                          ignore_index)
 
 
 def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv):
@@ -146,7 +153,7 @@ def _few_classes_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad
     else:
         (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
             xT, t.reshape(1, N), ignore_index, w, dt.type(w_total), eps, gscale, gT, loss,
-            cap, z, lse)
+            cap, z, lse, False)
     if grad is not None:
         grad.reshape(N, C)[...] = gT.reshape(C, N).T
     return loss
@@ -205,8 +212,23 @@ def _spatial_layout(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, pa
     else:
         (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
             x3, t.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3, loss,
-            cap, z, lse)
+            cap, z, lse, False)
     return loss
+
+
+def _spatial_reduced(prob, x3, t, w, w_total, ignore_index, eps, gscale, grad, par, lv,
+                     check):
+    """(N, C, S) class indices, 'mean' or 'sum': the loss summed in the kernel's pass (no
+    per-position loss array); with ``check`` the targets checked and the denominator
+    summed there too.  Returns (the loss's sum, the denominator or 0, the first
+    invalid flat target position or -1)."""
+    N, S, dt = prob.N, prob.S, prob.dtype
+    cap, z, lse = lv
+    lse = None if lse is None else lse.reshape(N, S)
+    g3 = grad if grad is not None else _EMPTY_3D[dt]
+    return (_ce.ce_index_spatial if par else _ce.ce_index_spatial_serial)(
+        x3, t.reshape(N, S), ignore_index, w, dt.type(w_total), eps, gscale, g3,
+        _EMPTY_2D[dt], cap, z, lse, check)
 
 
 def _choose_layout(prob, lv):
@@ -235,7 +257,14 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
     x3 = np.ascontiguousarray(logits, dtype=dt).reshape(N, C, S)
     w = EMPTY[dt] if weight is None else np.ascontiguousarray(weight, dtype=dt)
     w_total = float(C) if weight is None else float(w.sum(dtype=np.float64))
-    t, denom = _check_targets(target, prob, ignore_index, w)
+    # K-dim class indices reduced: the kernel sums the loss, and in an unweighted forward
+    # also checks the targets and counts the denominator, in its one pass over logits and
+    # targets.  (A count is exact in any order; a sum of weights in the kernel's blocks could
+    # differ in the last bit from check_index_target's, which the gradient's scale needs
+    # before the kernel: forward and forward + grad would then give different losses.)
+    reduced = prob.S != 1 and not prob.probs and reduction != "none"
+    fused_check = reduced and not want_grad and weight is None
+    t, denom = _check_targets(target, prob, ignore_index, w, not fused_check)
     gscale = (upstream_gradient(grad_output, reduction, prob.loss_shape, dt, denom)
               if want_grad else EMPTY[dt])
     grad, direct = None, False
@@ -246,10 +275,17 @@ def _ce_run(logits, target, weight, ignore_index, reduction, label_smoothing, gr
                   and grad_input.flags.c_contiguous)
         grad = grad_input.reshape(N, C, S) if direct else np.empty((N, C, S), dt)
     lv = (cap, dt.type(z) if z else None, lse)
-    loss = _choose_layout(prob, lv)(prob, x3, t, w, w_total, ignore_index,
-                                    float(label_smoothing), gscale, grad, _parallel(x3.size),
-                                    lv)
-    out = _reduce_loss(loss, reduction, denom, prob.loss_shape, logits.dtype)
+    args = (prob, x3, t, w, w_total, ignore_index, float(label_smoothing), gscale, grad,
+            _parallel(x3.size), lv)
+    run = _spatial_reduced(*args, fused_check) if reduced else _choose_layout(prob, lv)(*args)
+    if reduced:
+        total, kernel_denom, bad = run
+        if bad >= 0:
+            _raise_bad_target(target, bad, C, ignore_index)
+        out = _reduced_total(total, reduction, kernel_denom if denom is None else denom,
+                             dt, logits.dtype)
+    else:
+        out = _reduce_loss(run, reduction, denom, prob.loss_shape, logits.dtype)
     lse_out = (_result(lse.reshape(prob.loss_shape), logits.dtype),) if return_lse else ()
     if not want_grad:
         return (out,) + lse_out if return_lse else out

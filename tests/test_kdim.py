@@ -187,3 +187,63 @@ def test_target_check_blocks(rng):
     bad[2, S - 7] = C
     with pytest.raises(IndexError, match=rf"class index {C} at position \(2, {S - 7}\)"):
         fastce.cross_entropy(x, bad)
+
+
+@pytest.mark.parametrize("par", [False, True])
+@pytest.mark.parametrize("C", [2, 5])
+def test_reduction_in_the_kernel_against_torch(C, par, rng, monkeypatch):
+    """'mean' and 'sum' are summed inside the kernel's pass (``_spatial_reduced``; without
+    weights the targets are checked and counted there too): weights, ignore_index outside
+    and inside [0, C), a non-finite logit (the closed form hands its block back), both
+    dtypes, against torch in float64; with every target ignored 'mean' is NaN (torch's
+    0/0) and 'sum' 0; forward and forward + grad give the same bits."""
+    monkeypatch.setattr(_cross_entropy, "_parallel", lambda *args: par)
+    N, S = 3, 2 * _config.SPATIAL_PAIR_BLOCK + 300
+    calls = []
+    monkeypatch.setattr(_cross_entropy, "_spatial_reduced",
+                        lambda *a, f=_cross_entropy._spatial_reduced: calls.append(a[-1])
+                        or f(*a))
+    for dtype in DTYPES:
+        x = _kdim(rng, N, C, S, dtype)
+        x[1, 0, 2100] = NINF
+        w = (rng.random(C) + 0.2).astype(dtype)
+        for ii in (-100, 1):
+            t = _targets(rng, N, C, S, ii)
+            for kw in ({}, dict(weight=w), dict(label_smoothing=0.1)):
+                for red in ("mean", "sum"):
+                    got = fastce.cross_entropy(x, t, ignore_index=ii, reduction=red, **kw)
+                    ref, _ = torch_ce(x, t, ignore_index=ii, reduction=red, **kw)
+                    assert got.dtype == dtype
+                    assert_close(got, ref, dtype, scale=10)
+                    loss2, _ = fastce.cross_entropy_with_grad(x, t, ignore_index=ii,
+                                                              reduction=red, **kw)
+                    assert np.array_equal(got, loss2)
+        every = np.full((N, S), 1)
+        assert np.isnan(fastce.cross_entropy(x, every, ignore_index=1))
+        assert fastce.cross_entropy(x, every, ignore_index=1, reduction="sum") == 0
+    # fused check: unweighted forwards; the target check before the kernel otherwise
+    assert True in calls and False in calls
+
+
+@pytest.mark.parametrize("par", [False, True])
+@pytest.mark.parametrize("C", [2, 5, SEL + 3])
+def test_invalid_target_found_in_the_kernel(C, par, rng, monkeypatch):
+    """With the check inside the kernel's pass, an invalid class index still raises
+    IndexError naming ``target``, the value and its position: the first one when there are
+    several in different blocks and tasks, negative or >= C, also in a block with a NaN
+    logit (the closed form hands it back) and with a weight (checked before the kernel)."""
+    monkeypatch.setattr(_cross_entropy, "_parallel", lambda *args: par)
+    N, S = 2, 3 * _config.SPATIAL_PAIR_BLOCK + 11
+    x = _kdim(rng, N, C, S, np.float32)
+    t = _targets(rng, N, C, S, -100)
+    for pos, val in [((1, S - 3), C), ((0, 5), -1), ((1, _config.SPATIAL_PAIR_BLOCK), C + 7)]:
+        bad = t.copy()
+        bad[pos] = val
+        bad[1, S - 1] = C             # a later one is not the one named
+        x2 = x.copy()
+        x2[pos[0], 0, pos[1] + 1] = NAN
+        for kw in ({}, dict(weight=np.ones(C, np.float32)), dict(reduction="sum")):
+            with pytest.raises(IndexError,
+                               match=rf"target holds class index {val} at position "
+                                     rf"\({pos[0]}, {pos[1]}\)"):
+                fastce.cross_entropy(x2, bad, **kw)

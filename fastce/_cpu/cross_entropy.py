@@ -230,34 +230,84 @@ def _ce_index_rows(x, target, ignore_index, weight, w_total, eps, gscale, grad,
 
 
 def _ce_index_spatial(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
-                      cap, z_loss, lse_out):
+                      cap, z_loss, lse_out, check):
     """(N, C, S) layout; ``target``, ``loss`` and ``lse_out`` (unless None) are (N, S),
     ``gscale`` (N*S,) or (1,).  Every loop runs along the contiguous S axis, positions as
     vector lanes: two classes in closed form (:func:`spatial_index_pairs`), other class
     counts block by block (:func:`spatial_index_block`), the blocks' scratch allocated once
-    per task of ``SPATIAL_BLOCKS_PER_TASK`` blocks."""
+    per task of ``SPATIAL_BLOCKS_PER_TASK`` blocks.
+
+    ``loss`` with 0 rows: the per-position loss is not stored but summed, while the block
+    is in cache (float64, per task; the tasks' sums added in their order, so the total does
+    not depend on the thread schedule).  ``check`` (forward only): each block's targets are
+    checked as :func:`check_index_target` does, in the same pass, and "mean"'s denominator
+    summed; a block with an invalid target is not computed.  Returns (the loss's sum, the
+    denominator, the first invalid flat position or -1): zeros and -1 for what was not
+    asked."""
     N, C, S = x.shape
     pairs = C == 2 and cap is None and z_loss is None
+    reduce = loss.shape[0] == 0
+    # unweighted, the closed form checks the targets and counts them in its own loop
+    pair_check = pairs and check and weight.shape[0] == 0
     blk = SPATIAL_PAIR_BLOCK if pairs else SPATIAL_BLOCK
     per_sample = (S + blk - 1) // blk
     per_task = 1 if pairs else SPATIAL_BLOCKS_PER_TASK
     n_units = N * per_sample
-    for task in prange((n_units + per_task - 1) // per_task):
+    n_tasks = (n_units + per_task - 1) // per_task
+    sums = np.zeros((n_tasks if reduce else 0, 2))
+    first_bad = np.full(n_tasks if check else 0, -1, dtype=np.int64)
+    for task in prange(n_tasks):
         # (the closed form needs none: allocated if a block hands back to the general code)
         sc = spatial_index_scratch(x, 0 if pairs else blk)
+        ln_buf = np.empty(blk if reduce else 0, dtype=x.dtype)
+        total = 0.0
+        denom = 0.0
         for u in range(task * per_task, min(n_units, (task + 1) * per_task)):
             n = u // per_sample
             s0 = (u - n * per_sample) * blk
             s1 = min(s0 + blk, S)
+            if check and not pair_check:
+                bad, d = _check_index_target_inlined(target[n, s0:s1], C, ignore_index,
+                                                     weight)
+                if bad >= 0:
+                    first_bad[task] = n * S + s0 + bad
+                    break
+                denom += d
+            ln = ln_buf[:s1 - s0] if reduce else loss[n, s0:s1]
+            done = False
             if pairs:
-                bad = spatial_index_pairs(x, target, ignore_index, weight, w_total, eps,
-                                          gscale, grad, loss, lse_out, n, s0, s1)
-                if bad == 0:
-                    continue
-                if sc[0].shape[1] < blk:
+                n_nonfinite, n_live, n_out = spatial_index_pairs(
+                    x, target, ignore_index, weight, w_total, eps, gscale, grad, ln, lse_out,
+                    n, s0, s1)
+                done = n_nonfinite == 0
+                if pair_check:
+                    if n_out > 0:
+                        first_bad[task] = n * S + s0 + _check_index_target_inlined(
+                            target[n, s0:s1], C, ignore_index, weight)[0]
+                        break
+                    denom += n_live
+                if not done and sc[0].shape[1] < blk:
                     sc = spatial_index_scratch(x, blk)
-            spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, grad,
-                                loss, cap, z_loss, lse_out, n, s0, s1, sc)
+            if not done:
+                spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale,
+                                    grad, ln, cap, z_loss, lse_out, n, s0, s1, sc)
+            if reduce:
+                for j in range(s1 - s0):
+                    total += np.float64(ln[j])
+        if reduce:
+            sums[task, 0] = total
+            sums[task, 1] = denom
+    total = 0.0
+    denom = 0.0
+    for k in range(sums.shape[0]):
+        total += sums[k, 0]
+        denom += sums[k, 1]
+    bad = -1
+    for k in range(first_bad.shape[0]):
+        if first_bad[k] >= 0:
+            bad = first_bad[k]
+            break
+    return total, denom, bad
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
@@ -278,10 +328,10 @@ _FEW_CONFIDENT_SHARE = 4
 
 
 @njit(fastmath=FASTMATH, error_model="numpy")
-def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
+def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, grad, ln,
                         cap, z_loss, lse_out, n, s0, s1, sc):
-    """Positions ``s0:s1`` of sample ``n`` of :func:`_ce_index_spatial`, any class count:
-    every loop vectorized across the positions.  A position's target class (``tc``, -1 where
+    """Positions ``s0:s1`` of sample ``n`` of :func:`_ce_index_spatial`, any class count,
+    their loss into ``ln``: every loop vectorized across the positions.  A position's target class (``tc``, -1 where
     ignored), its logit and weight are selected in one pass over the classes when there are
     at most ``SPATIAL_SELECT_MAX_CLASSES``, gathered position by position beyond; the
     confident positions' second pass (``spatial_rest_sum``) runs on their gathered columns
@@ -302,7 +352,6 @@ def spatial_index_block(x, target, ignore_index, weight, w_total, eps, gscale, g
     pivot, rest = f64[0], f64[1]
     tc, skip, idx = i64[0], i64[1], i64[2]
     tn = target[n, s0:s1]
-    ln = loss[n, s0:s1]
     spatial_max_sumexp(x, n, s0, s1, m, s, sh, cap)
     for j in range(B):
         m[j], L[j] = shift_log_sum(m[j], s[j])  # m keeps the shift: lse = m + L
@@ -440,17 +489,18 @@ def _pair_position(a, b, t, ignore_index, w0, w1):
 
 # "contract" only: the pair primitives are inlined and must not be reassociated.
 @njit(fastmath={"contract"}, error_model="numpy")
-def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss,
+def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, ln,
                         lse_out, n, s0, s1):
     """Positions ``s0:s1`` of sample ``n`` of the two-class (N, 2, S) layout in closed form
-    (:func:`pair_parts`), loss and gradient, no softcap or z-loss: per position one pass
+    (:func:`pair_parts`), loss (into ``ln``) and gradient, no softcap or z-loss: per position one pass
     over its two logits and its target, vectorized across positions, no second pass for
     the confident ones.  With ``M`` the larger logit, ``e = exp(min - M)`` and ``L =
     log1p(e)``: ``lse - x_c = (M - x_c) + L``; the probabilities ``1 / (1 + e)`` and ``e / (1
     + e)``; the target's gradient ``g ((1 - eps) w_t (p_t - 1) + eps/2 (w_total p_t - w_t))``
     with ``p_t - 1 = -p_o``.  Returns the number of positions with a non-finite logit
     (their results are not valid: the caller then runs :func:`spatial_index_block` on the
-    block)."""
+    block), of those not ignored, and of targets outside [0, 2) that are not ignored (their
+    results are not valid either: unchecked targets are taken as class 0)."""
     wide_vectors()
     S = x.shape[2]
     has_w = weight.shape[0] > 0
@@ -464,13 +514,16 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
     x0 = x[n, 0, s0:s1]
     x1 = x[n, 1, s0:s1]
     tn = target[n, s0:s1]
-    ln = loss[n, s0:s1]
     bad = 0
+    n_live = 0
+    n_out = 0
     for j in range(s1 - s0):
         a = x0[j]
         b = x1[j]
-        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
-                                                              w0, w1)
+        t = tn[j]
+        M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, t, ignore_index, w0, w1)
+        n_live += live
+        n_out += live and (t < 0 or t > 1)
         lt = (M - xt) + L
         part = keep * w_t * lt
         if eps > 0:
@@ -502,7 +555,7 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
             go = go if live else zero
             g0[j] = gt if not on1 else go
             g1[j] = gt if on1 else go
-    return bad
+    return bad, n_live, n_out
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):
