@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not any(s in item.nodeid for s in SLOW_FIRST))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown without it (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's default ``--dist load``, except that each of ONE_WORKER_MODULES is sent
     whole to one worker.  (``--dist loadgroup`` would do it with marks, but pytest-xdist 3.8
