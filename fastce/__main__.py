@@ -13,13 +13,16 @@ def main(argv=None):
                          "numba's on-disk cache, in parallel processes")
     pre.add_argument("--all", action="store_true",
                      help="also K-dim layouts and probability targets")
+    pre.add_argument("--group", action="append", choices=COMMON + EXTRA,
+                     help="only this group of calls (repeatable; default the common ones, "
+                          "with --all every group)")
     pre.add_argument("--dtype", action="append", choices=DTYPES,
                      help="only this dtype (repeatable; default both)")
     pre.add_argument("-j", "--jobs", type=int, default=None,
                      help="worker processes (default: the CPU count)")
     pre.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    groups = COMMON + EXTRA if args.all else COMMON
+    groups = tuple(args.group) if args.group else COMMON + EXTRA if args.all else COMMON
     precompile(groups, tuple(args.dtype or DTYPES), args.jobs, args.quiet)
     return 0
 
