@@ -30,6 +30,7 @@ import ctypes.util
 import importlib
 import importlib.util
 import os
+import time
 
 import numba
 import numpy as np
@@ -367,12 +368,25 @@ def make_call(impl, func, *arrays, **kwargs):
     return get_impl(impl).bind(func, *arrays, **kwargs)
 
 
-def warm_up(call, times=1):
+# Inputs of at least this many bytes get a warm-up of at least STEADY_WARMUP_SECONDS: an
+# N x C output of that size is a fresh huge-page allocation each call, and on a VM that
+# hands freed memory back to its host (virtio-balloon free page reporting) the first
+# 0.2-0.4 s of such calls in a process pay for cold host pages, several times a steady
+# call (docs/performance.md, "cold huge pages").  Every implementation gets the same.
+STEADY_WARMUP_BYTES = 8 * 2**20
+STEADY_WARMUP_SECONDS = 0.6
+
+
+def warm_up(call, times=1, min_seconds=0.0):
     """Run ``call`` so JIT compilation, cache loading and torch's lazy
-    initialization happen before asv's timer starts."""
+    initialization happen before asv's timer starts: ``times`` calls, then
+    more for ``min_seconds``."""
     configure_threads()
     out = None
     for _ in range(times):
+        out = call()
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
         out = call()
     return out
 
@@ -495,7 +509,12 @@ class OpBenchmark:
             arrays, kwargs = self.make_inputs(*shape_params, dtype)
             call = make_call(impl, self.op, *arrays, **kwargs)
             # compiled peers: the first call compiles, the second runs what was built
-            warm_up(call, times=2 if impl in COMPILED_IMPLS else 1)
+            large = sum(getattr(a, "nbytes", 0) for a in arrays) >= STEADY_WARMUP_BYTES
+            warm_up(
+                call,
+                times=2 if impl in COMPILED_IMPLS else 1,
+                min_seconds=STEADY_WARMUP_SECONDS if large else 0.0,
+            )
             return arrays, call
 
         self.arrays, self.call = memoize((type(self).__name__, impl, *rest), build)
