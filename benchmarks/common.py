@@ -369,11 +369,12 @@ def make_call(impl, func, *arrays, **kwargs):
 
 
 # Inputs of at least this many bytes get a warm-up of at least STEADY_WARMUP_SECONDS: an
-# N x C output of that size is a fresh huge-page allocation each call, and on a VM that
-# hands freed memory back to its host (virtio-balloon free page reporting) the first
-# 0.2-0.4 s of such calls in a process pay for cold host pages, several times a steady
-# call (docs/performance.md, "cold huge pages").  Every implementation gets the same.
-STEADY_WARMUP_BYTES = 8 * 2**20
+# N x C output of that size is a fresh huge-page allocation each call (NumPy asks for huge
+# pages from 4 MiB), and on a VM that hands freed memory back to its host (virtio-balloon
+# free page reporting) the first 0.2-0.4 s of such calls in a process pay for cold host
+# pages, several times a steady call (docs/performance.md, "cold huge pages").  Every
+# implementation gets the same warm-up.
+STEADY_WARMUP_BYTES = 4 * 2**20
 STEADY_WARMUP_SECONDS = 0.6
 
 
