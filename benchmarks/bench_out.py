@@ -28,7 +28,7 @@ class OutputBuffer:
                 "grad": lambda: fastce.cross_entropy_with_grad(x, t, grad_input=buf),
             }
             for call in calls.values():
-                C.warm_up(call)
+                C.warm_up(call, min_seconds=C.steady_seconds(x))
             return calls
 
         self.calls = C.memoize(("OutputBuffer", form, batch, classes, dtype), build)

@@ -87,8 +87,8 @@ class CrossEntropyLargeVocab:
                 def grad():
                     xt.grad = None
                     f(xt, tt, **kw).backward()
-            fwd()
-            grad()                                      # compile / warm up
+            C.warm_up(fwd, min_seconds=C.steady_seconds(x))   # compile / warm up
+            C.warm_up(grad, min_seconds=C.steady_seconds(x))
             return fwd, grad
         self.fwd, self.grad = C.memoize(
             ("CrossEntropyLargeVocab", impl, batch, classes, options, dtype), build)

@@ -378,6 +378,13 @@ STEADY_WARMUP_BYTES = 4 * 2**20
 STEADY_WARMUP_SECONDS = 0.6
 
 
+def steady_seconds(*arrays):
+    """The extra warm-up for inputs ``arrays``: ``STEADY_WARMUP_SECONDS`` from
+    ``STEADY_WARMUP_BYTES`` in all, else 0."""
+    large = sum(getattr(a, "nbytes", 0) for a in arrays) >= STEADY_WARMUP_BYTES
+    return STEADY_WARMUP_SECONDS if large else 0.0
+
+
 def warm_up(call, times=1, min_seconds=0.0):
     """Run ``call`` so JIT compilation, cache loading and torch's lazy
     initialization happen before asv's timer starts: ``times`` calls, then
@@ -510,12 +517,8 @@ class OpBenchmark:
             arrays, kwargs = self.make_inputs(*shape_params, dtype)
             call = make_call(impl, self.op, *arrays, **kwargs)
             # compiled peers: the first call compiles, the second runs what was built
-            large = sum(getattr(a, "nbytes", 0) for a in arrays) >= STEADY_WARMUP_BYTES
-            warm_up(
-                call,
-                times=2 if impl in COMPILED_IMPLS else 1,
-                min_seconds=STEADY_WARMUP_SECONDS if large else 0.0,
-            )
+            warm_up(call, times=2 if impl in COMPILED_IMPLS else 1,
+                    min_seconds=steady_seconds(*arrays))
             return arrays, call
 
         self.arrays, self.call = memoize((type(self).__name__, impl, *rest), build)
