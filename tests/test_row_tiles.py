@@ -411,6 +411,48 @@ def test_two_classes_closed_form(dtype, parallel, rng, monkeypatch):
     assert_close(fastce.cross_entropy(x, t), rl, dtype, scale=2)
 
 
+@pytest.mark.parametrize("dtype, parallel", [(np.float32, False), (np.float64, False),
+                                             (np.float32, True)])
+def test_two_classes_gradient_and_smoothing_closed_form(dtype, parallel, rng, monkeypatch):
+    """C = 2 with the gradient or label smoothing (``tiles.ce_index_pairs_grad``): loss and
+    gradient as torch's in float64 for every reduction, with and without weights and
+    smoothing, ignored rows included; the other class's gradient (the probability ``e / (1 +
+    e)`` of a confident row, down to ~1e-26 / 1e-260) within 8 eps of mpmath."""
+    if parallel:
+        for mod in (_runtime, fastce._softmax, fastce._cross_entropy):
+            monkeypatch.setattr(mod, "_parallel", lambda *args: True)
+    N = 4500 if parallel else 150          # parallel: several row blocks and a partial one
+    x, t = _two_class_rows(rng, N, dtype)
+    before = x.copy()
+    w = np.array([0.3, 1.7], dtype)
+    for weight in (None, w):
+        for eps in (0.0, 0.2):
+            for red in ("mean", "sum", "none"):
+                loss, grad = fastce.cross_entropy_with_grad(x, t, weight=weight, reduction=red,
+                                                            label_smoothing=eps)
+                rl, rg = torch_ce(x, t, weight=weight, reduction=red, label_smoothing=eps)
+                assert_close(loss, rl, dtype, scale=2)
+                assert_close(grad, rg, dtype, scale=2)
+                if eps > 0:
+                    assert_close(fastce.cross_entropy(x, t, weight=weight, reduction=red,
+                                                      label_smoothing=eps), rl, dtype, scale=2)
+    assert np.array_equal(x, before)
+    _, grad = fastce.cross_entropy_with_grad(x, t, reduction="sum")
+    eps32 = float(np.finfo(dtype).eps)
+    for i in range(0, N, 1 if N < 1000 else 37):
+        if t[i] < 0:
+            assert grad[i, 0] == 0 and grad[i, 1] == 0
+            continue
+        a, b = (mpmath.mpf(float(v)) for v in x[i])
+        xt, xo = (b, a) if t[i] == 1 else (a, b)
+        with mpmath.workdps(50):
+            p_o = float(1 / (1 + mpmath.exp(xt - xo)))
+        if p_o >= float(np.finfo(dtype).tiny):
+            g_o = float(grad[i, 1 - t[i]])
+            assert abs(g_o - p_o) <= 8 * eps32 * p_o, (i, g_o, p_o, x[i], t[i])
+            assert grad[i, t[i]] == -grad[i, 1 - t[i]]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_classes_special_values_same_as_rows_kernels(dtype, rng, monkeypatch):
     """NaN, +-inf in two-class rows: the closed form hands the call to the tiles, whose
@@ -425,10 +467,14 @@ def test_two_classes_special_values_same_as_rows_kernels(dtype, rng, monkeypatch
     x[66, 1] = -np.inf
     t = rng.integers(0, 2, 70)
     t[3] = 0                            # a -inf target logit: loss +inf
-    tiled = [fastce.logsumexp(x), fastce.cross_entropy(x, t, reduction="none")]
+    def values():
+        loss_g, grad = fastce.cross_entropy_with_grad(x, t, reduction="none")
+        return [fastce.logsumexp(x), fastce.cross_entropy(x, t, reduction="none"), loss_g,
+                grad, fastce.cross_entropy(x, t, reduction="none", label_smoothing=0.1)]
+    tiled = values()
     with monkeypatch.context() as m:
         _rows_path(m)
-        rows = [fastce.logsumexp(x), fastce.cross_entropy(x, t, reduction="none")]
+        rows = values()
     for a, b in zip(tiled, rows):
         assert np.array_equal(a, b, equal_nan=True) or (
             np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(

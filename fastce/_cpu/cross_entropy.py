@@ -489,35 +489,30 @@ def _pair_position(a, b, t, ignore_index, w0, w1):
 
 # "contract" only: the pair primitives are inlined and must not be reassociated.
 @njit(fastmath={"contract"}, error_model="numpy")
-def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, ln,
-                        lse_out, n, s0, s1):
-    """Positions ``s0:s1`` of sample ``n`` of the two-class (N, 2, S) layout in closed form
-    (:func:`pair_parts`), loss (into ``ln``) and gradient, no softcap or z-loss: per position one pass
-    over its two logits and its target, vectorized across positions, no second pass for
-    the confident ones.  With ``M`` the larger logit, ``e = exp(min - M)`` and ``L =
-    log1p(e)``: ``lse - x_c = (M - x_c) + L``; the probabilities ``1 / (1 + e)`` and ``e / (1
-    + e)``; the target's gradient ``g ((1 - eps) w_t (p_t - 1) + eps/2 (w_total p_t - w_t))``
-    with ``p_t - 1 = -p_o``.  Returns the number of positions with a non-finite logit
-    (their results are not valid: the caller then runs :func:`spatial_index_block` on the
-    block), of those not ignored, and of targets outside [0, 2) that are not ignored (their
+def index_pairs(x0, x1, tn, ignore_index, weight, w_total, eps, gs, g0, g1, ln):
+    """Two-class cross-entropy in closed form (:func:`pair_parts`) over 1-D runs of rows or
+    positions: class-0 logits ``x0``, class-1 logits ``x1``, targets ``tn``; the loss into
+    ``ln`` and, when ``g0`` is not empty, the gradient into ``g0``/``g1`` with the upstream
+    factors ``gs``.  No softcap or z-loss.  One pass over the two logits and the target,
+    vectorized, no second pass for the confident ones.  With ``M`` the larger logit, ``e =
+    exp(min - M)`` and ``L = log1p(e)``: ``lse - x_c = (M - x_c) + L``; the probabilities ``1
+    / (1 + e)`` and ``e / (1 + e)``; the target's gradient ``g ((1 - eps) w_t (p_t - 1) +
+    eps/2 (w_total p_t - w_t))`` with ``p_t - 1 = -p_o``.  Returns the number of entries
+    with a non-finite logit (their results are not valid: the caller then takes its general
+    path), of those not ignored, and of targets outside [0, 2) that are not ignored (their
     results are not valid either: unchecked targets are taken as class 0)."""
     wide_vectors()
-    S = x.shape[2]
     has_w = weight.shape[0] > 0
-    want_grad = grad.shape[0] > 0
-    one = x.dtype.type(1)
-    zero = x.dtype.type(0)
+    one = x0.dtype.type(1)
+    zero = x0.dtype.type(0)
     w0 = weight[0] if has_w else one
     w1 = weight[1] if has_w else one
-    eps_c = x.dtype.type(eps / 2)
-    keep = x.dtype.type(1 - eps)
-    x0 = x[n, 0, s0:s1]
-    x1 = x[n, 1, s0:s1]
-    tn = target[n, s0:s1]
+    eps_c = x0.dtype.type(eps / 2)
+    keep = x0.dtype.type(1 - eps)
     bad = 0
     n_live = 0
     n_out = 0
-    for j in range(s1 - s0):
+    for j in range(x0.shape[0]):
         a = x0[j]
         b = x1[j]
         t = tn[j]
@@ -530,16 +525,8 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
             part += eps_c * (w_t * lt + w_o * ((M - xo) + L))
         ln[j] = part if live else zero
         bad += not (abs(a) < np.inf and abs(b) < np.inf)
-    if lse_out is not None:
-        for j in range(s1 - s0):
-            M, e, L = pair_parts(x0[j], x1[j])
-            lse_out[n, s0 + j] = M + L
-    if want_grad:
-        g0 = grad[n, 0, s0:s1]
-        g1 = grad[n, 1, s0:s1]
-        gs = np.empty(s1 - s0, dtype=x.dtype)
-        _upstream_block(gscale, n * S + s0, gs, s1 - s0)
-        for j in range(s1 - s0):
+    if g0.shape[0] > 0:
+        for j in range(x0.shape[0]):
             a = x0[j]
             b = x1[j]
             M, e, L, on1, live, xt, xo, w_t, w_o = _pair_position(a, b, tn[j], ignore_index,
@@ -556,6 +543,32 @@ def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, g
             g0[j] = gt if not on1 else go
             g1[j] = gt if on1 else go
     return bad, n_live, n_out
+
+
+@njit(fastmath={"contract"}, error_model="numpy")
+def spatial_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, ln,
+                        lse_out, n, s0, s1):
+    """Positions ``s0:s1`` of sample ``n`` of the two-class (N, 2, S) layout:
+    :func:`index_pairs` on the sample's two class planes, and the lse into ``lse_out`` when
+    given.  Returns :func:`index_pairs`'s counts (non-finite: the caller then runs
+    :func:`spatial_index_block` on the block)."""
+    S = x.shape[2]
+    x0 = x[n, 0, s0:s1]
+    x1 = x[n, 1, s0:s1]
+    if grad.shape[0] > 0:
+        gs = np.empty(s1 - s0, dtype=x.dtype)
+        _upstream_block(gscale, n * S + s0, gs, s1 - s0)
+        counts = index_pairs(x0, x1, target[n, s0:s1], ignore_index, weight, w_total, eps,
+                             gs, grad[n, 0, s0:s1], grad[n, 1, s0:s1], ln)
+    else:
+        none = np.empty(0, dtype=x.dtype)
+        counts = index_pairs(x0, x1, target[n, s0:s1], ignore_index, weight, w_total, eps,
+                             none, none, none, ln)
+    if lse_out is not None:
+        for j in range(s1 - s0):
+            M, e, L = pair_parts(x0[j], x1[j])
+            lse_out[n, s0 + j] = M + L
+    return counts
 
 
 def _ce_prob_rows(x, target, weight, eps, gscale, grad, loss, cap, z_loss, lse_out):

@@ -29,7 +29,8 @@ from numba.extending import intrinsic
 
 from .._config import CE_REST_TILE_MAX_CLASSES, FASTMATH, TILE_ROWS, TILES_PER_TASK
 from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
-from .cross_entropy import _target_grad, _upstream, ce_index_small
+from .cross_entropy import (_target_grad, _upstream, _upstream_block, ce_index_small,
+                            index_pairs)
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
                          lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
                          rest_sum, rest_term, rest_total,
@@ -377,6 +378,38 @@ def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
     return bad
 
 
+@njit(fastmath={"contract"}, error_model="numpy")
+def ce_index_pairs_grad(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss, r0,
+                        r1):
+    """Class-index cross-entropy of the two-class rows ``r0:r1`` of the (N, 2) ``x`` with
+    label smoothing and/or the gradient, in closed form (``cross_entropy.index_pairs``, the
+    K-dim layout's two-class kernel): the rows' two columns, targets and upstream factors
+    copied into contiguous runs (a loop over the interleaved rows stays scalar), the losses
+    and gradients copied back.  Targets already checked.  Returns the number of rows with a
+    non-finite logit (the caller then runs the tiles on the call)."""
+    wide_vectors()
+    n = r1 - r0
+    a, b, ln = np.empty(n, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
+    t = np.empty(n, target.dtype)
+    for i in range(n):
+        a[i] = x[r0 + i, 0]
+        b[i] = x[r0 + i, 1]
+        t[i] = target[r0 + i]
+    want_grad = grad.shape[0] > 0
+    m = n if want_grad else 0
+    gs, g0, g1 = np.empty(m, x.dtype), np.empty(m, x.dtype), np.empty(m, x.dtype)
+    if want_grad:
+        _upstream_block(gscale, r0, gs, n)
+    bad, _, _ = index_pairs(a, b, t, ignore_index, weight, w_total, eps, gs, g0, g1, ln)
+    for i in range(n):
+        loss[r0 + i] = ln[i]
+    if want_grad:
+        for i in range(n):
+            grad[r0 + i, 0] = g0[i]
+            grad[r0 + i, 1] = g1[i]
+    return bad
+
+
 def _softmax_tiles(x, out, mode):
     """The rows layout of ``softmax._softmax_rows`` (whole rows, no split), tile by tile.
     ``out`` is (N, 1) for logsumexp, (N, C) otherwise."""
@@ -444,6 +477,14 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
         for blk in prange(_pair_blocks(N)):
             bad += ce_index_pairs(x, target, ignore_index, weight, loss, blk * _PAIR_BLOCK,
                                   min(N, (blk + 1) * _PAIR_BLOCK))
+        if bad == 0:
+            return
+    elif C == 2:   # with the gradient or label smoothing
+        bad = 0
+        for blk in prange(_pair_blocks(N)):
+            bad += ce_index_pairs_grad(x, target, ignore_index, weight, w_total, eps, gscale,
+                                       grad, loss, blk * _PAIR_BLOCK,
+                                       min(N, (blk + 1) * _PAIR_BLOCK))
         if bad == 0:
             return
     n_tasks, n_tiles = _tasks(N)
