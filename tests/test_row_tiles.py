@@ -374,6 +374,16 @@ def _two_class_rows(rng, N, dtype):
     return x.astype(dtype), t
 
 
+def _two_class_case(rng, dtype, parallel, monkeypatch):
+    """``(N, x, t)`` of :func:`_two_class_rows`; with ``parallel`` the threaded twin forced
+    and enough rows for several row blocks and a partial one."""
+    if parallel:
+        for mod in (_runtime, fastce._softmax, fastce._cross_entropy):
+            monkeypatch.setattr(mod, "_parallel", lambda *args: True)
+    N = 4500 if parallel else 150
+    return (N, *_two_class_rows(rng, N, dtype))
+
+
 # the parallel twin in float32 only (one more compile)
 @pytest.mark.parametrize("dtype, parallel", [(np.float32, False), (np.float64, False),
                                              (np.float32, True)])
@@ -381,11 +391,7 @@ def test_two_classes_closed_form(dtype, parallel, rng, monkeypatch):
     """C = 2 (logsumexp, forward cross-entropy) in closed form, softplus of the exact
     difference: every loss and logsumexp within 8 eps of mpmath, confident rows included;
     weights and ignored rows as torch; the serial and the parallel twin."""
-    if parallel:
-        for mod in (_runtime, fastce._softmax, fastce._cross_entropy):
-            monkeypatch.setattr(mod, "_parallel", lambda *args: True)
-    N = 4500 if parallel else 150          # parallel: several row blocks and a partial one
-    x, t = _two_class_rows(rng, N, dtype)
+    N, x, t = _two_class_case(rng, dtype, parallel, monkeypatch)
     before = x.copy()
     loss = fastce.cross_entropy(x, t, reduction="none")
     lse = fastce.logsumexp(x)
@@ -418,11 +424,7 @@ def test_two_classes_gradient_and_smoothing_closed_form(dtype, parallel, rng, mo
     gradient as torch's in float64 for every reduction, with and without weights and
     smoothing, ignored rows included; the other class's gradient (the probability ``e / (1 +
     e)`` of a confident row, down to ~1e-26 / 1e-260) within 8 eps of mpmath."""
-    if parallel:
-        for mod in (_runtime, fastce._softmax, fastce._cross_entropy):
-            monkeypatch.setattr(mod, "_parallel", lambda *args: True)
-    N = 4500 if parallel else 150          # parallel: several row blocks and a partial one
-    x, t = _two_class_rows(rng, N, dtype)
+    N, x, t = _two_class_case(rng, dtype, parallel, monkeypatch)
     before = x.copy()
     w = np.array([0.3, 1.7], dtype)
     for weight in (None, w):
