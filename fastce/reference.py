@@ -517,11 +517,25 @@ def _compiled_kernel(name):
         return k
 
 
-def _torch_ce_args(logits, target, weight):
+def _check_class_indices(logits, target, ignore_index):
+    """IndexError, as eager torch raises it, for a class index outside [0, C) that is not
+    ``ignore_index``: jax.jit would clamp it, and torch.compile's kernels raise a
+    RuntimeError (their bounds check) or not, depending on how inductor compiled them."""
+    axis = 1 if logits.ndim > 1 else 0
+    bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[axis]))
+    if np.any(bad):
+        raise IndexError(f"target holds class indices outside [0, {logits.shape[axis]})")
+
+
+def _torch_ce_args(logits, target, weight, ignore_index=None):
+    """Logits, target tensor and weight tensor for torch; with ``ignore_index`` (the
+    torch.compile peer) the class indices are checked first (:func:`_check_class_indices`)."""
     logits = _float_array(logits)
     target = np.asarray(target)
     if target.dtype.kind in "iu":
         target = target.astype(np.int64, copy=False)
+        if ignore_index is not None:
+            _check_class_indices(logits, target, ignore_index)
     else:
         target = target.astype(logits.dtype, copy=False)
     w = None if weight is None else _tensor(np.asarray(weight, dtype=logits.dtype))
@@ -540,7 +554,12 @@ def _torch_bind(kernel_of, func, *args, **kwargs):
     if func in ("cross_entropy", "cross_entropy_with_grad"):
         logits, target = args
         grad_output = kwargs.pop("grad_output", None) if func != "cross_entropy" else None
-        logits, t, w = _torch_ce_args(logits, target, kwargs.pop("weight", None))
+        if kernel_of is _compiled_kernel:
+            # torch.compile raises dynamo's errors for what eager torch rejects plainly
+            _check_reduction(kwargs.get("reduction", "mean"))
+        logits, t, w = _torch_ce_args(
+            logits, target, kwargs.pop("weight", None),
+            kwargs.get("ignore_index", -100) if kernel_of is _compiled_kernel else None)
         xt, k = _tensor(logits), kernel_of("cross_entropy")
         if func == "cross_entropy":
             return lambda: k(xt, t, weight=w, **kwargs)
@@ -723,11 +742,7 @@ def _bind_jax(func, *args, **kwargs):
         _check_reduction(kwargs.get("reduction", "mean"))
         if target.dtype.kind in "iu":
             target = target.astype(np.int64, copy=False)
-            axis = 1 if logits.ndim > 1 else 0
-            bad = (target != kwargs.get("ignore_index", -100)) & (
-                (target < 0) | (target >= logits.shape[axis]))
-            if np.any(bad):
-                raise IndexError(f"target holds class indices outside [0, {logits.shape[axis]})")
+            _check_class_indices(logits, target, kwargs.get("ignore_index", -100))
         else:
             target = target.astype(dt, copy=False)
         w = kwargs.pop("weight", None)
