@@ -554,12 +554,12 @@ def _torch_bind(kernel_of, func, *args, **kwargs):
     if func in ("cross_entropy", "cross_entropy_with_grad"):
         logits, target = args
         grad_output = kwargs.pop("grad_output", None) if func != "cross_entropy" else None
-        if kernel_of is _compiled_kernel:
+        check = kernel_of is _compiled_kernel
+        if check:
             # torch.compile raises dynamo's errors for what eager torch rejects plainly
             _check_reduction(kwargs.get("reduction", "mean"))
-        logits, t, w = _torch_ce_args(
-            logits, target, kwargs.pop("weight", None),
-            kwargs.get("ignore_index", -100) if kernel_of is _compiled_kernel else None)
+        logits, t, w = _torch_ce_args(logits, target, kwargs.pop("weight", None),
+                                      kwargs.get("ignore_index", -100) if check else None)
         xt, k = _tensor(logits), kernel_of("cross_entropy")
         if func == "cross_entropy":
             return lambda: k(xt, t, weight=w, **kwargs)

@@ -420,7 +420,7 @@ def test_two_classes_closed_form(dtype, parallel, rng, monkeypatch):
 @pytest.mark.parametrize("dtype, parallel", [(np.float32, False), (np.float64, False),
                                              (np.float32, True)])
 def test_two_classes_gradient_and_smoothing_closed_form(dtype, parallel, rng, monkeypatch):
-    """C = 2 with the gradient or label smoothing (``tiles.ce_index_pairs_grad``): loss and
+    """C = 2 with the gradient or label smoothing (``tiles.ce_index_pairs``): loss and
     gradient as torch's in float64 for every reduction, with and without weights and
     smoothing, ignored rows included; the other class's gradient (the probability ``e / (1 +
     e)`` of a confident row, down to ~1e-26 / 1e-260) within 8 eps of mpmath."""

@@ -32,7 +32,7 @@ from .._modes import MODE_LOG_SOFTMAX, MODE_LOGSUMEXP
 from .cross_entropy import (_target_grad, _upstream, _upstream_block, ce_index_small,
                             index_pairs)
 from .primitives import (confident, exp_term, inv_sum, kernel_twins, log1p, lse_confident,
-                         lse_minus, lse_needs_rest, nan_max, pair_lse_minus, pair_lse_parts,
+                         lse_minus, lse_needs_rest, nan_max, pair_lse_parts,
                          rest_sum, rest_term, rest_total,
                          safe_shift, shift_log_sum, spatial_rest_sum, kahan_add, wide_vectors)
 
@@ -352,38 +352,11 @@ def lse_pairs(x, out, r0, r1):
 
 
 @njit(fastmath={"contract"}, error_model="numpy")
-def ce_index_pairs(x, target, ignore_index, weight, loss, r0, r1):
-    """Class-index cross-entropy of the two-class rows ``r0:r1`` (no smoothing, forward) in
-    closed form: ``w_t ((M - x_t) + log1p(exp(min - M)))`` (:func:`pair_lse_minus`), the
-    softplus of the logit difference; full relative precision on confident rows without the
-    tiles' second pass.  Targets already checked.  Returns the number of rows with a
-    non-finite logit (the caller then runs the tiles on the call)."""
-    wide_vectors()
-    n = r1 - r0
-    has_w = weight.shape[0] > 0
-    xt, xo, w = np.empty(n, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
-    for i in range(n):
-        t = target[r0 + i]
-        xt[i] = x[r0 + i, 1] if t == 1 else x[r0 + i, 0]
-        xo[i] = x[r0 + i, 0] if t == 1 else x[r0 + i, 1]
-        # 0 for an ignored row: its loss is 0 (a finite one; a non-finite row goes back)
-        w[i] = (weight[t] if has_w else x.dtype.type(1)) if t != ignore_index else 0
-    bad = 0
-    for i in range(n):
-        a, b = xt[i], xo[i]
-        xt[i] = w[i] * x.dtype.type(pair_lse_minus(a, b, a))
-        bad += not _finite_pair(a, b)
-    for i in range(n):
-        loss[r0 + i] = xt[i]
-    return bad
-
-
-@njit(fastmath={"contract"}, error_model="numpy")
-def ce_index_pairs_grad(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss, r0,
-                        r1):
-    """Class-index cross-entropy of the two-class rows ``r0:r1`` of the (N, 2) ``x`` with
-    label smoothing and/or the gradient, in closed form (``cross_entropy.index_pairs``, the
-    K-dim layout's two-class kernel): the rows' two columns, targets and upstream factors
+def ce_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad, loss, r0, r1):
+    """Class-index cross-entropy of the two-class rows ``r0:r1`` of the (N, 2) ``x``, forward
+    or with the gradient, in closed form (``cross_entropy.index_pairs``, the K-dim layout's
+    two-class kernel; full relative precision on confident rows without the tiles' second
+    pass): the rows' two columns, targets and upstream factors
     copied into contiguous runs (a loop over the interleaved rows stays scalar), the losses
     and gradients copied back.  Targets already checked.  Returns the number of rows with a
     non-finite logit (the caller then runs the tiles on the call)."""
@@ -472,19 +445,11 @@ def _ce_index_tiles(x, target, ignore_index, weight, w_total, eps, gscale, grad,
     """``cross_entropy._ce_index_rows`` (whole rows) tile by tile: ``loss[i]`` receives row
     i's loss; ``grad`` with 0 rows means forward only."""
     N, C = x.shape
-    if C == 2 and eps == 0 and grad.shape[0] == 0:
+    if C == 2:
         bad = 0
         for blk in prange(_pair_blocks(N)):
-            bad += ce_index_pairs(x, target, ignore_index, weight, loss, blk * _PAIR_BLOCK,
-                                  min(N, (blk + 1) * _PAIR_BLOCK))
-        if bad == 0:
-            return
-    elif C == 2:   # with the gradient or label smoothing
-        bad = 0
-        for blk in prange(_pair_blocks(N)):
-            bad += ce_index_pairs_grad(x, target, ignore_index, weight, w_total, eps, gscale,
-                                       grad, loss, blk * _PAIR_BLOCK,
-                                       min(N, (blk + 1) * _PAIR_BLOCK))
+            bad += ce_index_pairs(x, target, ignore_index, weight, w_total, eps, gscale, grad,
+                                  loss, blk * _PAIR_BLOCK, min(N, (blk + 1) * _PAIR_BLOCK))
         if bad == 0:
             return
     n_tasks, n_tiles = _tasks(N)
